@@ -1,0 +1,533 @@
+//! Configuration: command-line flags and an optional TOML file, merged and validated once at start.
+//!
+//! Every option can be given as a flag or as a key of the file named by `--config`; a flag wins over the
+//! file. The file uses the flags' names (`max-queue = 100`), with `[param]` and `[env]` tables for the
+//! repeatable `NAME=VALUE` options. Unknown keys and bad values are refused with a message that names the key,
+//! so a typo never silently leaves a default in place.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// Where a listener lives: a TCP address or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, as in unix:/run/anteroom.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        // "localhost:8000" is what people type; resolve it here rather than fail on it.
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        if let Some(port) = s.strip_prefix("localhost:") {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("'{port}' is not a port number"))?;
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        if let Some(port) = s.strip_prefix(':') {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("'{port}' is not a port number"))?;
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        Err(format!(
+            "'{s}' is neither HOST:PORT (an IP address and a port) nor unix:PATH"
+        ))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How anteroom talks to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerProtocol {
+    /// The listening socket is the worker's fd 0, as with spawn-fcgi (php-cgi, Perl FCGI, flup).
+    Fastcgi,
+    /// The listening socket is fd 3 with LISTEN_FDS=1 (systemd socket activation, e.g. gunicorn).
+    Http,
+}
+
+impl fmt::Display for WorkerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerProtocol::Fastcgi => "fastcgi",
+            WorkerProtocol::Http => "http",
+        })
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "anteroom",
+    version,
+    about = "An application server: every connection accepted at once, waiting requests held in a bounded, visible queue until a worker is idle.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP through a pool of workers (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// The built-in demo app, as a FastCGI worker on fd 0 (what anteroom runs when no COMMAND is given).
+    #[command(hide = true)]
+    DemoWorker,
+    /// Sets LISTEN_PID to its own pid, then execs the worker command: LISTEN_PID can only be known after fork.
+    #[command(hide = true)]
+    ExecWorker {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+}
+
+/// Flags of `anteroom serve`. Every one is optional here so that the file can fill what a flag does not give.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the options below (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve HTTP on: HOST:PORT or unix:PATH; repeatable [default: 127.0.0.1:8000].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<ListenAddr>,
+    /// Number of worker processes [default: 4].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// How workers are spoken to [default: fastcgi].
+    #[arg(long, value_name = "PROTOCOL")]
+    pub worker_protocol: Option<WorkerProtocol>,
+    /// Most requests that may wait for a worker; beyond it, 503 at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Longest a request may wait for a worker before it gets a 503, in seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
+    /// Listen backlog asked of the kernel (clamped by net.core.somaxconn) [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+    /// Largest request body accepted, in bytes (k, m, g suffixes allowed); larger gets 413 [default: 16m].
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_size: Option<ByteSize>,
+    /// Largest request head (request line and headers) accepted; larger gets 431 [default: 16k].
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_size: Option<ByteSize>,
+    /// Longest a client may take to send a request head, in seconds; slower gets 408 [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub header_timeout: Option<f64>,
+    /// A fixed FastCGI param for every request, like nginx's fastcgi_param; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub param: Vec<NameValue>,
+    /// An environment variable for the workers; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub env: Vec<NameValue>,
+    /// Address of the admin listener (metrics, status, health).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<ListenAddr>,
+    /// The worker command and its arguments; without it, the built-in demo app.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `NAME=VALUE`, for `--param` and `--env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameValue(pub String, pub String);
+
+impl FromStr for NameValue {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, value)) if valid_name(name) => {
+                Ok(NameValue(name.to_string(), value.to_string()))
+            }
+            Some((name, _)) => Err(format!(
+                "'{name}' is not a valid name (letters, digits and _, not starting with a digit)"
+            )),
+            None => Err(format!("'{s}' is not NAME=VALUE")),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A size in bytes, with an optional k/m/g (binary) suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (digits, mult) = match t.char_indices().last() {
+            Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+            Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+            Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+            _ => (t, 1),
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is not a size in bytes (such as 1048576, 512k or 16m)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The TOML file: the same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<Vec<String>>,
+    workers: Option<usize>,
+    worker_protocol: Option<WorkerProtocol>,
+    max_queue: Option<usize>,
+    queue_timeout: Option<f64>,
+    backlog: Option<u32>,
+    max_body_size: Option<ByteSize>,
+    max_header_size: Option<ByteSize>,
+    header_timeout: Option<f64>,
+    param: Option<BTreeMap<String, String>>,
+    env: Option<BTreeMap<String, String>>,
+    admin: Option<String>,
+    command: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("config file {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// What `anteroom serve` runs with, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    pub workers: usize,
+    pub worker_protocol: WorkerProtocol,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub backlog: u32,
+    pub max_body_size: u64,
+    pub max_header_size: usize,
+    pub header_timeout: Duration,
+    /// Fixed params, in the order given; they override the computed CGI variables of the same name.
+    pub params: Vec<(String, String)>,
+    pub env: Vec<(String, String)>,
+    pub admin: Option<ListenAddr>,
+    /// Empty means the built-in demo app.
+    pub command: Vec<String>,
+}
+
+impl Config {
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:8000";
+
+    /// Merges flags over the file (if any) over the defaults, and checks the result.
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let file_path = args.config.clone().unwrap_or_default();
+        let file_err = |reason: String| ConfigError::File {
+            path: file_path.clone(),
+            reason,
+        };
+
+        let listen = if !args.listen.is_empty() {
+            args.listen
+        } else if let Some(list) = file.listen {
+            list.iter()
+                .map(|s| s.parse::<ListenAddr>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| file_err(format!("listen: {e}")))?
+        } else {
+            vec![Self::DEFAULT_LISTEN.parse().expect("default address parses")]
+        };
+        let admin = match (args.admin, file.admin) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => Some(s.parse().map_err(|e| file_err(format!("admin: {e}")))?),
+            (None, None) => None,
+        };
+
+        let mut params: Vec<(String, String)> = Vec::new();
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (key, table, flags, out) in [
+            ("param", file.param, args.param, &mut params),
+            ("env", file.env, args.env, &mut env),
+        ] {
+            for (name, value) in table.unwrap_or_default() {
+                if !valid_name(&name) {
+                    return Err(file_err(format!("{key}: '{name}' is not a valid name")));
+                }
+                out.push((name, value));
+            }
+            for NameValue(name, value) in flags {
+                out.retain(|(n, _)| *n != name);
+                out.push((name, value));
+            }
+        }
+
+        let secs = |key: &'static str, v: f64| -> Result<Duration, ConfigError> {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(invalid(key, format!("{v} is not a positive number of seconds")))
+            }
+        };
+
+        let cfg = Config {
+            listen,
+            workers: args.workers.or(file.workers).unwrap_or(4),
+            worker_protocol: args
+                .worker_protocol
+                .or(file.worker_protocol)
+                .unwrap_or(WorkerProtocol::Fastcgi),
+            max_queue: args.max_queue.or(file.max_queue).unwrap_or(4096),
+            queue_timeout: secs(
+                "queue-timeout",
+                args.queue_timeout.or(file.queue_timeout).unwrap_or(30.0),
+            )?,
+            backlog: args.backlog.or(file.backlog).unwrap_or(1024),
+            max_body_size: args
+                .max_body_size
+                .or(file.max_body_size)
+                .map_or(16 << 20, |b| b.0),
+            max_header_size: args
+                .max_header_size
+                .or(file.max_header_size)
+                .map_or(16 << 10, |b| b.0) as usize,
+            header_timeout: secs(
+                "header-timeout",
+                args.header_timeout.or(file.header_timeout).unwrap_or(30.0),
+            )?,
+            params,
+            env,
+            admin,
+            command: if !args.command.is_empty() {
+                args.command
+            } else {
+                file.command.unwrap_or_default()
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > 4096 {
+            return Err(invalid("workers", format!("{} is not between 1 and 4096", self.workers)));
+        }
+        if self.max_queue == 0 {
+            return Err(invalid("max-queue", "must be at least 1"));
+        }
+        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
+            return Err(invalid("backlog", format!("{} is out of range", self.backlog)));
+        }
+        if self.max_header_size < 8192 {
+            // hyper cannot parse with a smaller buffer, and no real client's head fits below it anyway.
+            return Err(invalid("max-header-size", "must be at least 8k"));
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "at least one address is needed"));
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if self.listen[..i].contains(a) {
+                return Err(invalid("listen", format!("{a} is given twice")));
+            }
+            if Some(a) == self.admin.as_ref() {
+                return Err(invalid("admin", format!("{a} is also a public listener")));
+            }
+        }
+        if let Some(c) = self.command.first() {
+            if c.is_empty() {
+                return Err(invalid("command", "the worker command is an empty string"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("anteroom").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let serve = match cli.command {
+            Some(Command::Serve(s)) => s,
+            None => cli.serve,
+            Some(other) => panic!("unexpected {other:?}"),
+        };
+        Config::from_args(serve).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.worker_protocol, WorkerProtocol::Fastcgi);
+        assert_eq!(c.max_queue, 4096);
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.backlog, 1024);
+        assert!(c.command.is_empty());
+    }
+
+    #[test]
+    fn flags_and_command() {
+        let c = parse(&[
+            "serve",
+            "--listen",
+            "unix:/tmp/a.sock",
+            "--listen",
+            "[::1]:9000",
+            "--workers",
+            "5",
+            "--worker-protocol",
+            "http",
+            "--param",
+            "SCRIPT_FILENAME=/srv/index.php",
+            "--max-body-size",
+            "2m",
+            "--",
+            "php-cgi",
+            "-d",
+            "x=1",
+        ])
+        .unwrap();
+        assert_eq!(c.listen[0], ListenAddr::Unix("/tmp/a.sock".into()));
+        assert_eq!(c.workers, 5);
+        assert_eq!(c.worker_protocol, WorkerProtocol::Http);
+        assert_eq!(c.params, vec![("SCRIPT_FILENAME".into(), "/srv/index.php".into())]);
+        assert_eq!(c.max_body_size, 2 << 20);
+        assert_eq!(c.command, ["php-cgi", "-d", "x=1"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--workers", "many"]).unwrap_err();
+        assert!(e.contains("--workers"), "{e}");
+        let e = parse(&["--workers", "0"]).unwrap_err();
+        assert!(e.starts_with("workers:"), "{e}");
+        let e = parse(&["--listen", "nowhere"]).unwrap_err();
+        assert!(e.contains("--listen"), "{e}");
+        let e = parse(&["--param", "1X=y"]).unwrap_err();
+        assert!(e.contains("--param"), "{e}");
+        let e = parse(&["--queue-timeout", "-1"]).unwrap_err();
+        assert!(e.starts_with("queue-timeout:"), "{e}");
+    }
+
+    #[test]
+    fn file_is_merged_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "workers = 7\nmax-queue = 10\ncommand = [\"php-cgi\"]\n[param]\nSCRIPT_FILENAME = \"/a.php\"\nX = \"1\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--workers", "2", "--param", "X=2"]).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.max_queue, 10);
+        assert_eq!(c.command, ["php-cgi"]);
+        assert_eq!(
+            c.params,
+            vec![
+                ("SCRIPT_FILENAME".into(), "/a.php".into()),
+                ("X".into(), "2".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "workerz = 7\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("workerz"), "{e}");
+        std::fs::write(&path, "workers = \"x\"\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("workers"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("512k".parse::<ByteSize>().unwrap().0, 512 * 1024);
+        assert_eq!("10".parse::<ByteSize>().unwrap().0, 10);
+        assert!("x".parse::<ByteSize>().is_err());
+        assert!("99999999999g".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The HTTP/1.x front: accept every connection at once, read each request whole, queue it, relay the answer.
+//!
+//! hyper does the protocol (keep-alive, HTTP/1.0, chunked bodies, pipelining); this file adds the limits
+//! and the hand-off to the queue. The request's handler future lives as long as the client's connection: if
+//! the client hangs up while its request waits, hyper drops the future, the [`Ticket`] with it, and the
+//! request leaves the queue before any worker sees it.
+//!
+//! [`Ticket`]: crate::queue::Ticket
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::listen::Listener;
+use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
+use crate::config::Config;
+use crate::queue::{Queue, Rejected};
+use crate::request::{
+    error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, REQUEST_ID,
+};
+
+pub struct Front {
+    pub cfg: Arc<Config>,
+    pub queue: Arc<Queue>,
+}
+
+/// Accepts connections until `stop`, each served on its own task tracked by `conns`.
+pub async fn accept_loop(
+    listener: Listener,
+    front: Arc<Front>,
+    stop: CancellationToken,
+    conns: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((io, origin)) => {
+                let front = front.clone();
+                conns.spawn(async move {
+                    match io {
+                        Stream::Tcp(s) => serve_conn(s, origin, front).await,
+                        Stream::Unix(s) => serve_conn(s, origin, front).await,
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and the like: log, and give the process a moment instead of spinning.
+                tracing::error!(listener = %listener.local_addr(), "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(Stream, Origin)> {
+    match l {
+        Listener::Tcp(t) => {
+            let (s, peer) = t.accept().await?;
+            let _ = s.set_nodelay(true);
+            let local = s.local_addr().ok();
+            Ok((
+                Stream::Tcp(s),
+                Origin {
+                    peer: Some(peer),
+                    local,
+                },
+            ))
+        }
+        Listener::Unix { listener, .. } => {
+            let (s, _) = listener.accept().await?;
+            Ok((Stream::Unix(s), Origin::default()))
+        }
+    }
+}
+
+async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = HeadTimeoutIo::new(io, front.cfg.header_timeout);
+    let buf_size = front_buf_size(&front.cfg);
+    let armed = io.handle();
+    let svc = service_fn(move |req| {
+        armed.disarm();
+        let front = front.clone();
+        let origin = origin.clone();
+        let armed = armed.clone();
+        async move {
+            let r = handle(req, &front, origin).await;
+            // The next request's head is timed from the moment this response has been written.
+            Ok::<_, Infallible>(r.map(|inner| {
+                ArmOnDrop {
+                    inner,
+                    arming: armed,
+                }
+                .boxed_unsync()
+            }))
+        }
+    });
+    let mut builder = http1::Builder::new();
+    // No hyper timer: the head deadline is HeadTimeoutIo's, which can answer 408.
+    builder
+        .keep_alive(true)
+        .max_buf_size(buf_size);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!("client connection ended: {e}");
+    }
+}
+
+fn front_buf_size(cfg: &Config) -> usize {
+    cfg.max_header_size.max(8192)
+}
+
+async fn handle(req: Request<Incoming>, front: &Front, origin: Origin) -> Reply {
+    let id = request_id(req.headers());
+    let mut resp = admit(req, front, origin, &id).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) -> Reply {
+    let (parts, body) = req.into_parts();
+    let max = front.cfg.max_body_size;
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large(id, max);
+    }
+    let body = match Limited::new(body, max as usize).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(id, max),
+        Err(e) => {
+            tracing::debug!(%id, "could not read the request body: {e}");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                id,
+                "The request body could not be read.",
+            );
+        }
+    };
+
+    let job = Job {
+        id: id.to_string(),
+        head: RequestHead {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        },
+        body,
+        origin,
+        enqueued: Instant::now(),
+        reply: None,
+    };
+    let queue = &front.queue;
+    let mut ticket = match queue.push(job) {
+        Ok(t) => t,
+        Err(Rejected::Full) => {
+            tracing::warn!(%id, limit = queue.max(), "queue full: refused with 503");
+            return unavailable(
+                id,
+                "All workers are busy and the queue is full.",
+                queue.retry_after_secs(),
+            );
+        }
+        Err(Rejected::ShuttingDown) => {
+            return unavailable(id, "The server is shutting down.", 1);
+        }
+    };
+    let answer = tokio::select! {
+        r = &mut ticket.reply => r,
+        () = tokio::time::sleep(queue.timeout()) => {
+            if ticket.withdraw() {
+                tracing::warn!(%id, "waited {:?} in the queue: refused with 503", queue.timeout());
+                return unavailable(
+                    id,
+                    "No worker became free in time.",
+                    queue.retry_after_secs(),
+                );
+            }
+            // A worker took it just now: its answer is coming.
+            (&mut ticket.reply).await
+        }
+    };
+    match answer {
+        Ok(resp) => resp,
+        // The queue dropped it: expired at the moment a worker looked, or anteroom is stopping.
+        Err(_) => unavailable(
+            id,
+            "No worker became free in time.",
+            queue.retry_after_secs(),
+        ),
+    }
+}
+
+fn too_large(id: &str, max: u64) -> Reply {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        id,
+        &format!("The request body is larger than the limit of {max} bytes."),
+    )
+}

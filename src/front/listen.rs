@@ -1,0 +1,159 @@
+//! Binding the client-facing sockets: TCP or unix, with the backlog asked for.
+//!
+//! A unix socket path left behind by a run that died is replaced; one that a live process still answers on
+//! is an error, so two anteroom instances never silently steal each other's traffic.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::ListenAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{addr}: {source}")]
+    Io { addr: ListenAddr, source: io::Error },
+    #[error("unix:{}: a live process is listening on this socket", path.display())]
+    InUse { path: PathBuf },
+    #[error("unix:{}: exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { path: PathBuf },
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix { listener: UnixListener, path: PathBuf },
+}
+
+impl Listener {
+    /// Binds `addr` with `backlog`; must be called inside the tokio runtime.
+    pub fn bind(addr: &ListenAddr, backlog: u32) -> Result<Listener, BindError> {
+        let io_err = |source| BindError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(sa) => {
+                let socket = tcp_socket(*sa, backlog as i32).map_err(io_err)?;
+                let std: std::net::TcpListener = socket.into();
+                Ok(Listener::Tcp(TcpListener::from_std(std).map_err(io_err)?))
+            }
+            ListenAddr::Unix(path) => {
+                clear_stale_socket(path)?;
+                let socket = unix_socket(path, backlog as i32).map_err(io_err)?;
+                let std: std::os::unix::net::UnixListener = socket.into();
+                Ok(Listener::Unix {
+                    listener: UnixListener::from_std(std).map_err(io_err)?,
+                    path: path.clone(),
+                })
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(ListenAddr::Tcp)
+                .unwrap_or(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            Listener::Unix { path, .. } => ListenAddr::Unix(path.clone()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn tcp_socket(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::]:80 and 0.0.0.0:80 given together must both bind.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// A unix listener bound at `path` with `backlog`, non-blocking.
+pub fn unix_socket(path: &Path, backlog: i32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn clear_stale_socket(path: &Path) -> Result<(), BindError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(BindError::Io {
+                addr: ListenAddr::Unix(path.to_owned()),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(BindError::InUse {
+            path: path.to_owned(),
+        }),
+        Err(_) => std::fs::remove_file(path).map_err(|source| BindError::Io {
+            addr: ListenAddr::Unix(path.to_owned()),
+            source,
+        }),
+    }
+}
+
+/// The kernel's cap on listen backlogs in this network namespace, if readable.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_unix_socket_is_replaced_live_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let addr = ListenAddr::Unix(path.clone());
+        // A socket file nobody listens on: what a killed run leaves behind.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = Listener::bind(&addr, 16).unwrap();
+        match Listener::bind(&addr, 16) {
+            Err(BindError::InUse { .. }) => {}
+            other => panic!("expected InUse, got {:?}", other.err()),
+        }
+        drop(live);
+        assert!(!path.exists(), "our own socket file is removed on drop");
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(
+            Listener::bind(&addr, 16),
+            Err(BindError::NotASocket { .. })
+        ));
+    }
+}

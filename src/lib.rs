@@ -1,0 +1,22 @@
+//! anteroom: an application server that holds waiting requests in its own bounded, visible queue rather
+//! than in the kernel's listen backlog, and serves them through a supervised pool of worker processes that
+//! speak FastCGI or HTTP.
+//!
+//! The path of a request, one room each (see `docs/ARCHITECTURE.md`):
+//! [`front`] accepts and reads it whole, [`queue`] admits or refuses it, [`pool`] owns the worker processes,
+//! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
+//! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
+//! what it runs with.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cgi;
+pub mod config;
+pub mod demo;
+pub mod fastcgi;
+pub mod front;
+pub mod pool;
+pub mod queue;
+pub mod request;
+pub mod server;
+pub mod worker;

@@ -1,0 +1,157 @@
+//! Wiring and lifetime: bind the listeners, start the pool, serve until a signal, then stop in order.
+//!
+//! SIGTERM is a graceful stop: listeners close at once, requests already queued or at a worker are finished
+//! (for up to 30 s), then workers get SIGTERM and, after a grace period, SIGKILL. SIGINT, or a second
+//! SIGTERM, is a fast stop: waiting requests get 503 and workers are stopped at once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::front::http::{accept_loop, Front};
+use crate::front::listen::{somaxconn, BindError, Listener};
+use crate::pool::Pool;
+use crate::queue::Queue;
+
+const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot create the worker socket directory {}: {source}", path.display())]
+    RuntimeDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the worker pool: {0}")]
+    Pool(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs anteroom until it is told to stop. Must be called inside a tokio runtime.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let cfg = Arc::new(cfg);
+    let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        listeners.push(Listener::bind(addr, cfg.backlog)?);
+    }
+    if let Some(max) = somaxconn() {
+        if cfg.backlog > max {
+            tracing::warn!(
+                "listen backlog {} was clamped by the kernel to net.core.somaxconn = {max}; \
+                 to raise it: sysctl -w net.core.somaxconn={}",
+                cfg.backlog,
+                cfg.backlog
+            );
+        }
+    }
+
+    let dir = RuntimeDir::create()?;
+    let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
+    let pool = Pool::start(cfg.clone(), queue.clone(), dir.0.clone()).map_err(StartError::Pool)?;
+
+    let front = Arc::new(Front {
+        cfg: cfg.clone(),
+        queue: queue.clone(),
+    });
+    let stop_accepting = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        tracing::info!(listen = %l.local_addr(), "serving HTTP");
+        accept_tasks.push(tokio::spawn(accept_loop(
+            l,
+            front.clone(),
+            stop_accepting.clone(),
+            conns.clone(),
+        )));
+    }
+    tracing::info!(
+        workers = cfg.workers,
+        protocol = %cfg.worker_protocol,
+        command = %if cfg.command.is_empty() { "(built-in demo app)".to_string() } else { cfg.command.join(" ") },
+        max_queue = cfg.max_queue,
+        "anteroom started"
+    );
+
+    let fast = tokio::select! {
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => true,
+    };
+    stop_accepting.cancel();
+    queue.close();
+    for t in accept_tasks {
+        let _ = t.await; // drops the listeners, removing unix socket files
+    }
+    if fast {
+        tracing::info!("SIGINT: stopping now");
+        queue.drain();
+    } else {
+        tracing::info!(
+            queued = queue.len(),
+            busy = pool.busy(),
+            "SIGTERM: finishing queued and running requests (SIGINT or SIGTERM again to stop now)"
+        );
+        let drained = async {
+            while !queue.is_empty() || pool.busy() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            () = drained => {}
+            () = tokio::time::sleep(GRACEFUL_TIMEOUT) => tracing::warn!("graceful stop timed out"),
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        queue.drain();
+    }
+    // Let the last responses reach their clients before the workers' sockets go.
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_millis(200), conns.wait()).await;
+    pool.stop().await;
+    drop(dir);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A private (0700) directory for the workers' sockets, removed when anteroom stops.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create() -> Result<RuntimeDir, StartError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!(
+            "anteroom.{}.{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| StartError::RuntimeDir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(RuntimeDir(path))
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

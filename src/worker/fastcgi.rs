@@ -1,0 +1,186 @@
+//! The FastCGI client side: one request at a time to a worker such as php-cgi, Perl FCGI or flup.
+
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use http::Response;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::{Progress, WorkerError};
+use crate::cgi;
+use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
+use crate::request::{ChannelBody, Job};
+
+/// Requests on a connection are serial, so one id is enough; 0 is reserved for management records.
+const REQUEST_ID: u16 = 1;
+/// A CGI response head larger than this is not a head but a worker that forgot the blank line.
+const MAX_HEAD: usize = 64 << 10;
+
+pub struct Conn {
+    stream: UnixStream,
+    buf: BytesMut,
+    keep: bool,
+}
+
+impl Conn {
+    pub async fn connect(path: &Path) -> Result<Conn, WorkerError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(WorkerError::Connect)?;
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(16 << 10),
+            keep: true,
+        })
+    }
+
+    /// False once the worker has closed its end (for instance after its own max-requests).
+    pub fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    pub fn keep(&self) -> bool {
+        self.keep
+    }
+
+    pub async fn serve(
+        &mut self,
+        job: &mut Job,
+        fixed: &[(String, String)],
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
+        let out = encode_request(job, fixed)?;
+        progress.sent_bytes = out.len() as u64;
+        self.buf.clear();
+
+        let (mut rd, mut wr) = self.stream.split();
+        // Written while reading: a worker may answer (or fail) before it has read all of a large body.
+        let write = async {
+            let r = wr.write_all(&out).await;
+            if r.is_err() {
+                // The read side will see why; park so that select keeps reading.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(write);
+        let mut written = false;
+
+        let mut head = BytesMut::new();
+        let mut body_tx = None;
+        loop {
+            let record = loop {
+                match fcgi::decode_record(&mut self.buf) {
+                    Ok(Some(r)) => break r,
+                    Ok(None) => {}
+                    Err(e) => return Err(WorkerError::Protocol(e.to_string())),
+                }
+                let n = tokio::select! {
+                    () = &mut write, if !written => { written = true; continue; }
+                    n = rd.read_buf(&mut self.buf) => n?,
+                };
+                if n == 0 {
+                    return Err(WorkerError::Closed);
+                }
+            };
+            if record.request_id != REQUEST_ID {
+                return Err(WorkerError::Protocol(format!(
+                    "record of type {} for request id {}, expected {REQUEST_ID}",
+                    record.kind, record.request_id
+                )));
+            }
+            match record.kind {
+                fcgi::STDOUT if record.content.is_empty() => {}
+                fcgi::STDOUT => {
+                    progress.received_bytes += record.content.len() as u64;
+                    if let Some(tx) = &body_tx {
+                        send_body(tx, record.content);
+                        continue;
+                    }
+                    head.extend_from_slice(&record.content);
+                    if let Some(end) = cgi::head_end(&head) {
+                        let rest = head.split_off(end).freeze();
+                        let (status, headers) = cgi::parse_head(&head[..end])
+                            .map_err(|e| WorkerError::Protocol(e.to_string()))?;
+                        let (tx, body) = ChannelBody::new();
+                        let mut resp = Response::new(body.boxed_unsync());
+                        *resp.status_mut() = status;
+                        *resp.headers_mut() = headers;
+                        if !rest.is_empty() {
+                            send_body(&tx, rest);
+                        }
+                        job.respond(resp);
+                        progress.head_sent = true;
+                        body_tx = Some(tx);
+                    } else if head.len() > MAX_HEAD {
+                        return Err(WorkerError::Protocol(format!(
+                            "no blank line after the first {MAX_HEAD} bytes of the response head"
+                        )));
+                    }
+                }
+                fcgi::STDERR => {
+                    for line in String::from_utf8_lossy(&record.content).lines() {
+                        if !line.trim().is_empty() {
+                            tracing::warn!(target: "worker", id = %job.id, "stderr: {line}");
+                        }
+                    }
+                }
+                fcgi::END_REQUEST => {
+                    let end = EndRequest::parse(&record.content)
+                        .map_err(|e| WorkerError::Protocol(e.to_string()))?;
+                    if end.protocol_status != fcgi::REQUEST_COMPLETE {
+                        return Err(WorkerError::Protocol(format!(
+                            "the worker refused the request (protocol status {})",
+                            match end.protocol_status {
+                                fcgi::CANT_MPX_CONN => "CANT_MPX_CONN",
+                                fcgi::OVERLOADED => "OVERLOADED",
+                                fcgi::UNKNOWN_ROLE => "UNKNOWN_ROLE",
+                                _ => "unknown",
+                            }
+                        )));
+                    }
+                    if body_tx.is_none() {
+                        return Err(WorkerError::Protocol(if head.is_empty() {
+                            "the worker ended the request without writing a response".into()
+                        } else {
+                            format!(
+                                "the response head has no blank line after it: {:?}",
+                                String::from_utf8_lossy(&head[..head.len().min(200)])
+                            )
+                        }));
+                    }
+                    // Anything left means the worker does not keep connections as asked; start afresh.
+                    self.keep = self.buf.is_empty();
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn send_body(tx: &crate::request::BodySender, data: Bytes) {
+    // A client that has gone is no reason to stop reading: the worker must finish to be reusable.
+    let _ = tx.send(Ok(data));
+}
+
+fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, WorkerError> {
+    let params = cgi::params(job, fixed);
+    let mut pairs = Vec::with_capacity(1024);
+    for (k, v) in &params {
+        fcgi::encode_pair(k, v, &mut pairs).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+    }
+    let mut out = BytesMut::with_capacity(pairs.len() + job.body.len() + 64);
+    BeginRequest {
+        role: fcgi::RESPONDER,
+        flags: fcgi::KEEP_CONN,
+    }
+    .encode(REQUEST_ID, &mut out);
+    fcgi::encode_stream(fcgi::PARAMS, REQUEST_ID, &pairs, &mut out);
+    fcgi::encode_stream_end(fcgi::PARAMS, REQUEST_ID, &mut out);
+    fcgi::encode_stream(fcgi::STDIN, REQUEST_ID, &job.body, &mut out);
+    fcgi::encode_stream_end(fcgi::STDIN, REQUEST_ID, &mut out);
+    Ok(out)
+}

@@ -1,0 +1,125 @@
+//! The HTTP client side: one request at a time to a worker that speaks HTTP/1.1 (gunicorn and the like).
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use super::{Progress, WorkerError};
+use crate::cgi::is_hop_by_hop;
+use crate::request::{ChannelBody, Job, REQUEST_ID};
+
+pub struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    pub async fn connect(path: &Path) -> Result<Conn, WorkerError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(WorkerError::Connect)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| WorkerError::Connect(std::io::Error::other(e)))?;
+        // The connection task ends when the worker closes the socket or the sender is dropped.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn { sender })
+    }
+
+    pub fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
+    pub async fn serve(&mut self, job: &mut Job, progress: &mut Progress) -> Result<(), WorkerError> {
+        let req = build_request(job)?;
+        progress.sent_bytes = job.body.len() as u64;
+        self.sender
+            .ready()
+            .await
+            .map_err(|_| WorkerError::Closed)?;
+        let resp = self.sender.send_request(req).await.map_err(|e| {
+            if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+                WorkerError::Closed
+            } else if e.is_parse() {
+                WorkerError::Protocol(e.to_string())
+            } else {
+                WorkerError::Io(std::io::Error::other(e))
+            }
+        })?;
+        let (mut parts, mut incoming) = resp.into_parts();
+        let hop: Vec<_> = parts
+            .headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for n in hop {
+            parts.headers.remove(n);
+        }
+        parts.version = Version::HTTP_11;
+        let (tx, body) = ChannelBody::new();
+        job.respond(Response::from_parts(parts, body.boxed_unsync()));
+        progress.head_sent = true;
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| {
+                let _ = tx.send(Err("the worker's response was cut short".into()));
+                if e.is_incomplete_message() {
+                    WorkerError::Closed
+                } else {
+                    WorkerError::Protocol(e.to_string())
+                }
+            })?;
+            if let Ok(data) = frame.into_data() {
+                progress.received_bytes += data.len() as u64;
+                let _ = tx.send(Ok(data));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build_request(job: &Job) -> Result<Request<Full<Bytes>>, WorkerError> {
+    let head = &job.head;
+    let mut req = Request::new(Full::new(job.body.clone()));
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| WorkerError::Protocol(e.to_string()))?;
+    let h = req.headers_mut();
+    for (name, value) in head.headers.iter() {
+        if !is_hop_by_hop(name) && name != CONTENT_LENGTH && name != REQUEST_ID {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    if !h.contains_key(HOST) {
+        // HTTP/1.0 clients may send none; HTTP/1.1 requires one towards the worker.
+        h.insert(HOST, HeaderValue::from_static("localhost"));
+    }
+    if !job.body.is_empty() || head.headers.contains_key(CONTENT_LENGTH) {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(job.body.len()));
+    }
+    if let Ok(v) = HeaderValue::from_str(&job.id) {
+        h.insert(REQUEST_ID, v);
+    }
+    if let Some(peer) = job.origin.peer {
+        let ip = peer.ip().to_string();
+        let xff = match head.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    Ok(req)
+}
