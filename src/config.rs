@@ -99,7 +99,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve HTTP through a pool of workers (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The built-in demo app, as a FastCGI worker on fd 0 (what anteroom runs when no COMMAND is given).
     #[command(hide = true)]
     DemoWorker,
@@ -425,7 +425,7 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("anteroom").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         let serve = match cli.command {
-            Some(Command::Serve(s)) => s,
+            Some(Command::Serve(s)) => *s,
             None => cli.serve,
             Some(other) => panic!("unexpected {other:?}"),
         };
@@ -484,7 +484,7 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--param", "1X=y"]).unwrap_err();
         assert!(e.contains("--param"), "{e}");
-        let e = parse(&["--queue-timeout", "-1"]).unwrap_err();
+        let e = parse(&["--queue-timeout=-1"]).unwrap_err();
         assert!(e.starts_with("queue-timeout:"), "{e}");
     }
 

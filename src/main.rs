@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             // 127, as a shell says "command not found".
             ExitCode::from(127)
         }
-        Some(Command::Serve(args)) => report(serve(args)),
+        Some(Command::Serve(args)) => report(serve(*args)),
         None => report(serve(cli.serve)),
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -22,6 +23,8 @@ const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\
 #[derive(Default)]
 struct State {
     armed: AtomicBool,
+    /// The connection task, parked in a read: arming must wake it so that it starts the deadline.
+    reader: AtomicWaker,
     /// Bumped by every arm, so the reader knows to restart its deadline.
     generation: AtomicU64,
 }
@@ -34,6 +37,7 @@ impl Arming {
     pub fn arm(&self) {
         self.0.generation.fetch_add(1, Ordering::Relaxed);
         self.0.armed.store(true, Ordering::Release);
+        self.0.reader.wake();
     }
 
     pub fn disarm(&self) {
@@ -83,6 +87,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadTimeoutIo<S> {
         if this.fired {
             return Poll::Ready(Ok(()));
         }
+        this.state.reader.register(cx.waker());
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {

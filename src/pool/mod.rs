@@ -203,6 +203,9 @@ async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
     };
     let lived = started.elapsed();
     match status {
+        Ok(st) if sh.stop.is_cancelled() => {
+            tracing::info!(slot, pid, status = %describe(st), served = outcome.served, "worker stopped")
+        }
         Ok(st) => tracing::warn!(
             slot, pid, status = %describe(st), lived_ms = lived.as_millis() as u64, served = outcome.served,
             last_output = ?tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),

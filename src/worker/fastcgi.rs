@@ -17,6 +17,8 @@ use crate::request::{ChannelBody, Job};
 const REQUEST_ID: u16 = 1;
 /// A CGI response head larger than this is not a head but a worker that forgot the blank line.
 const MAX_HEAD: usize = 64 << 10;
+/// Bodies up to this size are sent whole, with a Content-Length; larger ones stream as they come.
+const HOLD_BODY: usize = 256 << 10;
 
 pub struct Conn {
     stream: UnixStream,
@@ -69,6 +71,9 @@ impl Conn {
         let mut written = false;
 
         let mut head = BytesMut::new();
+        // The parsed head and the body so far, held back until the end or until the body is large: a
+        // response whose length is known gets a Content-Length, which HTTP/1.0 keep-alive clients need.
+        let mut held: Option<(http::StatusCode, http::HeaderMap, BytesMut)> = None;
         let mut body_tx = None;
         loop {
             let record = loop {
@@ -99,21 +104,24 @@ impl Conn {
                         send_body(tx, record.content);
                         continue;
                     }
+                    if let Some((_, _, body)) = &mut held {
+                        body.extend_from_slice(&record.content);
+                        if body.len() > HOLD_BODY {
+                            let (status, headers, body) = held.take().expect("held");
+                            let (tx, chan) = ChannelBody::new();
+                            send_body(&tx, body.freeze());
+                            job.respond(response(status, headers, chan.boxed_unsync()));
+                            progress.head_sent = true;
+                            body_tx = Some(tx);
+                        }
+                        continue;
+                    }
                     head.extend_from_slice(&record.content);
                     if let Some(end) = cgi::head_end(&head) {
-                        let rest = head.split_off(end).freeze();
+                        let rest = head.split_off(end);
                         let (status, headers) = cgi::parse_head(&head[..end])
                             .map_err(|e| WorkerError::Protocol(e.to_string()))?;
-                        let (tx, body) = ChannelBody::new();
-                        let mut resp = Response::new(body.boxed_unsync());
-                        *resp.status_mut() = status;
-                        *resp.headers_mut() = headers;
-                        if !rest.is_empty() {
-                            send_body(&tx, rest);
-                        }
-                        job.respond(resp);
-                        progress.head_sent = true;
-                        body_tx = Some(tx);
+                        held = Some((status, headers, rest));
                     } else if head.len() > MAX_HEAD {
                         return Err(WorkerError::Protocol(format!(
                             "no blank line after the first {MAX_HEAD} bytes of the response head"
@@ -123,7 +131,7 @@ impl Conn {
                 fcgi::STDERR => {
                     for line in String::from_utf8_lossy(&record.content).lines() {
                         if !line.trim().is_empty() {
-                            tracing::warn!(target: "worker", id = %job.id, "stderr: {line}");
+                            tracing::info!(target: "worker", id = %job.id, stream = "fcgi-stderr", "{line}");
                         }
                     }
                 }
@@ -141,7 +149,13 @@ impl Conn {
                             }
                         )));
                     }
-                    if body_tx.is_none() {
+                    if let Some((status, mut headers, body)) = held.take() {
+                        if job.head.method != http::Method::HEAD || !body.is_empty() {
+                            headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+                        }
+                        job.respond(response(status, headers, crate::request::full(body.freeze())));
+                        progress.head_sent = true;
+                    } else if body_tx.is_none() {
                         return Err(WorkerError::Protocol(if head.is_empty() {
                             "the worker ended the request without writing a response".into()
                         } else {
@@ -159,6 +173,13 @@ impl Conn {
             }
         }
     }
+}
+
+fn response(status: http::StatusCode, headers: http::HeaderMap, body: crate::request::Body) -> Response<crate::request::Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 fn send_body(tx: &crate::request::BodySender, data: Bytes) {

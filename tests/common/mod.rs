@@ -1,0 +1,306 @@
+//! What the integration tests share: start the real anteroom binary, speak raw HTTP to it, stop it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_anteroom");
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Fails (never skips) when a peer the tests need is missing: scripts/test installs them all.
+pub fn require(cmd: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{cmd} is not installed; run scripts/test, which installs what the tests need");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Anteroom {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Anteroom {
+    /// Starts anteroom on a free port with `args` (options, then `--` and the worker command if any),
+    /// and waits until it serves `ready_path` with a 2xx.
+    pub fn start(args: &[&str]) -> Anteroom {
+        Self::start_env(args, &[], Some("/"))
+    }
+
+    pub fn start_env(args: &[&str], env: &[(&str, &str)], ready_path: Option<&str>) -> Anteroom {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("anteroom.log");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let (opts, cmd) = match args.iter().position(|a| *a == "--") {
+            Some(i) => (&args[..i], &args[i..]),
+            None => (args, &[][..]),
+        };
+        let child = Command::new(BIN)
+            .arg("--listen")
+            .arg(&listen)
+            .args(opts)
+            .args(cmd)
+            .envs(env.iter().copied())
+            .env("ANTEROOM_LOG", "info")
+            .current_dir(root())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("anteroom starts");
+        let a = Anteroom {
+            child: Some(child),
+            addr,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = a.try_get(ready_path.unwrap_or("/")) {
+                if ready_path.is_none() || (200..300).contains(&r.status) {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "anteroom did not become ready; log:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log_text()))
+    }
+
+    pub fn try_get(&self, path: &str) -> std::io::Result<Response> {
+        request(
+            self.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+    }
+
+    pub fn raw(&self, bytes: &[u8]) -> Response {
+        request(self.addr, bytes).unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(child.id(), libc_sigterm());
+        wait_timeout(&mut child, Duration::from_secs(40)).expect("anteroom stops after SIGTERM")
+    }
+}
+
+impl Drop for Anteroom {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn libc_sigterm() -> i32 {
+    15
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub fn wait_timeout(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + d;
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `bytes` on a new connection and reads one response (the server closes or sends a length).
+pub fn request(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(bytes)?;
+    read_response(&mut s)
+}
+
+pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {} bytes: {:?}", buf.len(), String::from_utf8_lossy(&buf)),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut resp = Response {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    let mut rest = buf[head_end..].to_vec();
+    if let Some(len) = resp.header("content-length") {
+        let len: usize = len.parse().unwrap();
+        while rest.len() < len {
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        resp.body = rest;
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        loop {
+            if let Some(body) = dechunk(&rest) {
+                resp.body = body;
+                break;
+            }
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        s.read_to_end(&mut rest)?;
+        resp.body = rest;
+    }
+    Ok(resp)
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// The body if `data` holds a complete chunked body.
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = find(data, b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).ok()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if data.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Pids of the live children of `pid` (from /proc).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            // Fields after the ")" that closes the command name: state, ppid, ...
+            if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                if f.get(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid) && f[0] != "Z" {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit_once(')').map(|x| x.1).unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+}
+
+pub fn wait_until(what: &str, d: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + d;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
