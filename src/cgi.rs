@@ -120,7 +120,10 @@ fn version_str(v: Version) -> &'static str {
 }
 
 fn host_and_port(headers: &HeaderMap) -> (Option<&str>, Option<&str>) {
-    let Some(host) = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) else {
+    let Some(host) = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
         return (None, None);
     };
     // "[::1]:8000", "example.org:8000", "example.org"
@@ -256,10 +259,14 @@ mod tests {
     #[test]
     fn request_variables() {
         let mut j = job("/a%20b/c?x=1&y=%20");
-        j.head.headers.insert("host", "example.org:8080".parse().unwrap());
+        j.head
+            .headers
+            .insert("host", "example.org:8080".parse().unwrap());
         j.head.headers.append("accept", "a".parse().unwrap());
         j.head.headers.append("accept", "b".parse().unwrap());
-        j.head.headers.insert("content-type", "text/plain".parse().unwrap());
+        j.head
+            .headers
+            .insert("content-type", "text/plain".parse().unwrap());
         j.body = bytes::Bytes::from_static(b"hello");
         let p = params(&j, &[("SCRIPT_FILENAME".into(), "/srv/i.php".into())]);
         assert_eq!(get(&p, "REQUEST_METHOD"), Some("GET"));
@@ -280,9 +287,15 @@ mod tests {
     #[test]
     fn httpoxy_and_underscore_collisions() {
         let mut j = job("/");
-        j.head.headers.insert("proxy", "http://evil".parse().unwrap());
-        j.head.headers.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        j.head.headers.insert("x-forwarded_for", "6.6.6.6".parse().unwrap());
+        j.head
+            .headers
+            .insert("proxy", "http://evil".parse().unwrap());
+        j.head
+            .headers
+            .insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        j.head
+            .headers
+            .insert("x-forwarded_for", "6.6.6.6".parse().unwrap());
         let p = params(&j, &[]);
         assert_eq!(get(&p, "HTTP_PROXY"), None);
         assert_eq!(get(&p, "HTTP_X_FORWARDED_FOR"), Some("1.2.3.4"));
@@ -303,7 +316,8 @@ mod tests {
 
     #[test]
     fn response_heads() {
-        let raw = b"Status: 404 Not Found\r\nContent-Type: text/html\r\nX-A: 1\r\nX-A: 2\r\n\r\nbody";
+        let raw =
+            b"Status: 404 Not Found\r\nContent-Type: text/html\r\nX-A: 1\r\nX-A: 2\r\n\r\nbody";
         let end = head_end(raw).unwrap();
         assert_eq!(&raw[end..], b"body");
         let (s, h) = parse_head(&raw[..end]).unwrap();

@@ -153,6 +153,36 @@ pub struct ServeArgs {
     /// Address of the admin listener (metrics, status, health).
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<ListenAddr>,
+    /// Longest a worker may hold one request, in seconds; then it is stopped and the client gets 504; 0 = no limit [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub request_timeout: Option<f64>,
+    /// Time between SIGTERM and SIGKILL when a worker is stopped, in seconds [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub kill_grace: Option<f64>,
+    /// Replace a worker after it has served this many requests; 0 = never [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// Add a random 0..=N to each worker's --max-requests, so that workers do not all recycle at once [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_requests_jitter: Option<u64>,
+    /// Replace a worker whose resident memory exceeds this many MiB, checked between requests.
+    #[arg(long, value_name = "MIB")]
+    pub max_rss: Option<u64>,
+    /// Quarantine a request fingerprint (method and path) after it killed this many workers; 0 = off [default: 3].
+    #[arg(long, value_name = "N")]
+    pub quarantine_after: Option<u32>,
+    /// The window in which those deaths are counted, in seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub quarantine_window: Option<f64>,
+    /// How long a quarantined fingerprint is refused with 503, in seconds [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub quarantine_for: Option<f64>,
+    /// Exit with code 3 after N unexpected worker deaths within SECS, for systemd's Restart= [default: off].
+    #[arg(long, value_name = "N/SECS")]
+    pub crash_exit: Option<CrashExit>,
+    /// On SIGTERM, how long to finish queued and running requests before stopping workers, in seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub graceful_timeout: Option<f64>,
     /// The worker command and its arguments; without it, the built-in demo app.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -223,6 +253,39 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// `N/SECS`: so many unexpected worker deaths within so many seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrashExit {
+    pub deaths: u32,
+    pub within: Duration,
+}
+
+impl FromStr for CrashExit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not N/SECS (such as 10/90: ten deaths within 90 seconds)");
+        let (n, secs) = s.split_once('/').ok_or_else(bad)?;
+        let deaths: u32 = n.trim().parse().map_err(|_| bad())?;
+        let secs: f64 = secs.trim().parse().map_err(|_| bad())?;
+        if deaths == 0 || !(secs > 0.0 && secs < 1e9) {
+            return Err(bad());
+        }
+        Ok(CrashExit {
+            deaths,
+            within: Duration::from_secs_f64(secs),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for CrashExit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// The TOML file: the same names as the flags.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -239,6 +302,16 @@ struct FileConfig {
     param: Option<BTreeMap<String, String>>,
     env: Option<BTreeMap<String, String>>,
     admin: Option<String>,
+    request_timeout: Option<f64>,
+    kill_grace: Option<f64>,
+    max_requests: Option<u64>,
+    max_requests_jitter: Option<u64>,
+    max_rss: Option<u64>,
+    quarantine_after: Option<u32>,
+    quarantine_window: Option<f64>,
+    quarantine_for: Option<f64>,
+    crash_exit: Option<CrashExit>,
+    graceful_timeout: Option<f64>,
     command: Option<Vec<String>>,
 }
 
@@ -273,6 +346,17 @@ pub struct Config {
     pub params: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
     pub admin: Option<ListenAddr>,
+    /// None: no limit.
+    pub request_timeout: Option<Duration>,
+    pub kill_grace: Duration,
+    /// 0: never.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// In bytes.
+    pub max_rss: Option<u64>,
+    pub quarantine: crate::quarantine::Policy,
+    pub crash_exit: Option<CrashExit>,
+    pub graceful_timeout: Duration,
     /// Empty means the built-in demo app.
     pub command: Vec<String>,
 }
@@ -300,7 +384,9 @@ impl Config {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| file_err(format!("listen: {e}")))?
         } else {
-            vec![Self::DEFAULT_LISTEN.parse().expect("default address parses")]
+            vec![Self::DEFAULT_LISTEN
+                .parse()
+                .expect("default address parses")]
         };
         let admin = match (args.admin, file.admin) {
             (Some(a), _) => Some(a),
@@ -330,7 +416,18 @@ impl Config {
             if v.is_finite() && v > 0.0 && v < 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(invalid(key, format!("{v} is not a positive number of seconds")))
+                Err(invalid(
+                    key,
+                    format!("{v} is not a positive number of seconds"),
+                ))
+            }
+        };
+
+        let secs_or_off = |key: &'static str, v: f64| -> Result<Option<Duration>, ConfigError> {
+            if v == 0.0 {
+                Ok(None)
+            } else {
+                secs(key, v).map(Some)
             }
         };
 
@@ -362,6 +459,45 @@ impl Config {
             params,
             env,
             admin,
+            request_timeout: secs_or_off(
+                "request-timeout",
+                args.request_timeout
+                    .or(file.request_timeout)
+                    .unwrap_or(60.0),
+            )?,
+            kill_grace: secs(
+                "kill-grace",
+                args.kill_grace.or(file.kill_grace).unwrap_or(5.0),
+            )?,
+            max_requests: args.max_requests.or(file.max_requests).unwrap_or(0),
+            max_requests_jitter: args
+                .max_requests_jitter
+                .or(file.max_requests_jitter)
+                .unwrap_or(0),
+            max_rss: match args.max_rss.or(file.max_rss) {
+                Some(0) => return Err(invalid("max-rss", "must be at least 1 MiB")),
+                m => m.map(|m| m.saturating_mul(1 << 20)),
+            },
+            quarantine: crate::quarantine::Policy {
+                after: args.quarantine_after.or(file.quarantine_after).unwrap_or(3),
+                window: secs(
+                    "quarantine-window",
+                    args.quarantine_window
+                        .or(file.quarantine_window)
+                        .unwrap_or(60.0),
+                )?,
+                cooldown: secs(
+                    "quarantine-for",
+                    args.quarantine_for.or(file.quarantine_for).unwrap_or(300.0),
+                )?,
+            },
+            crash_exit: args.crash_exit.or(file.crash_exit),
+            graceful_timeout: secs(
+                "graceful-timeout",
+                args.graceful_timeout
+                    .or(file.graceful_timeout)
+                    .unwrap_or(30.0),
+            )?,
             command: if !args.command.is_empty() {
                 args.command
             } else {
@@ -374,13 +510,19 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.workers == 0 || self.workers > 4096 {
-            return Err(invalid("workers", format!("{} is not between 1 and 4096", self.workers)));
+            return Err(invalid(
+                "workers",
+                format!("{} is not between 1 and 4096", self.workers),
+            ));
         }
         if self.max_queue == 0 {
             return Err(invalid("max-queue", "must be at least 1"));
         }
         if self.backlog == 0 || self.backlog > i32::MAX as u32 {
-            return Err(invalid("backlog", format!("{} is out of range", self.backlog)));
+            return Err(invalid(
+                "backlog",
+                format!("{} is out of range", self.backlog),
+            ));
         }
         if self.max_header_size < 8192 {
             // hyper cannot parse with a smaller buffer, and no real client's head fits below it anyway.
@@ -469,7 +611,10 @@ mod tests {
         assert_eq!(c.listen[0], ListenAddr::Unix("/tmp/a.sock".into()));
         assert_eq!(c.workers, 5);
         assert_eq!(c.worker_protocol, WorkerProtocol::Http);
-        assert_eq!(c.params, vec![("SCRIPT_FILENAME".into(), "/srv/index.php".into())]);
+        assert_eq!(
+            c.params,
+            vec![("SCRIPT_FILENAME".into(), "/srv/index.php".into())]
+        );
         assert_eq!(c.max_body_size, 2 << 20);
         assert_eq!(c.command, ["php-cgi", "-d", "x=1"]);
     }
@@ -521,6 +666,29 @@ mod tests {
         std::fs::write(&path, "workers = \"x\"\n").unwrap();
         let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(e.contains("workers"), "{e}");
+    }
+
+    #[test]
+    fn supervision_options() {
+        let c = parse(&[
+            "--request-timeout",
+            "0",
+            "--crash-exit",
+            "10/90",
+            "--max-rss",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(c.request_timeout, None);
+        assert_eq!(c.crash_exit.unwrap().deaths, 10);
+        assert_eq!(c.crash_exit.unwrap().within, Duration::from_secs(90));
+        assert_eq!(c.max_rss, Some(2 << 20));
+        assert_eq!(
+            parse(&[]).unwrap().request_timeout,
+            Some(Duration::from_secs(60))
+        );
+        let e = parse(&["--crash-exit", "10"]).unwrap_err();
+        assert!(e.contains("--crash-exit"), "{e}");
     }
 
     #[test]

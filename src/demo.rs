@@ -130,7 +130,10 @@ fn respond(vars: &BTreeMap<String, String>, body: &[u8]) -> Bytes {
                 .unwrap_or(100)
                 .min(10_000);
             std::thread::sleep(Duration::from_millis(ms));
-            format!("Content-Type: text/plain\r\n\r\nslept {ms} ms in worker {}\n", std::process::id())
+            format!(
+                "Content-Type: text/plain\r\n\r\nslept {ms} ms in worker {}\n",
+                std::process::id()
+            )
         }
         "/env" => {
             let mut s = String::from("Content-Type: text/plain\r\n\r\n");

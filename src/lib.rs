@@ -16,6 +16,7 @@ pub mod demo;
 pub mod fastcgi;
 pub mod front;
 pub mod pool;
+pub mod quarantine;
 pub mod queue;
 pub mod request;
 pub mod server;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use anteroom::config::{Cli, Command, Config};
+use anteroom::server::Stopped;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,9 +29,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn report(r: anyhow::Result<()>) -> ExitCode {
+fn report(r: anyhow::Result<Stopped>) -> ExitCode {
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Signal) => ExitCode::SUCCESS,
+        Ok(Stopped::CrashLoop) => ExitCode::from(anteroom::server::EXIT_CRASH_LOOP),
         Err(e) => {
             eprintln!("anteroom: {e:#}");
             ExitCode::FAILURE
@@ -38,7 +40,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<()> {
+fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
     let cfg = Config::from_args(args)?;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,6 +54,8 @@ fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(anteroom::server::run(cfg))?;
-    Ok(())
+    let stopped = rt.block_on(anteroom::server::run(cfg))?;
+    // Workers that ignore SIGTERM must not keep the runtime's shutdown waiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(stopped)
 }

@@ -24,14 +24,23 @@ pub enum Rejected {
     Full,
     #[error("anteroom is shutting down")]
     ShuttingDown,
+    #[error("no worker can start")]
+    NoWorkers,
 }
 
 #[derive(Default)]
 struct State {
     entries: BTreeMap<u64, Job>,
     next_seq: u64,
+    /// Retries go before everything else: they have waited their turn once already.
+    next_retry_seq: u64,
     closed: bool,
+    /// Every worker slot is failing to start: waiting would be forever, so refuse.
+    no_workers: bool,
 }
+
+/// Ordinary requests are keyed from here up, retries from here down.
+const FIRST_SEQ: u64 = 1 << 62;
 
 pub struct Queue {
     state: Mutex<State>,
@@ -67,7 +76,11 @@ impl Drop for Ticket {
 impl Queue {
     pub fn new(max: usize, timeout: Duration, workers: usize) -> Arc<Queue> {
         Arc::new(Queue {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                next_seq: FIRST_SEQ,
+                next_retry_seq: FIRST_SEQ - 1,
+                ..State::default()
+            }),
             available: Notify::new(),
             max,
             timeout,
@@ -106,6 +119,9 @@ impl Queue {
             if st.closed {
                 return Err(Rejected::ShuttingDown);
             }
+            if st.no_workers {
+                return Err(Rejected::NoWorkers);
+            }
             if st.entries.len() >= self.max {
                 return Err(Rejected::Full);
             }
@@ -132,8 +148,8 @@ impl Queue {
         let mut st = self.lock();
         let now = Instant::now();
         while let Some((_, job)) = st.entries.pop_first() {
-            let abandoned = job.reply.as_ref().is_none_or(|r| r.is_closed());
-            if abandoned || now.duration_since(job.enqueued) >= self.timeout {
+            let expired = job.deaths == 0 && now.duration_since(job.enqueued) >= self.timeout;
+            if job.client_gone() || expired {
                 // Dropping the job drops its reply sender; the front answers 503 for an expired one.
                 continue;
             }
@@ -157,6 +173,28 @@ impl Queue {
                 return job;
             }
             notified.await;
+        }
+    }
+
+    /// Puts a request whose worker died back at the head of the line, for another worker.
+    pub fn requeue(&self, job: Job) {
+        {
+            let mut st = self.lock();
+            let seq = st.next_retry_seq;
+            st.next_retry_seq -= 1;
+            st.entries.insert(seq, job);
+        }
+        self.available.notify_one();
+    }
+
+    /// While no worker can start, new requests are refused and waiting ones are failed (503).
+    pub fn set_no_workers(&self, none: bool) {
+        let mut st = self.lock();
+        if st.no_workers != none {
+            st.no_workers = none;
+            if none {
+                st.entries.clear();
+            }
         }
     }
 

@@ -47,6 +47,8 @@ pub struct Job {
     pub enqueued: Instant,
     /// Set by the queue when the job is admitted.
     pub reply: Option<oneshot::Sender<Reply>>,
+    /// Workers that died holding this request; one death earns an idempotent request one retry.
+    pub deaths: u8,
 }
 
 impl Job {
@@ -58,6 +60,15 @@ impl Job {
         }
     }
 
+    /// Safe to send again after a worker died on it (RFC 9110 9.2.2).
+    pub fn idempotent(&self) -> bool {
+        use http::Method;
+        matches!(
+            self.head.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        )
+    }
+
     pub fn client_gone(&self) -> bool {
         self.reply.as_ref().is_none_or(|r| r.is_closed())
     }
@@ -67,10 +78,7 @@ impl Job {
         format!(
             "{} {}",
             self.head.method,
-            self.head
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
+            self.head.uri.path_and_query().map_or("/", |p| p.as_str())
         )
     }
 }
@@ -100,9 +108,7 @@ impl http_body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|r| r.map(Frame::data)))
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -149,8 +155,7 @@ pub fn unavailable(id: &str, why: &str, retry_after: u64) -> Reply {
 pub fn request_id(headers: &HeaderMap) -> String {
     if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if (1..=128).contains(&v.len())
-            && v
-                .bytes()
+            && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         {
             return v.to_string();
@@ -176,6 +181,7 @@ pub mod tests {
             origin: Origin::default(),
             enqueued: Instant::now(),
             reply: None,
+            deaths: 0,
         }
     }
 

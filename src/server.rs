@@ -1,5 +1,6 @@
 //! Wiring and lifetime: bind the listeners, start the pool, serve until a signal, then stop in order.
 //!
+//! SIGHUP reloads: a new generation of workers starts and takes over as its workers become ready.
 //! SIGTERM is a graceful stop: listeners close at once, requests already queued or at a worker are finished
 //! (for up to 30 s), then workers get SIGTERM and, after a grace period, SIGKILL. SIGINT, or a second
 //! SIGTERM, is a fast stop: waiting requests get 503 and workers are stopped at once.
@@ -16,9 +17,21 @@ use crate::config::Config;
 use crate::front::http::{accept_loop, Front};
 use crate::front::listen::{somaxconn, BindError, Listener};
 use crate::pool::Pool;
+use crate::quarantine::Quarantine;
 use crate::queue::Queue;
 
-const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The exit code when --crash-exit's limit is reached: distinct, so that systemd or an operator can tell
+/// a crash loop of the app from a failure of anteroom itself (1) or a bad command line (2).
+pub const EXIT_CRASH_LOOP: u8 = 3;
+
+/// How anteroom came to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// --crash-exit: workers kept dying.
+    CrashLoop,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -36,10 +49,11 @@ pub enum StartError {
 }
 
 /// Runs anteroom until it is told to stop. Must be called inside a tokio runtime.
-pub async fn run(cfg: Config) -> Result<(), StartError> {
+pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     let cfg = Arc::new(cfg);
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
 
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
@@ -58,11 +72,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     let dir = RuntimeDir::create()?;
     let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
-    let pool = Pool::start(cfg.clone(), queue.clone(), dir.0.clone()).map_err(StartError::Pool)?;
+    let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
+    let mut pool = Pool::start(
+        cfg.clone(),
+        queue.clone(),
+        quarantine.clone(),
+        dir.0.clone(),
+    )
+    .map_err(StartError::Pool)?;
+    let fatal = pool.fatal();
 
     let front = Arc::new(Front {
         cfg: cfg.clone(),
         queue: queue.clone(),
+        quarantine,
     });
     let stop_accepting = CancellationToken::new();
     let conns = TaskTracker::new();
@@ -84,9 +107,13 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         "anteroom started"
     );
 
-    let fast = tokio::select! {
-        _ = sigterm.recv() => false,
-        _ = sigint.recv() => true,
+    let (fast, stopped) = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break (false, Stopped::Signal),
+            _ = sigint.recv() => break (true, Stopped::Signal),
+            () = fatal.cancelled() => break (true, Stopped::CrashLoop),
+            _ = sighup.recv() => pool.reload(),
+        }
     };
     stop_accepting.cancel();
     queue.close();
@@ -94,7 +121,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         let _ = t.await; // drops the listeners, removing unix socket files
     }
     if fast {
-        tracing::info!("SIGINT: stopping now");
+        tracing::info!("stopping now");
         queue.drain();
     } else {
         tracing::info!(
@@ -109,7 +136,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         };
         tokio::select! {
             () = drained => {}
-            () = tokio::time::sleep(GRACEFUL_TIMEOUT) => tracing::warn!("graceful stop timed out"),
+            () = tokio::time::sleep(cfg.graceful_timeout) => tracing::warn!("graceful stop timed out"),
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}
         }
@@ -121,7 +148,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     pool.stop().await;
     drop(dir);
     tracing::info!("stopped");
-    Ok(())
+    Ok(stopped)
 }
 
 /// A private (0700) directory for the workers' sockets, removed when anteroom stops.

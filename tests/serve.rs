@@ -18,9 +18,14 @@ fn demo_app_serves_its_page_with_a_request_id() {
     assert!(r.text().contains("anteroom is running"), "{}", r.text());
     assert_eq!(r.header("x-request-id").map(|v| v.len()), Some(16));
     // A sane id from the client is kept, so requests can be followed across hosts.
-    let r = a.raw(b"GET /env HTTP/1.1\r\nHost: t\r\nX-Request-Id: abc-123\r\nConnection: close\r\n\r\n");
+    let r = a
+        .raw(b"GET /env HTTP/1.1\r\nHost: t\r\nX-Request-Id: abc-123\r\nConnection: close\r\n\r\n");
     assert_eq!(r.header("x-request-id").as_deref(), Some("abc-123"));
-    assert!(r.text().contains("HTTP_X_REQUEST_ID=abc-123"), "{}", r.text());
+    assert!(
+        r.text().contains("HTTP_X_REQUEST_ID=abc-123"),
+        "{}",
+        r.text()
+    );
     assert_eq!(a.get("/nope").status, 404);
 }
 
@@ -44,7 +49,11 @@ fn php_cgi_serves_get_and_post() {
     );
     assert_eq!(r.status, 200);
     assert!(r.text().contains("POST /form"), "{}", r.text());
-    assert!(r.text().contains("body: name=value&more=yes"), "{}", r.text());
+    assert!(
+        r.text().contains("body: name=value&more=yes"),
+        "{}",
+        r.text()
+    );
 }
 
 fn serves_language(args: &[&str], lang: &str, needle: &str) {
@@ -55,7 +64,8 @@ fn serves_language(args: &[&str], lang: &str, needle: &str) {
     assert!(r.text().contains(needle), "{}", r.text());
     assert!(r.text().contains("GET /some/path?q=1"), "{}", r.text());
     // A body reaches the app through the worker protocol.
-    let r = a.raw(b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    let r = a
+        .raw(b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
     assert_eq!(r.status, 200, "{}", r.text());
     if lang != "perl-cgi-fast" {
         assert!(r.text().contains("body: hello"), "{}", r.text());
@@ -66,7 +76,15 @@ fn serves_language(args: &[&str], lang: &str, needle: &str) {
 fn psgi_app_under_plack_fcgi() {
     require("plackup");
     serves_language(
-        &["--workers", "2", "--", "plackup", "-s", "FCGI", "examples/perl/app.psgi"],
+        &[
+            "--workers",
+            "2",
+            "--",
+            "plackup",
+            "-s",
+            "FCGI",
+            "examples/perl/app.psgi",
+        ],
         "perl",
         "Hello from Perl",
     );
@@ -86,7 +104,13 @@ fn cgi_fast_script() {
 fn wsgi_app_under_flup() {
     require("python3");
     serves_language(
-        &["--workers", "2", "--", "python3", "examples/python/app_flup.py"],
+        &[
+            "--workers",
+            "2",
+            "--",
+            "python3",
+            "examples/python/app_flup.py",
+        ],
         "python",
         "Hello from Python",
     );
@@ -116,7 +140,14 @@ fn gunicorn_as_http_worker() {
 
 #[test]
 fn limits_give_413_431_and_408() {
-    let a = Anteroom::start(&["--workers", "1", "--max-body-size", "1k", "--header-timeout", "1"]);
+    let a = Anteroom::start(&[
+        "--workers",
+        "1",
+        "--max-body-size",
+        "1k",
+        "--header-timeout",
+        "1",
+    ]);
     // Declared too large: refused before the body is read.
     let r = a.raw(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n");
     assert_eq!(r.status, 413);
@@ -136,7 +167,10 @@ fn limits_give_413_431_and_408() {
     assert!(r.text().contains("CONTENT_LENGTH=8"), "{}", r.text());
     assert!(r.text().contains("8 bytes of body"), "{}", r.text());
 
-    let big = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
     assert_eq!(a.raw(big.as_bytes()).status, 431);
 
     let started = Instant::now();
@@ -151,13 +185,16 @@ fn http10_keep_alive_and_pipelining() {
     let mut s = TcpStream::connect(a.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // nginx's default upstream protocol.
-    s.write_all(b"GET /sleep?ms=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+    s.write_all(b"GET /sleep?ms=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
     let r = read_response(&mut s).unwrap();
     assert_eq!(r.status, 200);
     assert!(r.head.starts_with("HTTP/1.0 200"), "{}", r.head);
     // Two requests in one write: answered in order on the same connection.
-    s.write_all(b"GET /sleep?ms=20 HTTP/1.1\r\nHost: t\r\n\r\nGET /env?second HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"GET /sleep?ms=20 HTTP/1.1\r\nHost: t\r\n\r\nGET /env?second HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
     let r1 = read_response(&mut s).unwrap();
     let r2 = read_response(&mut s).unwrap();
     assert!(r1.text().contains("slept 20 ms"), "{}", r1.text());
@@ -173,7 +210,11 @@ fn full_queue_refuses_with_503_and_retry_after() {
         .map(|i| {
             thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 200 }));
             thread::spawn(move || {
-                request(addr, b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap()
+                request(
+                    addr,
+                    b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap()
             })
         })
         .collect();
@@ -181,12 +222,23 @@ fn full_queue_refuses_with_503_and_retry_after() {
     let started = Instant::now();
     let r = a.get("/sleep?ms=1");
     assert_eq!(r.status, 503, "{}", r.text());
-    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after waiting");
-    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once, not after waiting"
+    );
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry));
     assert!(r.text().contains("queue is full"), "{}", r.text());
     for t in busy {
-        assert_eq!(t.join().unwrap().status, 200, "the queued ones are still served");
+        assert_eq!(
+            t.join().unwrap().status,
+            200,
+            "the queued ones are still served"
+        );
     }
 }
 
@@ -195,7 +247,11 @@ fn queue_timeout_refuses_with_503() {
     let a = Anteroom::start(&["--workers", "1", "--queue-timeout", "0.5"]);
     let addr = a.addr;
     let long = thread::spawn(move || {
-        request(addr, b"GET /sleep?ms=2000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap()
+        request(
+            addr,
+            b"GET /sleep?ms=2000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap()
     });
     thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
@@ -203,7 +259,10 @@ fn queue_timeout_refuses_with_503() {
     let waited = started.elapsed();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
-    assert!(waited >= Duration::from_millis(450), "waited only {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450),
+        "waited only {waited:?}"
+    );
     assert_eq!(long.join().unwrap().status, 200);
 }
 
@@ -217,15 +276,29 @@ fn a_client_that_leaves_the_queue_is_never_served() {
         root().join("tests/fixtures/hits.php").display()
     );
     let env = format!("HIT_LOG={}", hits.display());
-    let a = Anteroom::start(&["--workers", "1", "--param", &param, "--env", &env, "--", "php-cgi"]);
+    let a = Anteroom::start(&[
+        "--workers",
+        "1",
+        "--param",
+        &param,
+        "--env",
+        &env,
+        "--",
+        "php-cgi",
+    ]);
     let addr = a.addr;
     let first = thread::spawn(move || {
-        request(addr, b"GET /first?ms=1000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap()
+        request(
+            addr,
+            b"GET /first?ms=1000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap()
     });
     thread::sleep(Duration::from_millis(200));
     {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /abandoned HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        s.write_all(b"GET /abandoned HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         thread::sleep(Duration::from_millis(200));
         // Hangs up while its request waits behind /first.
     }
@@ -233,18 +306,28 @@ fn a_client_that_leaves_the_queue_is_never_served() {
     assert_eq!(a.get("/last").status, 200);
     let seen = std::fs::read_to_string(&hits).unwrap();
     assert!(seen.contains("/first") && seen.contains("/last"), "{seen}");
-    assert!(!seen.contains("/abandoned"), "a worker served a request nobody waited for:\n{seen}");
+    assert!(
+        !seen.contains("/abandoned"),
+        "a worker served a request nobody waited for:\n{seen}"
+    );
 }
 
 #[test]
 fn a_worker_answering_garbage_gets_the_client_a_502_naming_the_request() {
     require("python3");
     let mut a = Anteroom::start_env(
-        &["--workers", "1", "--", "python3", "tests/fixtures/garbage_worker.py"],
+        &[
+            "--workers",
+            "1",
+            "--",
+            "python3",
+            "tests/fixtures/garbage_worker.py",
+        ],
         &[],
         None,
     );
-    let r = a.raw(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Request-Id: garbage-1\r\nConnection: close\r\n\r\n");
+    let r = a
+        .raw(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Request-Id: garbage-1\r\nConnection: close\r\n\r\n");
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("garbage-1"), "{}", r.text());
     a.stop();
@@ -253,7 +336,10 @@ fn a_worker_answering_garbage_gets_the_client_a_502_naming_the_request() {
         .lines()
         .find(|l| l.contains("garbage-1") && l.contains("ERROR"))
         .unwrap_or_else(|| panic!("no error line for the request:\n{log}"));
-    assert!(line.contains("FastCGI version"), "the line says what was wrong: {line}");
+    assert!(
+        line.contains("FastCGI version"),
+        "the line says what was wrong: {line}"
+    );
 }
 
 #[test]
@@ -273,7 +359,11 @@ fn a_worker_that_dies_is_replaced() {
             .map(|r| r.status == 200 && pid_of(&r) != first)
             .unwrap_or(false)
     });
-    assert!(a.log_text().contains("signal 9 (SIGKILL)"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("signal 9 (SIGKILL)"),
+        "{}",
+        a.log_text()
+    );
 }
 
 #[test]
@@ -284,7 +374,11 @@ fn sigterm_stops_anteroom_and_its_workers() {
     // A request in flight when SIGTERM comes still gets its answer.
     let addr = a.addr;
     let inflight = thread::spawn(move || {
-        request(addr, b"GET /sleep?ms=800 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap()
+        request(
+            addr,
+            b"GET /sleep?ms=800 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap()
     });
     thread::sleep(Duration::from_millis(200));
     let status = a.stop();
@@ -316,7 +410,8 @@ fn unix_listener_replaces_a_stale_socket_and_refuses_a_live_one() {
     let listen = format!("unix:{}", path.display());
     let mut a = Anteroom::start(&["--workers", "1", "--listen", &listen]);
     let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    s.write_all(b"GET /env HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /env HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let r = read_response(&mut s).unwrap();
     assert_eq!(r.status, 200);
     assert!(r.text().contains("REMOTE_ADDR=127.0.0.1"), "{}", r.text());

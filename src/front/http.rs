@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
+use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::{Queue, Rejected};
 use crate::request::{
     error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, REQUEST_ID,
@@ -33,6 +34,7 @@ use crate::request::{
 pub struct Front {
     pub cfg: Arc<Config>,
     pub queue: Arc<Queue>,
+    pub quarantine: Arc<Quarantine>,
 }
 
 /// Accepts connections until `stop`, each served on its own task tracked by `conns`.
@@ -118,9 +120,7 @@ where
     });
     let mut builder = http1::Builder::new();
     // No hyper timer: the head deadline is HeadTimeoutIo's, which can answer 408.
-    builder
-        .keep_alive(true)
-        .max_buf_size(buf_size);
+    builder.keep_alive(true).max_buf_size(buf_size);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
         tracing::debug!("client connection ended: {e}");
     }
@@ -175,7 +175,16 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
         origin,
         enqueued: Instant::now(),
         reply: None,
+        deaths: 0,
     };
+    let fp = fingerprint(&job);
+    if let Some(left) = front.quarantine.blocked(&fp) {
+        return unavailable(
+            id,
+            &format!("Requests for {fp} have been crashing workers; they are refused for now."),
+            left,
+        );
+    }
     let queue = &front.queue;
     let mut ticket = match queue.push(job) {
         Ok(t) => t,
@@ -185,6 +194,13 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
                 id,
                 "All workers are busy and the queue is full.",
                 queue.retry_after_secs(),
+            );
+        }
+        Err(Rejected::NoWorkers) => {
+            return unavailable(
+                id,
+                "No worker can start at the moment; see the server log.",
+                queue.retry_after_secs().max(5),
             );
         }
         Err(Rejected::ShuttingDown) => {

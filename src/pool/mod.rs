@@ -1,10 +1,20 @@
 //! The worker pool: one supervised slot per worker process.
 //!
-//! Each slot is a task that owns one worker: it makes the worker's private listening socket, has the
-//! spawner start the process, then loops taking a request from the queue, serving it, and watching for the
-//! process to exit. Because a worker has a socket of its own and serves one request at a time, anteroom
-//! always knows which worker holds which request. A worker that exits is replaced; one that dies young is
-//! replaced after a growing delay, so a worker that cannot start does not spin the CPU.
+//! Each slot is a task that owns one worker at a time: it makes the worker's private listening socket, has
+//! the spawner start the process, then loops taking a request from the queue, serving it, and watching for
+//! the process to exit. Because a worker has a socket of its own and serves one request at a time, anteroom
+//! always knows which worker holds which request, and so which request a dead worker was holding.
+//!
+//! What the slot does about a death: it logs one event that explains it (status, signal, lifetime, requests
+//! served, the request held and how far it got, the worker's last output), keeps it in the list of recent
+//! deaths, retries an idempotent request once on another worker (a second death makes it a poison request:
+//! 502), feeds the quarantine, and replaces the worker. A worker that dies young is replaced after an
+//! exponential, jittered backoff, and such crash loops are logged as a summary rather than a line per death.
+//! When every slot is failing, the queue refuses (503) instead of letting requests wait for nothing.
+//!
+//! Workers are also replaced on purpose: after `--max-requests` (plus jitter) or above `--max-rss`, always
+//! between requests; and on reload (SIGHUP), when a new generation of slots starts and each old worker
+//! retires, after its current request, as soon as a new one is ready.
 
 pub mod spawn;
 
@@ -12,16 +22,18 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::Queue;
 use crate::request::error_response;
 use crate::worker::{Link, Progress, WorkerError};
@@ -29,10 +41,50 @@ use spawn::{SpawnSpec, Spawner};
 
 /// How many of a worker's last output lines are kept for its crash report.
 const TAIL_LINES: usize = 20;
-/// A worker that exits sooner than this after starting counts as a failed start.
+/// A worker that exits sooner than this after starting, having served nothing, counts as a failed start.
 const YOUNG: Duration = Duration::from_secs(5);
-/// How long a worker has to stop after SIGTERM before it gets SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(5);
+/// A new worker alive this long (or that has served a request) is ready to take over from an old one.
+const READY_AFTER: Duration = Duration::from_millis(500);
+/// Recent deaths kept for the status page.
+const RECENT_DEATHS: usize = 50;
+/// At most one crash-loop log line per this period; the rest are counted into it.
+const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why a worker process ended, as attributed by its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It exited or was killed by something other than anteroom.
+    Crashed,
+    /// anteroom stopped it: it held a request longer than --request-timeout.
+    Timeout,
+    /// anteroom replaced it on purpose (max requests, max RSS, reload, shutdown).
+    Retired,
+}
+
+/// The request a worker was holding when it died.
+#[derive(Debug, Clone)]
+pub struct HeldRequest {
+    pub id: String,
+    pub method: String,
+    pub target: String,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// One worker death, explained.
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub at: SystemTime,
+    pub slot: usize,
+    pub pid: u32,
+    pub status: String,
+    pub cause: Cause,
+    pub lived: Duration,
+    pub served: u64,
+    pub request: Option<HeldRequest>,
+    pub last_output: Vec<String>,
+}
 
 pub struct Pool {
     shared: Arc<Shared>,
@@ -42,16 +94,40 @@ pub struct Pool {
 struct Shared {
     cfg: Arc<Config>,
     queue: Arc<Queue>,
+    quarantine: Arc<Quarantine>,
     spawner: Spawner,
     dir: PathBuf,
     argv: Vec<String>,
     stop: CancellationToken,
+    /// Cancelled when --crash-exit's limit is reached.
+    fatal: CancellationToken,
     busy: AtomicUsize,
+    /// The current generation; slots of older ones retire as new workers become ready.
+    generation: AtomicU64,
+    /// One permit per new-generation worker that became ready and may replace an old one.
+    handoff: Semaphore,
+    handoff_ready: Notify,
+    slots_alive: AtomicUsize,
+    slots_failing: AtomicUsize,
+    deaths: Mutex<VecDeque<Death>>,
+    crash_times: Mutex<VecDeque<Instant>>,
+    loop_log: Mutex<LoopLog>,
+}
+
+#[derive(Default)]
+struct LoopLog {
+    last: Option<Instant>,
+    suppressed: u32,
 }
 
 impl Pool {
     /// Starts one slot per configured worker. `dir` must be a private directory for the worker sockets.
-    pub fn start(cfg: Arc<Config>, queue: Arc<Queue>, dir: PathBuf) -> std::io::Result<Pool> {
+    pub fn start(
+        cfg: Arc<Config>,
+        queue: Arc<Queue>,
+        quarantine: Arc<Quarantine>,
+        dir: PathBuf,
+    ) -> std::io::Result<Pool> {
         let spawner = Spawner::start(tokio::runtime::Handle::current())?;
         let argv = if cfg.command.is_empty() {
             let exe = std::env::current_exe()?;
@@ -62,17 +138,45 @@ impl Pool {
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             queue,
+            quarantine,
             spawner,
             dir,
             argv,
             stop: CancellationToken::new(),
+            fatal: CancellationToken::new(),
             busy: AtomicUsize::new(0),
+            generation: AtomicU64::new(1),
+            handoff: Semaphore::new(0),
+            handoff_ready: Notify::new(),
+            slots_alive: AtomicUsize::new(0),
+            slots_failing: AtomicUsize::new(0),
+            deaths: Mutex::new(VecDeque::new()),
+            crash_times: Mutex::new(VecDeque::new()),
+            loop_log: Mutex::new(LoopLog::default()),
         });
-        let mut tasks = JoinSet::new();
-        for slot in 0..cfg.workers {
-            tasks.spawn(run_slot(shared.clone(), slot));
+        let mut pool = Pool {
+            shared,
+            tasks: JoinSet::new(),
+        };
+        pool.spawn_generation(1);
+        Ok(pool)
+    }
+
+    fn spawn_generation(&mut self, generation: u64) {
+        for slot in 0..self.shared.cfg.workers {
+            self.shared.slots_alive.fetch_add(1, Ordering::Relaxed);
+            self.tasks
+                .spawn(run_slot(self.shared.clone(), slot, generation));
         }
-        Ok(Pool { shared, tasks })
+    }
+
+    /// Starts a new generation of workers; each old worker retires once a new one is ready.
+    pub fn reload(&mut self) {
+        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::info!(generation, "reload: starting a new generation of workers");
+        // Reaps the slot tasks that ended since the last reload.
+        while self.tasks.try_join_next().is_some() {}
+        self.spawn_generation(generation);
     }
 
     /// Workers holding a request right now.
@@ -80,53 +184,96 @@ impl Pool {
         self.shared.busy.load(Ordering::Relaxed)
     }
 
-    /// Stops every worker (SIGTERM, then SIGKILL after a grace period) and waits for them.
+    /// The most recent worker deaths, oldest first.
+    pub fn recent_deaths(&self) -> Vec<Death> {
+        lock(&self.shared.deaths).iter().cloned().collect()
+    }
+
+    /// Resolves when --crash-exit's limit has been reached.
+    pub fn fatal(&self) -> CancellationToken {
+        self.shared.fatal.clone()
+    }
+
+    /// Stops every worker (SIGTERM, then SIGKILL after the grace period) and waits for them.
     pub async fn stop(mut self) {
         self.shared.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
 }
 
-async fn run_slot(sh: Arc<Shared>, slot: usize) {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
     let mut backoff = Backoff::new();
-    let mut generation = 0u64;
+    let mut failing = false;
+    let mut handed_off = false;
+    let mut n = 0u64;
     while !sh.stop.is_cancelled() {
-        generation += 1;
-        let path = sh.dir.join(format!("w{slot}.{generation}.sock"));
+        n += 1;
+        let path = sh.dir.join(format!("w{slot}.g{generation}.{n}.sock"));
         let started = Instant::now();
-        let outcome = run_worker(&sh, slot, &path).await;
+        let end = run_worker(&sh, slot, generation, &path, failing, &mut handed_off).await;
         let _ = std::fs::remove_file(&path);
-        if sh.stop.is_cancelled() {
+        if sh.stop.is_cancelled() || end.retire_slot {
             break;
         }
-        let young = outcome.served == 0 && started.elapsed() < YOUNG;
-        let delay = if young {
-            backoff.next()
-        } else {
-            backoff.reset();
-            Duration::ZERO
-        };
-        if !delay.is_zero() {
-            tracing::warn!(slot, delay_ms = delay.as_millis() as u64, "worker failed young; waiting before the next start");
+        let young = end.served == 0 && started.elapsed() < YOUNG;
+        if young != failing {
+            failing = young;
+            let alive = sh.slots_alive.load(Ordering::Relaxed);
+            let f = if young {
+                sh.slots_failing.fetch_add(1, Ordering::Relaxed) + 1
+            } else {
+                sh.slots_failing.fetch_sub(1, Ordering::Relaxed) - 1
+            };
+            sh.queue.set_no_workers(f >= alive);
+            if f >= alive && young {
+                tracing::error!(
+                    "every worker slot is failing to start; requests are refused with 503 until one starts"
+                );
+            }
+        }
+        if young {
+            let delay = backoff.next();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = sh.stop.cancelled() => break,
             }
+        } else {
+            backoff.reset();
         }
     }
+    if failing {
+        sh.slots_failing.fetch_sub(1, Ordering::Relaxed);
+    }
+    sh.slots_alive.fetch_sub(1, Ordering::Relaxed);
 }
 
-struct Outcome {
+struct WorkerEnd {
     served: u64,
+    /// The slot itself ends: its generation was replaced.
+    retire_slot: bool,
 }
 
-async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
-    let mut outcome = Outcome { served: 0 };
+async fn run_worker(
+    sh: &Shared,
+    slot: usize,
+    generation: u64,
+    path: &Path,
+    quiet: bool,
+    handed_off: &mut bool,
+) -> WorkerEnd {
+    let mut end = WorkerEnd {
+        served: 0,
+        retire_slot: false,
+    };
     let listener = match worker_socket(path) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(slot, path = %path.display(), "cannot make the worker's socket: {e}");
-            return outcome;
+            return end;
         }
     };
     let spec = SpawnSpec {
@@ -138,13 +285,20 @@ async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
     let mut child = match sh.spawner.spawn(spec).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(slot, command = %sh.argv[0], "cannot start the worker: {e}");
-            return outcome;
+            loop_event(
+                sh,
+                || tracing::error!(slot, command = %sh.argv[0], "cannot start the worker: {e}"),
+            );
+            return end;
         }
     };
     let pid = child.id().unwrap_or(0);
     let started = Instant::now();
-    tracing::info!(slot, pid, "worker started");
+    if quiet {
+        tracing::debug!(slot, pid, generation, "worker started");
+    } else {
+        tracing::info!(slot, pid, generation, "worker started");
+    }
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
     if let Some(out) = child.stdout.take() {
         tokio::spawn(log_lines(out, slot, pid, "stdout", tail.clone()));
@@ -153,23 +307,64 @@ async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
         tokio::spawn(log_lines(err, slot, pid, "stderr", tail.clone()));
     }
 
+    let max_requests = match sh.cfg.max_requests {
+        0 => u64::MAX,
+        n => n + fastrand::u64(0..=sh.cfg.max_requests_jitter),
+    };
     let exit = child.wait();
     tokio::pin!(exit);
     let mut link = Link::new(path, sh.cfg.worker_protocol);
+    let ready_timer = tokio::time::sleep(READY_AFTER);
+    tokio::pin!(ready_timer);
+    let mut cause = Cause::Crashed;
+    let mut held: Option<HeldRequest> = None;
     let status: std::io::Result<ExitStatus> = loop {
+        // Replacement on purpose happens here, between requests, so that it never fails one.
+        let retire = if end.served >= max_requests {
+            Some(format!("served {} requests", end.served))
+        } else if let Some(rss) = sh
+            .cfg
+            .max_rss
+            .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
+        {
+            Some(format!("resident memory {} MiB over --max-rss", rss >> 20))
+        } else if generation < sh.generation.load(Ordering::Acquire)
+            && sh.handoff.try_acquire().map(|p| p.forget()).is_ok()
+        {
+            end.retire_slot = true;
+            Some("reload: a new worker took over".into())
+        } else {
+            None
+        };
+        if let Some(why) = retire {
+            tracing::info!(slot, pid, "retiring worker: {why}");
+            cause = Cause::Retired;
+            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+        }
         let mut job = tokio::select! {
             biased;
             st = &mut exit => break st,
-            () = sh.stop.cancelled() => break terminate(pid, &mut exit).await,
+            () = sh.stop.cancelled() => {
+                cause = Cause::Retired;
+                break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+            }
+            () = &mut ready_timer, if !*handed_off => {
+                *handed_off = true;
+                became_ready(sh, generation);
+                continue;
+            }
+            () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
             job = sh.queue.pop() => job,
         };
         sh.busy.fetch_add(1, Ordering::Relaxed);
         let begun = Instant::now();
         let mut progress = Progress::default();
         let mut exited = None;
+        let mut timed_out = false;
         let result = {
             let serve = link.serve(&mut job, &sh.cfg, &mut progress);
             tokio::pin!(serve);
+            let limit = sh.cfg.request_timeout;
             tokio::select! {
                 r = &mut serve => r,
                 st = &mut exit => {
@@ -180,13 +375,58 @@ async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
                         Err(_) => Err(WorkerError::Exited),
                     }
                 }
+                () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
+                    timed_out = true;
+                    Err(WorkerError::Timeout(limit.unwrap_or_default()))
+                }
             }
         };
         sh.busy.fetch_sub(1, Ordering::Relaxed);
-        outcome.served += 1;
+        end.served += 1;
         sh.queue.record_service_time(begun.elapsed());
-        if let Err(e) = result {
-            link.reset();
+        if result.is_ok() && !*handed_off {
+            *handed_off = true;
+            became_ready(sh, generation);
+        }
+        let Err(e) = result else {
+            if let Some(st) = exited {
+                break st;
+            }
+            continue;
+        };
+        if exited.is_none() && matches!(e, WorkerError::Io(_) | WorkerError::Closed) {
+            // A reset connection is most often a worker that has just died: its exit comes a moment later.
+            if let Ok(st) = tokio::time::timeout(Duration::from_millis(500), &mut exit).await {
+                exited = Some(st);
+            }
+        }
+        link.reset();
+        let request = HeldRequest {
+            id: job.id.clone(),
+            method: job.head.method.to_string(),
+            target: job
+                .summary()
+                .split_once(' ')
+                .map_or(String::new(), |x| x.1.to_string()),
+            sent_bytes: progress.sent_bytes,
+            received_bytes: progress.received_bytes,
+            elapsed: begun.elapsed(),
+        };
+        if timed_out {
+            tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
+            if !progress.head_sent {
+                let why = format!(
+                    "The worker took longer than {:?}.",
+                    sh.cfg.request_timeout.unwrap_or_default()
+                );
+                job.respond(error_response(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
+            }
+            cause = Cause::Timeout;
+            held = Some(request);
+            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+        }
+        if exited.is_none() {
+            // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
             tracing::error!(
                 slot, pid, id = %job.id, request = %job.summary(),
                 sent = progress.sent_bytes, received = progress.received_bytes,
@@ -196,33 +436,181 @@ async fn run_worker(sh: &Shared, slot: usize, path: &Path) -> Outcome {
                 let why = format!("The worker failed: {e}.");
                 job.respond(error_response(StatusCode::BAD_GATEWAY, &job.id, &why));
             }
+            continue;
         }
-        if let Some(st) = exited {
-            break st;
+        // The worker died holding this request.
+        job.deaths += 1;
+        let fp = fingerprint(&job);
+        if sh.quarantine.record_death(&fp) {
+            let p = sh.quarantine.policy();
+            tracing::error!(
+                fingerprint = %fp,
+                "{fp} killed {} workers within {:?}: refusing it with 503 for {:?}",
+                p.after, p.window, p.cooldown
+            );
         }
+        if !progress.head_sent {
+            if job.deaths == 1 && job.idempotent() && !job.client_gone() {
+                tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
+                sh.queue.requeue(job);
+            } else {
+                let why = if job.deaths > 1 {
+                    tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
+                    "This request killed two workers; it is not retried.".to_string()
+                } else {
+                    "The worker died while serving this request.".to_string()
+                };
+                job.respond(error_response(StatusCode::BAD_GATEWAY, &job.id, &why));
+            }
+        }
+        held = Some(request);
+        break exited.expect("checked above");
     };
     let lived = started.elapsed();
-    match status {
-        Ok(st) if sh.stop.is_cancelled() => {
-            tracing::info!(slot, pid, status = %describe(st), served = outcome.served, "worker stopped")
+    let status = match status {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::error!(slot, pid, "cannot wait for the worker: {e}");
+            return end;
         }
-        Ok(st) => tracing::warn!(
-            slot, pid, status = %describe(st), lived_ms = lived.as_millis() as u64, served = outcome.served,
-            last_output = ?tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-            "worker exited"
-        ),
-        Err(e) => tracing::error!(slot, pid, "cannot wait for the worker: {e}"),
+    };
+    if sh.stop.is_cancelled() {
+        tracing::info!(slot, pid, status = %describe(status), served = end.served, "worker stopped");
+        return end;
     }
-    outcome
+    let death = Death {
+        at: SystemTime::now(),
+        slot,
+        pid,
+        status: describe(status),
+        cause,
+        lived,
+        served: end.served,
+        request: held,
+        last_output: lock(&tail).iter().cloned().collect(),
+    };
+    record_death(sh, &death);
+    end
+}
+
+fn became_ready(sh: &Shared, generation: u64) {
+    if generation > 1 && generation == sh.generation.load(Ordering::Acquire) {
+        sh.handoff.add_permits(1);
+        sh.handoff_ready.notify_waiters();
+    }
+}
+
+/// Logs a death as one event, keeps it for the status page, and counts it towards --crash-exit.
+fn record_death(sh: &Shared, d: &Death) {
+    let young = d.served == 0 && d.lived < YOUNG;
+    let r = d.request.as_ref();
+    let log = || {
+        let (level_error, what) = match d.cause {
+            Cause::Crashed if young => (true, "worker failed at start"),
+            Cause::Crashed => (true, "worker died"),
+            Cause::Timeout => (true, "worker stopped: request timeout"),
+            Cause::Retired => (false, "worker retired"),
+        };
+        macro_rules! event {
+            ($lvl:ident) => {
+                tracing::$lvl!(
+                    slot = d.slot,
+                    pid = d.pid,
+                    status = %d.status,
+                    lived_ms = d.lived.as_millis() as u64,
+                    served = d.served,
+                    request_id = r.map(|r| r.id.as_str()),
+                    request = r.map(|r| format!("{} {}", r.method, r.target)),
+                    request_sent_bytes = r.map(|r| r.sent_bytes),
+                    request_received_bytes = r.map(|r| r.received_bytes),
+                    request_ms = r.map(|r| r.elapsed.as_millis() as u64),
+                    last_output = ?d.last_output,
+                    "{what}"
+                )
+            };
+        }
+        if level_error {
+            event!(error)
+        } else {
+            event!(info)
+        }
+    };
+    if young && d.cause == Cause::Crashed {
+        loop_event(sh, log);
+    } else {
+        log();
+    }
+    {
+        let mut deaths = lock(&sh.deaths);
+        if deaths.len() == RECENT_DEATHS {
+            deaths.pop_front();
+        }
+        deaths.push_back(d.clone());
+    }
+    if d.cause != Cause::Retired {
+        if let Some(limit) = sh.cfg.crash_exit {
+            let now = Instant::now();
+            let mut times = lock(&sh.crash_times);
+            times.push_back(now);
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > limit.within)
+            {
+                times.pop_front();
+            }
+            if times.len() as u32 >= limit.deaths {
+                tracing::error!(
+                    "{} unexpected worker deaths within {:?} (--crash-exit): exiting with code {}",
+                    times.len(),
+                    limit.within,
+                    crate::server::EXIT_CRASH_LOOP
+                );
+                sh.fatal.cancel();
+            }
+        }
+    }
+}
+
+/// Crash loops: the first event in a period is logged with how many were left unsaid since the last.
+fn loop_event(sh: &Shared, log: impl FnOnce()) {
+    let mut ll = lock(&sh.loop_log);
+    let now = Instant::now();
+    if ll
+        .last
+        .is_none_or(|t| now.duration_since(t) >= LOOP_LOG_EVERY)
+    {
+        if ll.suppressed > 0 {
+            tracing::warn!(
+                "{} more failed worker starts in the last {:?} were not logged one by one; workers restart with growing delays (0.1 s doubling to 30 s)",
+                ll.suppressed,
+                ll.last.map(|t| now.duration_since(t)).unwrap_or_default()
+            );
+        }
+        ll.last = Some(now);
+        ll.suppressed = 0;
+        drop(ll);
+        log();
+    } else {
+        ll.suppressed += 1;
+    }
+}
+
+/// The worker's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// SIGTERM, then SIGKILL if the worker has not exited within the grace period.
 async fn terminate(
     pid: u32,
+    grace: Duration,
     exit: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
 ) -> std::io::Result<ExitStatus> {
     signal(pid, libc::SIGTERM);
-    match tokio::time::timeout(KILL_GRACE, exit.as_mut()).await {
+    match tokio::time::timeout(grace, exit.as_mut()).await {
         Ok(st) => st,
         Err(_) => {
             signal(pid, libc::SIGKILL);

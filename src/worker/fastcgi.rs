@@ -153,7 +153,11 @@ impl Conn {
                         if job.head.method != http::Method::HEAD || !body.is_empty() {
                             headers.insert(http::header::CONTENT_LENGTH, body.len().into());
                         }
-                        job.respond(response(status, headers, crate::request::full(body.freeze())));
+                        job.respond(response(
+                            status,
+                            headers,
+                            crate::request::full(body.freeze()),
+                        ));
                         progress.head_sent = true;
                     } else if body_tx.is_none() {
                         return Err(WorkerError::Protocol(if head.is_empty() {
@@ -175,7 +179,11 @@ impl Conn {
     }
 }
 
-fn response(status: http::StatusCode, headers: http::HeaderMap, body: crate::request::Body) -> Response<crate::request::Body> {
+fn response(
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: crate::request::Body,
+) -> Response<crate::request::Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;

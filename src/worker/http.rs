@@ -37,13 +37,14 @@ impl Conn {
         !self.sender.is_closed()
     }
 
-    pub async fn serve(&mut self, job: &mut Job, progress: &mut Progress) -> Result<(), WorkerError> {
+    pub async fn serve(
+        &mut self,
+        job: &mut Job,
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
         let req = build_request(job)?;
         progress.sent_bytes = job.body.len() as u64;
-        self.sender
-            .ready()
-            .await
-            .map_err(|_| WorkerError::Closed)?;
+        self.sender.ready().await.map_err(|_| WorkerError::Closed)?;
         let resp = self.sender.send_request(req).await.map_err(|e| {
             if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                 WorkerError::Closed
@@ -113,7 +114,11 @@ fn build_request(job: &Job) -> Result<Request<Full<Bytes>>, WorkerError> {
     }
     if let Some(peer) = job.origin.peer {
         let ip = peer.ip().to_string();
-        let xff = match head.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let xff = match head
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip,
         };

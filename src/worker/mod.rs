@@ -27,6 +27,8 @@ pub enum WorkerError {
     Protocol(String),
     #[error("the worker exited while holding the request")]
     Exited,
+    #[error("the worker held the request longer than the request timeout ({0:?})")]
+    Timeout(std::time::Duration),
 }
 
 /// How much of a request went through; for the log and, later, crash attribution.
@@ -67,7 +69,7 @@ impl Link {
         cfg: &Config,
         progress: &mut Progress,
     ) -> Result<(), WorkerError> {
-        let result = match self.protocol {
+        match self.protocol {
             WorkerProtocol::Fastcgi => {
                 let conn = match self.conn.take() {
                     Some(Conn::Fastcgi(c)) if c.is_open() => c,
@@ -92,8 +94,7 @@ impl Link {
                 }
                 r
             }
-        };
-        result
+        }
     }
 
     /// Forgets the connection (the worker is gone or in an unknown state).

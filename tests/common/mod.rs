@@ -22,7 +22,10 @@ pub fn require(cmd: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "{cmd} is not installed; run scripts/test, which installs what the tests need");
+    assert!(
+        ok,
+        "{cmd} is not installed; run scripts/test, which installs what the tests need"
+    );
 }
 
 pub fn free_port() -> u16 {
@@ -198,7 +201,11 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("connection closed after {} bytes: {:?}", buf.len(), String::from_utf8_lossy(&buf)),
+                format!(
+                    "connection closed after {} bytes: {:?}",
+                    buf.len(),
+                    String::from_utf8_lossy(&buf)
+                ),
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -257,7 +264,8 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let eol = find(data, b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).ok()?.trim(), 16).ok()?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..eol]).ok()?.trim(), 16).ok()?;
         data = &data[eol + 2..];
         if size == 0 {
             return Some(out);
@@ -293,7 +301,13 @@ pub fn children(pid: u32) -> Vec<u32> {
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit_once(')').map(|x| x.1).unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|x| x.1)
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false)
 }
 
