@@ -63,6 +63,16 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines with key=value fields.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// How anteroom talks to its workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +119,8 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
     },
+    /// Show every listening socket's kernel accept queue (TCP and unix), for any server on this machine.
+    Sockets(crate::sockdiag::SocketsArgs),
 }
 
 /// Flags of `anteroom serve`. Every one is optional here so that the file can fill what a flag does not give.
@@ -150,9 +162,9 @@ pub struct ServeArgs {
     /// An environment variable for the workers; repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub env: Vec<NameValue>,
-    /// Address of the admin listener (metrics, status, health).
+    /// Address of the admin listener (metrics, status, health); `off` for none [default: 127.0.0.1:8001].
     #[arg(long, value_name = "ADDR")]
-    pub admin: Option<ListenAddr>,
+    pub admin: Option<AdminAddr>,
     /// Longest a worker may hold one request, in seconds; then it is stopped and the client gets 504; 0 = no limit [default: 60].
     #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<f64>,
@@ -183,9 +195,34 @@ pub struct ServeArgs {
     /// On SIGTERM, how long to finish queued and running requests before stopping workers, in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     pub graceful_timeout: Option<f64>,
+    /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
+    #[arg(long)]
+    pub access_log: bool,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// The worker command and its arguments; without it, the built-in demo app.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `--admin`: an address, or `off`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    Off,
+    At(ListenAddr),
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" || s == "none" {
+            Ok(AdminAddr::Off)
+        } else {
+            s.parse().map(AdminAddr::At)
+        }
+    }
 }
 
 /// `NAME=VALUE`, for `--param` and `--env`.
@@ -312,6 +349,8 @@ struct FileConfig {
     quarantine_for: Option<f64>,
     crash_exit: Option<CrashExit>,
     graceful_timeout: Option<f64>,
+    access_log: Option<bool>,
+    log_format: Option<LogFormat>,
     command: Option<Vec<String>>,
 }
 
@@ -345,7 +384,10 @@ pub struct Config {
     /// Fixed params, in the order given; they override the computed CGI variables of the same name.
     pub params: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
+    /// None: no admin listener.
     pub admin: Option<ListenAddr>,
+    /// The admin address was not chosen: if it is taken, anteroom runs without it.
+    pub admin_is_default: bool,
     /// None: no limit.
     pub request_timeout: Option<Duration>,
     pub kill_grace: Duration,
@@ -357,12 +399,15 @@ pub struct Config {
     pub quarantine: crate::quarantine::Policy,
     pub crash_exit: Option<CrashExit>,
     pub graceful_timeout: Duration,
+    pub access_log: bool,
+    pub log_format: LogFormat,
     /// Empty means the built-in demo app.
     pub command: Vec<String>,
 }
 
 impl Config {
     pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:8000";
+    pub const DEFAULT_ADMIN: &'static str = "127.0.0.1:8001";
 
     /// Merges flags over the file (if any) over the defaults, and checks the result.
     pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
@@ -392,6 +437,12 @@ impl Config {
             (Some(a), _) => Some(a),
             (None, Some(s)) => Some(s.parse().map_err(|e| file_err(format!("admin: {e}")))?),
             (None, None) => None,
+        };
+        let admin_is_default = admin.is_none();
+        let admin = match admin {
+            None => Some(Self::DEFAULT_ADMIN.parse().expect("default address parses")),
+            Some(AdminAddr::Off) => None,
+            Some(AdminAddr::At(a)) => Some(a),
         };
 
         let mut params: Vec<(String, String)> = Vec::new();
@@ -459,6 +510,7 @@ impl Config {
             params,
             env,
             admin,
+            admin_is_default,
             request_timeout: secs_or_off(
                 "request-timeout",
                 args.request_timeout
@@ -498,6 +550,11 @@ impl Config {
                     .or(file.graceful_timeout)
                     .unwrap_or(30.0),
             )?,
+            access_log: args.access_log || file.access_log.unwrap_or(false),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             command: if !args.command.is_empty() {
                 args.command
             } else {

@@ -10,14 +10,17 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod cgi;
 pub mod config;
 pub mod demo;
 pub mod fastcgi;
 pub mod front;
+pub mod metrics;
 pub mod pool;
 pub mod quarantine;
 pub mod queue;
 pub mod request;
 pub mod server;
+pub mod sockdiag;
 pub mod worker;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use anteroom::config::{Cli, Command, Config};
+use anteroom::config::{Cli, Command, Config, ConfigError, LogFormat};
 use anteroom::server::Stopped;
 
 fn main() -> ExitCode {
@@ -25,6 +25,13 @@ fn main() -> ExitCode {
             ExitCode::from(127)
         }
         Some(Command::Serve(args)) => report(serve(*args)),
+        Some(Command::Sockets(args)) => match anteroom::sockdiag::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("anteroom sockets: {e}");
+                ExitCode::FAILURE
+            }
+        },
         None => report(serve(cli.serve)),
     }
 }
@@ -35,21 +42,29 @@ fn report(r: anyhow::Result<Stopped>) -> ExitCode {
         Ok(Stopped::CrashLoop) => ExitCode::from(anteroom::server::EXIT_CRASH_LOOP),
         Err(e) => {
             eprintln!("anteroom: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<ConfigError>().is_some() {
+                // As clap does for a bad flag: the command line or file is wrong, not the run.
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
     let cfg = Config::from_args(args)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ANTEROOM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ANTEROOM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -49,11 +49,30 @@ pub struct Job {
     pub reply: Option<oneshot::Sender<Reply>>,
     /// Workers that died holding this request; one death earns an idempotent request one retry.
     pub deaths: u8,
+    /// When a worker took it.
+    pub dispatched: Option<Instant>,
+}
+
+/// Marks a 502/504 that anteroom gave because a worker failed (for the metrics' outcome).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerFailed;
+
+/// Put on every response a worker produced, for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub queue_wait: std::time::Duration,
+    pub worker: std::time::Duration,
 }
 
 impl Job {
     /// Sends the answer to the waiting client; false if it has gone.
-    pub fn respond(&mut self, reply: Reply) -> bool {
+    pub fn respond(&mut self, mut reply: Reply) -> bool {
+        if let Some(d) = self.dispatched {
+            reply.extensions_mut().insert(Timing {
+                queue_wait: d.duration_since(self.enqueued),
+                worker: d.elapsed(),
+            });
+        }
         match self.reply.take() {
             Some(tx) => tx.send(reply).is_ok(),
             None => false,
@@ -164,6 +183,34 @@ pub fn request_id(headers: &HeaderMap) -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// `10/Oct/2000:13:55:36 +0000`, the access log's time, in UTC.
+pub fn clf_time(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
@@ -182,7 +229,18 @@ pub mod tests {
             enqueued: Instant::now(),
             reply: None,
             deaths: 0,
+            dispatched: None,
         }
+    }
+
+    #[test]
+    fn access_log_time() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(971_186_136);
+        assert_eq!(clf_time(t), "10/Oct/2000:13:55:36 +0000");
+        assert_eq!(
+            clf_time(std::time::UNIX_EPOCH),
+            "01/Jan/1970:00:00:00 +0000"
+        );
     }
 
     #[test]

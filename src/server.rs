@@ -13,9 +13,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminState;
 use crate::config::Config;
 use crate::front::http::{accept_loop, Front};
 use crate::front::listen::{somaxconn, BindError, Listener};
+use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::quarantine::Quarantine;
 use crate::queue::Queue;
@@ -73,10 +75,13 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     let dir = RuntimeDir::create()?;
     let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
     let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
+    let metrics = Arc::new(Metrics::new());
+    metrics.queue_limit.set(cfg.max_queue as i64);
     let mut pool = Pool::start(
         cfg.clone(),
         queue.clone(),
         quarantine.clone(),
+        metrics.clone(),
         dir.0.clone(),
     )
     .map_err(StartError::Pool)?;
@@ -86,8 +91,33 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         cfg: cfg.clone(),
         queue: queue.clone(),
         quarantine,
+        metrics: metrics.clone(),
     });
     let stop_accepting = CancellationToken::new();
+    let admin = match &cfg.admin {
+        Some(addr) => match Listener::bind(addr, 128) {
+            Ok(l) => Some(l),
+            Err(e) if cfg.admin_is_default => {
+                // Another anteroom on this machine has the default port; serving matters more.
+                tracing::warn!("no admin listener: {e} (choose one with --admin)");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
+    if let Some(l) = admin {
+        tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
+        let state = Arc::new(AdminState {
+            cfg: cfg.clone(),
+            queue: queue.clone(),
+            pool: pool.view(),
+            metrics: metrics.clone(),
+            listeners: cfg.listen.clone(),
+            started: std::time::Instant::now(),
+        });
+        tokio::spawn(crate::admin::serve(l, state, stop_accepting.clone()));
+    }
     let conns = TaskTracker::new();
     let mut accept_tasks = Vec::new();
     for l in listeners {

@@ -25,16 +25,19 @@ use tokio_util::task::TaskTracker;
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
+use crate::metrics::{Metrics, Rejection};
 use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::{Queue, Rejected};
 use crate::request::{
-    error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, REQUEST_ID,
+    error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, Timing, WorkerFailed,
+    REQUEST_ID,
 };
 
 pub struct Front {
     pub cfg: Arc<Config>,
     pub queue: Arc<Queue>,
     pub quarantine: Arc<Quarantine>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Accepts connections until `stop`, each served on its own task tracked by `conns`.
@@ -98,6 +101,8 @@ async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    front.metrics.connections.inc();
+    let _open = scopeguard(front.clone());
     let io = HeadTimeoutIo::new(io, front.cfg.header_timeout);
     let buf_size = front_buf_size(&front.cfg);
     let armed = io.handle();
@@ -126,17 +131,49 @@ where
     }
 }
 
+/// Counts the connection as closed however its task ends.
+fn scopeguard(front: Arc<Front>) -> impl Drop {
+    struct Open(Arc<Front>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.metrics.connections.dec();
+        }
+    }
+    Open(front)
+}
+
 fn front_buf_size(cfg: &Config) -> usize {
     cfg.max_header_size.max(8192)
 }
 
 async fn handle(req: Request<Incoming>, front: &Front, origin: Origin) -> Reply {
+    let started = Instant::now();
     let id = request_id(req.headers());
+    let line = front.cfg.access_log.then(|| AccessLine::new(&req, &origin));
     let mut resp = admit(req, front, origin, &id).await;
+    let status = resp.status().as_u16();
+    let ext = resp.extensions();
+    let outcome = if let Some(r) = ext.get::<Rejection>() {
+        front.metrics.reject(*r);
+        "refused"
+    } else if ext.get::<WorkerFailed>().is_some() {
+        "failed"
+    } else {
+        "served"
+    };
+    front.metrics.answered(outcome, status, started.elapsed());
+    if let Some(line) = line {
+        line.log(&id, &resp);
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+fn refused(mut r: Reply, why: Rejection) -> Reply {
+    r.extensions_mut().insert(why);
+    r
 }
 
 async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) -> Reply {
@@ -148,18 +185,21 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return too_large(id, max);
+        return refused(too_large(id, max), Rejection::BodyTooLarge);
     }
     let body = match Limited::new(body, max as usize).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(id, max),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return refused(too_large(id, max), Rejection::BodyTooLarge)
+        }
         Err(e) => {
             tracing::debug!(%id, "could not read the request body: {e}");
-            return error_response(
+            let r = error_response(
                 StatusCode::BAD_REQUEST,
                 id,
                 "The request body could not be read.",
             );
+            return refused(r, Rejection::BadRequest);
         }
     };
 
@@ -176,47 +216,53 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
         enqueued: Instant::now(),
         reply: None,
         deaths: 0,
+        dispatched: None,
     };
     let fp = fingerprint(&job);
     if let Some(left) = front.quarantine.blocked(&fp) {
-        return unavailable(
+        let r = unavailable(
             id,
             &format!("Requests for {fp} have been crashing workers; they are refused for now."),
             left,
         );
+        return refused(r, Rejection::Quarantined);
     }
     let queue = &front.queue;
     let mut ticket = match queue.push(job) {
         Ok(t) => t,
         Err(Rejected::Full) => {
-            tracing::warn!(%id, limit = queue.max(), "queue full: refused with 503");
-            return unavailable(
+            tracing::debug!(%id, limit = queue.max(), "queue full: refused with 503");
+            let r = unavailable(
                 id,
                 "All workers are busy and the queue is full.",
                 queue.retry_after_secs(),
             );
+            return refused(r, Rejection::QueueFull);
         }
         Err(Rejected::NoWorkers) => {
-            return unavailable(
+            let r = unavailable(
                 id,
                 "No worker can start at the moment; see the server log.",
                 queue.retry_after_secs().max(5),
             );
+            return refused(r, Rejection::NoWorkers);
         }
         Err(Rejected::ShuttingDown) => {
-            return unavailable(id, "The server is shutting down.", 1);
+            let r = unavailable(id, "The server is shutting down.", 1);
+            return refused(r, Rejection::ShuttingDown);
         }
     };
     let answer = tokio::select! {
         r = &mut ticket.reply => r,
         () = tokio::time::sleep(queue.timeout()) => {
             if ticket.withdraw() {
-                tracing::warn!(%id, "waited {:?} in the queue: refused with 503", queue.timeout());
-                return unavailable(
+                tracing::debug!(%id, "waited {:?} in the queue: refused with 503", queue.timeout());
+                let r = unavailable(
                     id,
                     "No worker became free in time.",
                     queue.retry_after_secs(),
                 );
+                return refused(r, Rejection::QueueTimeout);
             }
             // A worker took it just now: its answer is coming.
             (&mut ticket.reply).await
@@ -225,10 +271,13 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
     match answer {
         Ok(resp) => resp,
         // The queue dropped it: expired at the moment a worker looked, or anteroom is stopping.
-        Err(_) => unavailable(
-            id,
-            "No worker became free in time.",
-            queue.retry_after_secs(),
+        Err(_) => refused(
+            unavailable(
+                id,
+                "No worker became free in time.",
+                queue.retry_after_secs(),
+            ),
+            Rejection::QueueTimeout,
         ),
     }
 }
@@ -239,4 +288,66 @@ fn too_large(id: &str, max: u64) -> Reply {
         id,
         &format!("The request body is larger than the limit of {max} bytes."),
     )
+}
+
+/// The combined log format, plus the request id, queue wait and worker time.
+struct AccessLine {
+    remote: String,
+    request_line: String,
+    referer: String,
+    user_agent: String,
+}
+
+impl AccessLine {
+    fn new(req: &Request<Incoming>, origin: &Origin) -> AccessLine {
+        let h = |n: http::header::HeaderName| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .replace('"', "\\\"")
+        };
+        AccessLine {
+            remote: origin
+                .peer
+                .map_or_else(|| "unix".to_string(), |p| p.ip().to_string()),
+            request_line: format!(
+                "{} {} {:?}",
+                req.method(),
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .replace('"', "%22"),
+                req.version()
+            ),
+            referer: h(http::header::REFERER),
+            user_agent: h(http::header::USER_AGENT),
+        }
+    }
+
+    fn log(self, id: &str, resp: &Reply) {
+        let bytes = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let (queue_ms, worker_ms) = match resp.extensions().get::<Timing>() {
+            Some(t) => (
+                format!("{:.1}", t.queue_wait.as_secs_f64() * 1e3),
+                format!("{:.1}", t.worker.as_secs_f64() * 1e3),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        tracing::info!(
+            target: "access",
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" id={id} queue_ms={queue_ms} worker_ms={worker_ms}",
+            self.remote,
+            crate::request::clf_time(std::time::SystemTime::now()),
+            self.request_line,
+            resp.status().as_u16(),
+            bytes,
+            self.referer,
+            self.user_agent,
+        );
+    }
 }

@@ -18,7 +18,7 @@
 
 pub mod spawn;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::{CauseLabels, Metrics};
 use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::Queue;
 use crate::request::error_response;
@@ -61,25 +62,57 @@ pub enum Cause {
     Retired,
 }
 
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Crashed => "crashed",
+            Cause::Timeout => "timeout",
+            Cause::Retired => "retired",
+        }
+    }
+}
+
+impl serde::Serialize for Cause {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// The request a worker was holding when it died.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HeldRequest {
     pub id: String,
     pub method: String,
     pub target: String,
     pub sent_bytes: u64,
     pub received_bytes: u64,
+    #[serde(rename = "elapsed_ms", serialize_with = "ser_ms")]
     pub elapsed: Duration,
 }
 
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn ser_unix<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+    )
+}
+
 /// One worker death, explained.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Death {
+    /// Seconds since the Unix epoch.
+    #[serde(serialize_with = "ser_unix")]
     pub at: SystemTime,
     pub slot: usize,
     pub pid: u32,
     pub status: String,
     pub cause: Cause,
+    #[serde(rename = "lived_ms", serialize_with = "ser_ms")]
     pub lived: Duration,
     pub served: u64,
     pub request: Option<HeldRequest>,
@@ -110,6 +143,8 @@ struct Shared {
     slots_alive: AtomicUsize,
     slots_failing: AtomicUsize,
     deaths: Mutex<VecDeque<Death>>,
+    scoreboard: Mutex<BTreeMap<(u64, usize), SlotRecord>>,
+    metrics: Arc<Metrics>,
     crash_times: Mutex<VecDeque<Instant>>,
     loop_log: Mutex<LoopLog>,
 }
@@ -126,6 +161,7 @@ impl Pool {
         cfg: Arc<Config>,
         queue: Arc<Queue>,
         quarantine: Arc<Quarantine>,
+        metrics: Arc<Metrics>,
         dir: PathBuf,
     ) -> std::io::Result<Pool> {
         let spawner = Spawner::start(tokio::runtime::Handle::current())?;
@@ -151,6 +187,8 @@ impl Pool {
             slots_alive: AtomicUsize::new(0),
             slots_failing: AtomicUsize::new(0),
             deaths: Mutex::new(VecDeque::new()),
+            scoreboard: Mutex::new(BTreeMap::new()),
+            metrics,
             crash_times: Mutex::new(VecDeque::new()),
             loop_log: Mutex::new(LoopLog::default()),
         });
@@ -184,9 +222,9 @@ impl Pool {
         self.shared.busy.load(Ordering::Relaxed)
     }
 
-    /// The most recent worker deaths, oldest first.
-    pub fn recent_deaths(&self) -> Vec<Death> {
-        lock(&self.shared.deaths).iter().cloned().collect()
+    /// A cheap handle for the admin listener to look at the pool with.
+    pub fn view(&self) -> PoolView {
+        PoolView(self.shared.clone())
     }
 
     /// Resolves when --crash-exit's limit has been reached.
@@ -199,6 +237,95 @@ impl Pool {
         self.shared.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// What the admin listener may see of the pool.
+#[derive(Clone)]
+pub struct PoolView(Arc<Shared>);
+
+/// One row of the scoreboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerInfo {
+    pub slot: usize,
+    pub generation: u64,
+    pub pid: u32,
+    /// starting, idle, busy, backoff or stopping.
+    pub state: &'static str,
+    /// In this state for so long.
+    pub state_ms: u64,
+    pub request_id: Option<String>,
+    pub request: Option<String>,
+    pub served: u64,
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct SlotRecord {
+    pid: u32,
+    state: &'static str,
+    since: Instant,
+    request: Option<(String, String)>,
+    served: u64,
+}
+
+impl PoolView {
+    /// The most recent worker deaths, oldest first.
+    pub fn recent_deaths(&self) -> Vec<Death> {
+        lock(&self.0.deaths).iter().cloned().collect()
+    }
+
+    /// Every worker slot, with its process and what it is doing.
+    pub fn scoreboard(&self) -> Vec<WorkerInfo> {
+        let board = lock(&self.0.scoreboard).clone();
+        board
+            .into_iter()
+            .map(|((generation, slot), r)| WorkerInfo {
+                slot,
+                generation,
+                pid: r.pid,
+                state: r.state,
+                state_ms: r.since.elapsed().as_millis() as u64,
+                request_id: r.request.as_ref().map(|x| x.0.clone()),
+                request: r.request.map(|x| x.1),
+                served: r.served,
+                rss_bytes: (r.pid > 0).then(|| rss_bytes(r.pid)).flatten(),
+            })
+            .collect()
+    }
+
+    /// Workers that are up (idle or busy).
+    pub fn up(&self) -> usize {
+        lock(&self.0.scoreboard)
+            .values()
+            .filter(|r| r.state == "idle" || r.state == "busy")
+            .count()
+    }
+
+    pub fn busy(&self) -> usize {
+        self.0.busy.load(Ordering::Relaxed)
+    }
+
+    /// True while every slot is failing to start.
+    pub fn all_failing(&self) -> bool {
+        let alive = self.0.slots_alive.load(Ordering::Relaxed);
+        alive > 0 && self.0.slots_failing.load(Ordering::Relaxed) >= alive
+    }
+}
+
+fn set_state(sh: &Shared, key: (u64, usize), state: &'static str, f: impl FnOnce(&mut SlotRecord)) {
+    let mut board = lock(&sh.scoreboard);
+    let r = board.entry(key).or_insert_with(|| SlotRecord {
+        pid: 0,
+        state,
+        since: Instant::now(),
+        request: None,
+        served: 0,
+    });
+    if r.state != state {
+        r.state = state;
+        r.since = Instant::now();
+    }
+    f(r);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -237,6 +364,7 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         }
         if young {
             let delay = backoff.next();
+            set_state(&sh, (generation, slot), "backoff", |r| r.pid = 0);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = sh.stop.cancelled() => break,
@@ -248,6 +376,7 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
     if failing {
         sh.slots_failing.fetch_sub(1, Ordering::Relaxed);
     }
+    lock(&sh.scoreboard).remove(&(generation, slot));
     sh.slots_alive.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -294,6 +423,13 @@ async fn run_worker(
     };
     let pid = child.id().unwrap_or(0);
     let started = Instant::now();
+    sh.metrics.spawns.inc();
+    let key = (generation, slot);
+    set_state(sh, key, "starting", |r| {
+        r.pid = pid;
+        r.served = 0;
+        r.request = None;
+    });
     if quiet {
         tracing::debug!(slot, pid, generation, "worker started");
     } else {
@@ -318,6 +454,7 @@ async fn run_worker(
     tokio::pin!(ready_timer);
     let mut cause = Cause::Crashed;
     let mut held: Option<HeldRequest> = None;
+    let mut ready = false;
     let status: std::io::Result<ExitStatus> = loop {
         // Replacement on purpose happens here, between requests, so that it never fails one.
         let retire = if end.served >= max_requests {
@@ -337,6 +474,7 @@ async fn run_worker(
             None
         };
         if let Some(why) = retire {
+            set_state(sh, key, "stopping", |_| {});
             tracing::info!(slot, pid, "retiring worker: {why}");
             cause = Cause::Retired;
             break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
@@ -348,9 +486,13 @@ async fn run_worker(
                 cause = Cause::Retired;
                 break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
             }
-            () = &mut ready_timer, if !*handed_off => {
-                *handed_off = true;
-                became_ready(sh, generation);
+            () = &mut ready_timer, if !ready => {
+                ready = true;
+                set_state(sh, key, "idle", |_| {});
+                if !*handed_off {
+                    *handed_off = true;
+                    became_ready(sh, generation);
+                }
                 continue;
             }
             () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
@@ -358,6 +500,13 @@ async fn run_worker(
         };
         sh.busy.fetch_add(1, Ordering::Relaxed);
         let begun = Instant::now();
+        job.dispatched = Some(begun);
+        sh.metrics
+            .queue_wait
+            .observe(begun.duration_since(job.enqueued).as_secs_f64());
+        set_state(sh, key, "busy", |r| {
+            r.request = Some((job.id.clone(), job.summary()))
+        });
         let mut progress = Progress::default();
         let mut exited = None;
         let mut timed_out = false;
@@ -383,6 +532,11 @@ async fn run_worker(
         };
         sh.busy.fetch_sub(1, Ordering::Relaxed);
         end.served += 1;
+        ready = true;
+        set_state(sh, key, "idle", |r| {
+            r.request = None;
+            r.served += 1;
+        });
         sh.queue.record_service_time(begun.elapsed());
         if result.is_ok() && !*handed_off {
             *handed_off = true;
@@ -419,7 +573,7 @@ async fn run_worker(
                     "The worker took longer than {:?}.",
                     sh.cfg.request_timeout.unwrap_or_default()
                 );
-                job.respond(error_response(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
+                job.respond(failed(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
             }
             cause = Cause::Timeout;
             held = Some(request);
@@ -434,7 +588,7 @@ async fn run_worker(
             );
             if !progress.head_sent {
                 let why = format!("The worker failed: {e}.");
-                job.respond(error_response(StatusCode::BAD_GATEWAY, &job.id, &why));
+                job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
             }
             continue;
         }
@@ -460,7 +614,7 @@ async fn run_worker(
                 } else {
                     "The worker died while serving this request.".to_string()
                 };
-                job.respond(error_response(StatusCode::BAD_GATEWAY, &job.id, &why));
+                job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
             }
         }
         held = Some(request);
@@ -493,6 +647,12 @@ async fn run_worker(
     end
 }
 
+fn failed(status: StatusCode, id: &str, why: &str) -> crate::request::Reply {
+    let mut r = error_response(status, id, why);
+    r.extensions_mut().insert(crate::request::WorkerFailed);
+    r
+}
+
 fn became_ready(sh: &Shared, generation: u64) {
     if generation > 1 && generation == sh.generation.load(Ordering::Acquire) {
         sh.handoff.add_permits(1);
@@ -502,6 +662,12 @@ fn became_ready(sh: &Shared, generation: u64) {
 
 /// Logs a death as one event, keeps it for the status page, and counts it towards --crash-exit.
 fn record_death(sh: &Shared, d: &Death) {
+    sh.metrics
+        .deaths
+        .get_or_create(&CauseLabels {
+            cause: d.cause.as_str(),
+        })
+        .inc();
     let young = d.served == 0 && d.lived < YOUNG;
     let r = d.request.as_ref();
     let log = || {

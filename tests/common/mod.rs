@@ -60,9 +60,16 @@ impl Anteroom {
             Some(i) => (&args[..i], &args[i..]),
             None => (args, &[][..]),
         };
+        // Many instances run at once: none takes the default admin port unless a test asks.
+        let admin: &[&str] = if opts.contains(&"--admin") {
+            &[]
+        } else {
+            &["--admin", "off"]
+        };
         let child = Command::new(BIN)
             .arg("--listen")
             .arg(&listen)
+            .args(admin)
             .args(opts)
             .args(cmd)
             .envs(env.iter().copied())
