@@ -51,6 +51,9 @@ pub struct Job {
     pub deaths: u8,
     /// When a worker took it.
     pub dispatched: Option<Instant>,
+    /// For a request that came in over FastCGI: its params as the peer sent them, passed on to FastCGI
+    /// workers unchanged (less HTTP_PROXY). `head` is then derived from them.
+    pub cgi_params: Option<Vec<(Bytes, Bytes)>>,
 }
 
 /// Marks a 502/504 that anteroom gave because a worker failed (for the metrics' outcome).
@@ -230,6 +233,7 @@ pub mod tests {
             reply: None,
             deaths: 0,
             dispatched: None,
+            cgi_params: None,
         }
     }
 

@@ -1,9 +1,31 @@
 //! The admin listener: metrics, status and health, never on the public listeners.
-//! (Being written: see issue 5.)
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus / OpenMetrics text: the shared registry, plus gauges read at scrape time (queue depth, workers by state, the kernel's accept queue of each public listener, its listen overflow counters). |
+//! | `GET /status` | JSON: queue, scoreboard, recent deaths, listeners, kernel counters, request totals and rates. |
+//! | `GET /` | The status page (`status.html`, embedded; no external resource) that polls `/status` every second. |
+//! | `GET /health/live` | 200 while the process serves. |
+//! | `GET /health/ready` | 200 when a request would be served; 503 with the reason otherwise. |
+//!
+//! Anything else is 404; a method other than GET or HEAD is 405. The admin listener is small and local:
+//! one task per connection, no limits beyond hyper's and a head-read deadline.
 
+mod report;
+
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ListenAddr};
@@ -11,6 +33,8 @@ use crate::front::listen::Listener;
 use crate::metrics::Metrics;
 use crate::pool::PoolView;
 use crate::queue::Queue;
+
+use report::Sampler;
 
 /// Everything the admin listener reads; all of it is shared with the serving path, read-only here.
 pub struct AdminState {
@@ -23,8 +47,215 @@ pub struct AdminState {
     pub started: Instant,
 }
 
+/// The status page, served on `GET /`.
+const STATUS_HTML: &str = include_str!("status.html");
+/// How often the request and queue-wait totals are sampled, for the per-second rates of `/status`.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// An admin client slower than this to send its request head is disconnected.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What one admin connection's handlers share.
+struct Admin {
+    state: Arc<AdminState>,
+    sampler: Sampler,
+}
+
 /// Serves the admin endpoints on `listener` until `stop`.
 pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: CancellationToken) {
-    let _ = (listener, state);
-    stop.cancelled().await;
+    let admin = Arc::new(Admin {
+        sampler: Sampler::default(),
+        state,
+    });
+    // Samples the totals a few times a second so that /status can say what the last second was like
+    // whoever polls it, and however often.
+    let sampling = {
+        let admin = admin.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => admin.sampler.record(report::sample(&admin.state.metrics)),
+                }
+            }
+        })
+    };
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok(Stream::Tcp(s)) => {
+                tokio::spawn(serve_conn(s, admin.clone(), stop.clone()));
+            }
+            Ok(Stream::Unix(s)) => {
+                tokio::spawn(serve_conn(s, admin.clone(), stop.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(admin = %listener.local_addr(), "admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = sampling.await;
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Stream> {
+    match l {
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
+        Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept().await?.0)),
+    }
+}
+
+async fn serve_conn<S>(io: S, admin: Arc<Admin>, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let admin = admin.clone();
+        async move { Ok::<_, Infallible>(route(req, &admin).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("admin connection ended: {e}");
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn route(req: Request<Incoming>, admin: &Admin) -> Reply {
+    let path = req.uri().path();
+    let known = matches!(
+        path,
+        "/" | "/metrics" | "/status" | "/health/live" | "/health/ready"
+    );
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let st = &admin.state;
+    match path {
+        "/" => {
+            let mut r = reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from_static(STATUS_HTML.as_bytes()),
+            );
+            r.headers_mut().insert(
+                "content-security-policy",
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src data:",
+                ),
+            );
+            r
+        }
+        "/health/live" => text(StatusCode::OK, "ok\n"),
+        "/health/ready" => match not_ready(st) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => {
+            let kernel = kernel_view(st).await;
+            match report::metrics_text(st, &kernel) {
+                Ok(body) => no_store(reply(StatusCode::OK, OPENMETRICS, body.into())),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot encode the metrics: {e}\n"),
+                ),
+            }
+        }
+        "/status" => {
+            let kernel = kernel_view(st).await;
+            let now = report::sample(&st.metrics);
+            let rates = admin.sampler.rates(&now);
+            let body = report::status_json(st, &kernel, &now, &rates, not_ready(st));
+            no_store(reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&body).unwrap_or_default().into(),
+            ))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Why a request sent now would not be served, if it would not.
+fn not_ready(st: &AdminState) -> Option<String> {
+    if st.pool.all_failing() {
+        return Some("every worker slot is failing to start (crash loop)".into());
+    }
+    if st.pool.up() == 0 {
+        return Some("no worker is up".into());
+    }
+    let (len, max) = (st.queue.len(), st.queue.max());
+    if len >= max {
+        return Some(format!("the queue is full ({len}/{max})"));
+    }
+    None
+}
+
+/// The kernel's view, read off the async threads: netlink and /proc reads block.
+async fn kernel_view(st: &AdminState) -> report::Kernel {
+    let listeners = st.listeners.clone();
+    tokio::task::spawn_blocking(move || report::Kernel::read(&listeners))
+        .await
+        .unwrap_or_default()
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+    no_store(reply(
+        status,
+        "text/plain; charset=utf-8",
+        Bytes::from(body.into()),
+    ))
+}
+
+fn no_store(mut r: Reply) -> Reply {
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }

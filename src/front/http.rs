@@ -151,17 +151,7 @@ async fn handle(req: Request<Incoming>, front: &Front, origin: Origin) -> Reply 
     let id = request_id(req.headers());
     let line = front.cfg.access_log.then(|| AccessLine::new(&req, &origin));
     let mut resp = admit(req, front, origin, &id).await;
-    let status = resp.status().as_u16();
-    let ext = resp.extensions();
-    let outcome = if let Some(r) = ext.get::<Rejection>() {
-        front.metrics.reject(*r);
-        "refused"
-    } else if ext.get::<WorkerFailed>().is_some() {
-        "failed"
-    } else {
-        "served"
-    };
-    front.metrics.answered(outcome, status, started.elapsed());
+    account(front, started, &resp);
     if let Some(line) = line {
         line.log(&id, &resp);
     }
@@ -171,7 +161,23 @@ async fn handle(req: Request<Incoming>, front: &Front, origin: Origin) -> Reply 
     resp
 }
 
-fn refused(mut r: Reply, why: Rejection) -> Reply {
+/// Counts an answer in the metrics: served by a worker, refused by anteroom, or failed at a worker.
+pub fn account(front: &Front, started: Instant, resp: &Reply) {
+    let ext = resp.extensions();
+    let outcome = if let Some(r) = ext.get::<Rejection>() {
+        front.metrics.reject(*r);
+        "refused"
+    } else if ext.get::<WorkerFailed>().is_some() {
+        "failed"
+    } else {
+        "served"
+    };
+    front
+        .metrics
+        .answered(outcome, resp.status().as_u16(), started.elapsed());
+}
+
+pub fn refused(mut r: Reply, why: Rejection) -> Reply {
     r.extensions_mut().insert(why);
     r
 }
@@ -217,7 +223,15 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
         reply: None,
         deaths: 0,
         dispatched: None,
+        cgi_params: None,
     };
+    dispatch(front, job).await
+}
+
+/// Queues a complete request and waits for its answer, or refuses it on purpose. Shared by every front.
+pub async fn dispatch(front: &Front, job: Job) -> Reply {
+    let id = job.id.clone();
+    let id = id.as_str();
     let fp = fingerprint(&job);
     if let Some(left) = front.quarantine.blocked(&fp) {
         let r = unavailable(

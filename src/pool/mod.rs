@@ -621,6 +621,8 @@ async fn run_worker(
         break exited.expect("checked above");
     };
     let lived = started.elapsed();
+    // Children the worker left behind would keep its socket and memory: sweep its group.
+    signal_group(pid, libc::SIGKILL);
     let status = match status {
         Ok(st) => st,
         Err(e) => {
@@ -775,12 +777,27 @@ async fn terminate(
     grace: Duration,
     exit: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
 ) -> std::io::Result<ExitStatus> {
+    // The whole process group: a worker that is itself a small manager (plackup's FCGI::ProcManager,
+    // gunicorn's arbiter) must not leave its children behind.
     signal(pid, libc::SIGTERM);
+    signal_group(pid, libc::SIGTERM);
     match tokio::time::timeout(grace, exit.as_mut()).await {
         Ok(st) => st,
         Err(_) => {
+            signal_group(pid, libc::SIGKILL);
             signal(pid, libc::SIGKILL);
             exit.as_mut().await
+        }
+    }
+}
+
+/// Signals the process group the worker leads (it was made its own group at spawn).
+fn signal_group(pid: u32, sig: libc::c_int) {
+    if pid > 1 {
+        // SAFETY: kill(2) has no memory-safety preconditions. The group id is the worker's pid, which the
+        // kernel does not reuse while the group has members.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), sig);
         }
     }
 }

@@ -21,7 +21,7 @@ pub struct SocketsArgs {
     /// Redraw every SECS seconds, with the recent queue lengths of each socket, until Ctrl-C [default: 1].
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = parse_interval)]
     pub watch: Option<Duration>,
-    /// Only TCP sockets on this local port; repeatable.
+    /// Only TCP sockets on this local port; repeatable (with --path, a socket matching either is shown).
     #[arg(long, value_name = "N")]
     pub port: Vec<u16>,
     /// Only unix sockets whose path contains SUBSTRING (abstract names read as @name); repeatable.
@@ -290,7 +290,11 @@ fn render_table(
         let mark = if s.clamped(snap.somaxconn) { "*" } else { " " };
         let mut row = vec![
             s.kind.to_string(),
-            if s.local.is_empty() { "*".into() } else { s.local.clone() },
+            if s.local.is_empty() {
+                "*".into()
+            } else {
+                s.local.clone()
+            },
             s.queued.to_string(),
             format!("{}{mark}", s.backlog),
             format!("{}%", s.fill_percent()),
@@ -310,7 +314,18 @@ fn render_table(
         row.push(s.process.clone().unwrap_or_default());
         rows.push(row);
     }
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    // The clamp mark hangs right of the backlog's digits, so the header leaves room for it.
+    let header_cells: Vec<String> = header
+        .iter()
+        .map(|h| {
+            if *h == "BACKLOG" {
+                "BACKLOG ".into()
+            } else {
+                h.to_string()
+            }
+        })
+        .collect();
+    let mut widths: Vec<usize> = header_cells.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -318,20 +333,13 @@ fn render_table(
     }
     let right = |h: &str| matches!(h, "QUEUED" | "BACKLOG" | "FILL" | "PID");
     let mut out = String::new();
-    let header_cells: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     for row in std::iter::once(&header_cells).chain(&rows) {
         let mut line = String::new();
         for ((cell, w), h) in row.iter().zip(&widths).zip(&header) {
             if !line.is_empty() {
                 line.push_str("  ");
             }
-            // The backlog's clamp mark hangs right of the numbers, so the digits stay aligned.
-            if *h == "BACKLOG" && row != &header_cells {
-                let _ = write!(line, "{cell:>w$}");
-            } else if *h == "BACKLOG" {
-                let _ = write!(line, "{cell:>w$}", w = w.saturating_sub(1));
-                line.push(' ');
-            } else if right(h) {
+            if right(h) {
                 let _ = write!(line, "{cell:>w$}");
             } else {
                 let _ = write!(line, "{cell:<w$}");
@@ -367,7 +375,9 @@ fn summary(snap: &Snapshot, since: Option<(u64, u64)>) -> String {
                 );
             }
         }
-        None => s.push_str("; ListenOverflows and ListenDrops unknown (cannot read /proc/net/netstat)"),
+        None => {
+            s.push_str("; ListenOverflows and ListenDrops unknown (cannot read /proc/net/netstat)")
+        }
     }
     s.push('\n');
     s
@@ -461,14 +471,20 @@ mod tests {
         assert_eq!(lines.len(), 5, "{t}");
         assert_eq!(
             lines[0],
-            "KIND  LOCAL                  QUEUED  BACKLOG  FILL  PID  PROCESS"
+            "KIND  LOCAL                  QUEUED  BACKLOG   FILL  PID  PROCESS"
         );
         assert_eq!(
             lines[1],
-            "tcp   127.0.0.1:8000              5       7    71%  123  gunicorn"
+            "tcp   127.0.0.1:8000              5        7    71%  123  gunicorn"
         );
-        assert_eq!(lines[2], "unix  /run/php/php-fpm.sock     100     511    19%");
-        assert_eq!(lines[3], "tcp6  [::]:80                     0    4096*    0%");
+        assert_eq!(
+            lines[2],
+            "unix  /run/php/php-fpm.sock     100      511    19%"
+        );
+        assert_eq!(
+            lines[3],
+            "tcp6  [::]:80                     0     4096*    0%"
+        );
         assert_eq!(
             lines[4],
             "somaxconn 4096 (* = backlog equal to it, probably clamped); TCP since boot: ListenOverflows 17, ListenDrops 23"
@@ -495,7 +511,7 @@ mod tests {
         history.insert(11, VecDeque::from(vec![0, 1, 5, 3]));
         let t = render_table(&snap, Some(&history), Some((10, 23)));
         assert!(t.contains("HISTORY"), "{t}");
-        assert!(t.contains(&format!("{}▁▃█▅ 5", " ".repeat(16))), "{t}");
+        assert!(t.contains(&format!("{}▁▃█▆ 5", " ".repeat(16))), "{t}");
         assert!(t.contains("(+7, +0 while watching)"), "{t}");
     }
 

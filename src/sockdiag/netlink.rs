@@ -295,10 +295,7 @@ pub(crate) fn parse_datagram(
         if len < NLMSG_HDRLEN || len > rest.len() {
             return Err(malformed(
                 what,
-                format!(
-                    "a message claims {len} bytes where {} remain",
-                    rest.len()
-                ),
+                format!("a message claims {len} bytes where {} remain", rest.len()),
             ));
         }
         let payload = &rest[NLMSG_HDRLEN..len];
@@ -372,7 +369,11 @@ pub(crate) fn parse_inet(
         octets.copy_from_slice(src);
         let ip = Ipv6Addr::from(octets);
         // Only a link-local address means nothing without its interface; elsewhere the index is noise.
-        let scope = if ip.is_unicast_link_local() { ifindex } else { 0 };
+        let scope = if ip.is_unicast_link_local() {
+            ifindex
+        } else {
+            0
+        };
         (
             Kind::Tcp6,
             SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope)),
@@ -494,7 +495,15 @@ mod tests {
         m
     }
 
-    fn inet_msg(family: u8, state: u8, port: u16, src: &[u8], rq: u32, wq: u32, ino: u32) -> Vec<u8> {
+    fn inet_msg(
+        family: u8,
+        state: u8,
+        port: u16,
+        src: &[u8],
+        rq: u32,
+        wq: u32,
+        ino: u32,
+    ) -> Vec<u8> {
         let mut m = vec![0u8; INET_DIAG_MSG_LEN];
         m[0] = family;
         m[1] = state;
@@ -592,7 +601,10 @@ mod tests {
         let d = message(libc::NLMSG_ERROR as u16, 1, &0i32.to_ne_bytes());
         assert!(collect(&d, 1).is_ok());
         let d = message(libc::NLMSG_ERROR as u16, 1, b"");
-        assert!(matches!(collect(&d, 1), Err(SockDiagError::Malformed { .. })));
+        assert!(matches!(
+            collect(&d, 1),
+            Err(SockDiagError::Malformed { .. })
+        ));
         let d = message(libc::NLMSG_ERROR as u16, 1, &i32::MIN.to_ne_bytes());
         assert!(matches!(collect(&d, 1), Err(SockDiagError::Refused { .. })));
     }
@@ -608,10 +620,17 @@ mod tests {
         let mut huge = good.clone();
         huge[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
         for d in [long, short, huge, good[..10].to_vec()] {
-            assert!(matches!(collect(&d, 1), Err(SockDiagError::Malformed { .. })));
+            assert!(matches!(
+                collect(&d, 1),
+                Err(SockDiagError::Malformed { .. })
+            ));
         }
         // Every prefix of a real-looking datagram parses or fails cleanly.
-        let mut d = message(SOCK_DIAG_BY_FAMILY, 1, &inet_msg(2, 10, 80, &[127, 0, 0, 1], 1, 2, 3));
+        let mut d = message(
+            SOCK_DIAG_BY_FAMILY,
+            1,
+            &inet_msg(2, 10, 80, &[127, 0, 0, 1], 1, 2, 3),
+        );
         d.extend(message(libc::NLMSG_DONE as u16, 1, &0i32.to_ne_bytes()));
         for cut in 0..=d.len() {
             let _ = parse_datagram(&d[..cut], 1, W, &mut |p: &[u8]| {
@@ -652,7 +671,12 @@ mod tests {
 
     #[test]
     fn unix_messages_give_name_queue_and_backlog() {
-        let m = unix_msg(1, 10, 1234, &[attr(UNIX_DIAG_NAME, b"/run/x.sock\0"), rqlen(4, 9)]);
+        let m = unix_msg(
+            1,
+            10,
+            1234,
+            &[attr(UNIX_DIAG_NAME, b"/run/x.sock\0"), rqlen(4, 9)],
+        );
         let s = parse_unix(&m, W).unwrap().unwrap();
         assert_eq!(s.kind, Kind::Unix);
         assert_eq!(s.local, "/run/x.sock");
@@ -663,13 +687,21 @@ mod tests {
             1,
             10,
             1,
-            &[rqlen(0, 128), attr(7, &[1, 2, 3, 4, 5]), attr(UNIX_DIAG_NAME | 0x8000, b"\0my\0name")],
+            &[
+                rqlen(0, 128),
+                attr(7, &[1, 2, 3, 4, 5]),
+                attr(UNIX_DIAG_NAME | 0x8000, b"\0my\0name"),
+            ],
         );
         assert_eq!(parse_unix(&m, W).unwrap().unwrap().local, "@my@name");
 
         // Seqpacket, or not listening: skipped.
-        assert!(parse_unix(&unix_msg(5, 10, 1, &[rqlen(0, 1)]), W).unwrap().is_none());
-        assert!(parse_unix(&unix_msg(1, 1, 1, &[rqlen(0, 1)]), W).unwrap().is_none());
+        assert!(parse_unix(&unix_msg(5, 10, 1, &[rqlen(0, 1)]), W)
+            .unwrap()
+            .is_none());
+        assert!(parse_unix(&unix_msg(1, 1, 1, &[rqlen(0, 1)]), W)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

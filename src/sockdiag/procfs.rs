@@ -82,7 +82,11 @@ pub(crate) fn owners(proc_root: &str, wanted: &HashSet<u64>) -> HashMap<u64, Own
         return HashMap::new();
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
@@ -153,7 +157,10 @@ MPTcpExt: 0
             parse_netstat("TcpExt: 1 2\nTcpExt: ListenOverflows ListenDrops\nTcpExt: 3 4\n"),
             Some((3, 4))
         );
-        assert_eq!(parse_netstat("TcpExt: ListenDrops\nTcpExt: 18446744073709551615\n"), None);
+        assert_eq!(
+            parse_netstat("TcpExt: ListenDrops\nTcpExt: 18446744073709551615\n"),
+            None
+        );
     }
 
     #[test]
@@ -176,7 +183,11 @@ MPTcpExt: 0
         symlink("/dev/null", dir.join("fd/0")).unwrap();
         symlink("pipe:[7]", dir.join("fd/1")).unwrap();
         for (i, inode) in sockets.iter().enumerate() {
-            symlink(format!("socket:[{inode}]"), dir.join(format!("fd/{}", i + 3))).unwrap();
+            symlink(
+                format!("socket:[{inode}]"),
+                dir.join(format!("fd/{}", i + 3)),
+            )
+            .unwrap();
         }
     }
 

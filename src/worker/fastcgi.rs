@@ -196,10 +196,28 @@ fn send_body(tx: &crate::request::BodySender, data: Bytes) {
 }
 
 fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, WorkerError> {
-    let params = cgi::params(job, fixed);
     let mut pairs = Vec::with_capacity(1024);
-    for (k, v) in &params {
-        fcgi::encode_pair(k, v, &mut pairs).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+    let mut put = |k: &[u8], v: &[u8]| {
+        fcgi::encode_pair(k, v, &mut pairs).map_err(|e| WorkerError::Protocol(e.to_string()))
+    };
+    match &job.cgi_params {
+        Some(given) => {
+            // As the peer sent them, but never HTTP_PROXY (httpoxy), and with --param on top.
+            for (k, v) in given {
+                let k = k.as_ref();
+                if k != b"HTTP_PROXY" && !fixed.iter().any(|(f, _)| f.as_bytes() == k) {
+                    put(k, v)?;
+                }
+            }
+            for (k, v) in fixed {
+                put(k.as_bytes(), v.as_bytes())?;
+            }
+        }
+        None => {
+            for (k, v) in &cgi::params(job, fixed) {
+                put(k, v)?;
+            }
+        }
     }
     let mut out = BytesMut::with_capacity(pairs.len() + job.body.len() + 64);
     BeginRequest {

@@ -137,8 +137,13 @@ impl Anteroom {
 impl Drop for Anteroom {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            // SIGTERM first: workers that manage children of their own are stopped as a group then,
+            // where SIGKILL would only reach their leader.
+            signal(c.id(), libc_sigterm());
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
