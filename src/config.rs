@@ -132,6 +132,9 @@ pub struct ServeArgs {
     /// Address to serve HTTP on: HOST:PORT or unix:PATH; repeatable [default: 127.0.0.1:8000].
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
+    /// Address to serve FastCGI on (for nginx's fastcgi_pass): HOST:PORT or unix:PATH; repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_fastcgi: Vec<ListenAddr>,
     /// Number of worker processes [default: 4].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -328,6 +331,7 @@ impl<'de> Deserialize<'de> for CrashExit {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     listen: Option<Vec<String>>,
+    listen_fastcgi: Option<Vec<String>>,
     workers: Option<usize>,
     worker_protocol: Option<WorkerProtocol>,
     max_queue: Option<usize>,
@@ -373,6 +377,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Vec<ListenAddr>,
+    pub listen_fastcgi: Vec<ListenAddr>,
     pub workers: usize,
     pub worker_protocol: WorkerProtocol,
     pub max_queue: usize,
@@ -421,6 +426,16 @@ impl Config {
             reason,
         };
 
+        let listen_fastcgi = if !args.listen_fastcgi.is_empty() {
+            args.listen_fastcgi
+        } else {
+            file.listen_fastcgi
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.parse::<ListenAddr>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| file_err(format!("listen-fastcgi: {e}")))?
+        };
         let listen = if !args.listen.is_empty() {
             args.listen
         } else if let Some(list) = file.listen {
@@ -428,6 +443,9 @@ impl Config {
                 .map(|s| s.parse::<ListenAddr>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| file_err(format!("listen: {e}")))?
+        } else if !listen_fastcgi.is_empty() {
+            // Asked for FastCGI only: no HTTP listener unless one is named.
+            Vec::new()
         } else {
             vec![Self::DEFAULT_LISTEN
                 .parse()
@@ -484,6 +502,7 @@ impl Config {
 
         let cfg = Config {
             listen,
+            listen_fastcgi,
             workers: args.workers.or(file.workers).unwrap_or(4),
             worker_protocol: args
                 .worker_protocol
@@ -585,14 +604,15 @@ impl Config {
             // hyper cannot parse with a smaller buffer, and no real client's head fits below it anyway.
             return Err(invalid("max-header-size", "must be at least 8k"));
         }
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.listen_fastcgi.is_empty() {
             return Err(invalid("listen", "at least one address is needed"));
         }
-        for (i, a) in self.listen.iter().enumerate() {
-            if self.listen[..i].contains(a) {
+        let all: Vec<&ListenAddr> = self.listen.iter().chain(&self.listen_fastcgi).collect();
+        for (i, a) in all.iter().enumerate() {
+            if all[..i].contains(a) {
                 return Err(invalid("listen", format!("{a} is given twice")));
             }
-            if Some(a) == self.admin.as_ref() {
+            if Some(*a) == self.admin.as_ref() {
                 return Err(invalid("admin", format!("{a} is also a public listener")));
             }
         }

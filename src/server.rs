@@ -61,6 +61,10 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     for addr in &cfg.listen {
         listeners.push(Listener::bind(addr, cfg.backlog)?);
     }
+    let mut fcgi_listeners = Vec::new();
+    for addr in &cfg.listen_fastcgi {
+        fcgi_listeners.push(Listener::bind(addr, cfg.backlog)?);
+    }
     if let Some(max) = somaxconn() {
         if cfg.backlog > max {
             tracing::warn!(
@@ -113,7 +117,12 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
             queue: queue.clone(),
             pool: pool.view(),
             metrics: metrics.clone(),
-            listeners: cfg.listen.clone(),
+            listeners: cfg
+                .listen
+                .iter()
+                .chain(&cfg.listen_fastcgi)
+                .cloned()
+                .collect(),
             started: std::time::Instant::now(),
         });
         tokio::spawn(crate::admin::serve(l, state, stop_accepting.clone()));
@@ -123,6 +132,15 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     for l in listeners {
         tracing::info!(listen = %l.local_addr(), "serving HTTP");
         accept_tasks.push(tokio::spawn(accept_loop(
+            l,
+            front.clone(),
+            stop_accepting.clone(),
+            conns.clone(),
+        )));
+    }
+    for l in fcgi_listeners {
+        tracing::info!(listen = %l.local_addr(), "serving FastCGI");
+        accept_tasks.push(tokio::spawn(crate::front::fastcgi::accept_loop(
             l,
             front.clone(),
             stop_accepting.clone(),

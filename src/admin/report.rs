@@ -220,10 +220,14 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
 
     let workers = Family::<Labels, Gauge>::default();
     for state in WORKER_STATES {
-        workers.get_or_create(&vec![("state", state.to_string())]);
+        workers
+            .get_or_create(&vec![("state", state.to_string())])
+            .set(0);
     }
     for w in st.pool.scoreboard() {
-        workers.get_or_create(&vec![("state", w.state.to_string())]).inc();
+        workers
+            .get_or_create(&vec![("state", w.state.to_string())])
+            .inc();
     }
     now.register(
         "workers",

@@ -555,6 +555,10 @@ async fn run_worker(
             }
         }
         link.reset();
+        if matches!(e, WorkerError::ClientGone) {
+            tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
+            continue;
+        }
         let request = HeldRequest {
             id: job.id.clone(),
             method: job.head.method.to_string(),

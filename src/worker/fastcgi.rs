@@ -7,6 +7,7 @@ use http::Response;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::sync::Notify;
 
 use super::{Progress, WorkerError};
 use crate::cgi;
@@ -59,16 +60,21 @@ impl Conn {
         self.buf.clear();
 
         let (mut rd, mut wr) = self.stream.split();
+        let abort = Notify::new();
         // Written while reading: a worker may answer (or fail) before it has read all of a large body.
+        // Then, if the client goes away, FCGI_ABORT_REQUEST follows on the same stream.
         let write = async {
-            let r = wr.write_all(&out).await;
-            if r.is_err() {
-                // The read side will see why; park so that select keeps reading.
-                std::future::pending::<()>().await;
+            if wr.write_all(&out).await.is_ok() {
+                abort.notified().await;
+                let mut rec = BytesMut::new();
+                fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
+                let _ = wr.write_all(&rec).await;
             }
+            // A failed write shows on the read side; park so that select keeps reading.
+            std::future::pending::<()>().await
         };
         tokio::pin!(write);
-        let mut written = false;
+        let mut aborted = false;
 
         let mut head = BytesMut::new();
         // The parsed head and the body so far, held back until the end or until the body is large: a
@@ -83,8 +89,16 @@ impl Conn {
                     Err(e) => return Err(WorkerError::Protocol(e.to_string())),
                 }
                 let n = tokio::select! {
-                    () = &mut write, if !written => { written = true; continue; }
+                    () = &mut write => continue,
                     n = rd.read_buf(&mut self.buf) => n?,
+                    () = client_gone(&mut job.reply, body_tx.as_ref()), if !aborted => {
+                        // Nobody waits for this answer: tell the worker, then read on to its
+                        // END_REQUEST so that the worker is back in rotation.
+                        tracing::debug!(id = %job.id, "client gone: FCGI_ABORT_REQUEST to the worker");
+                        aborted = true;
+                        abort.notify_one();
+                        continue;
+                    }
                 };
                 if n == 0 {
                     return Err(WorkerError::Closed);
@@ -169,8 +183,9 @@ impl Conn {
                             )
                         }));
                     }
-                    // Anything left means the worker does not keep connections as asked; start afresh.
-                    self.keep = self.buf.is_empty();
+                    // Anything left means the worker does not keep connections as asked; after an abort
+                    // the stream's state is the worker's guess. Either way, start afresh next time.
+                    self.keep = self.buf.is_empty() && !aborted;
                     return Ok(());
                 }
                 _ => {}
@@ -188,6 +203,18 @@ fn response(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// Resolves when the client no longer waits: its reply channel, or its body channel, was dropped.
+async fn client_gone(
+    reply: &mut Option<tokio::sync::oneshot::Sender<crate::request::Reply>>,
+    body: Option<&crate::request::BodySender>,
+) {
+    match (body, reply) {
+        (Some(tx), _) => tx.closed().await,
+        (None, Some(r)) => r.closed().await,
+        (None, None) => std::future::pending().await,
+    }
 }
 
 fn send_body(tx: &crate::request::BodySender, data: Bytes) {

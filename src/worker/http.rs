@@ -45,7 +45,19 @@ impl Conn {
         let req = build_request(job)?;
         progress.sent_bytes = job.body.len() as u64;
         self.sender.ready().await.map_err(|_| WorkerError::Closed)?;
-        let resp = self.sender.send_request(req).await.map_err(|e| {
+        let reply = &mut job.reply;
+        let gone = async {
+            match reply {
+                Some(r) => r.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let sent = tokio::select! {
+            r = self.sender.send_request(req) => r,
+            // Dropping the connection is how an HTTP worker learns that nobody waits any more.
+            () = gone => return Err(WorkerError::ClientGone),
+        };
+        let resp = sent.map_err(|e| {
             if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                 WorkerError::Closed
             } else if e.is_parse() {
@@ -68,7 +80,12 @@ impl Conn {
         let (tx, body) = ChannelBody::new();
         job.respond(Response::from_parts(parts, body.boxed_unsync()));
         progress.head_sent = true;
-        while let Some(frame) = incoming.frame().await {
+        loop {
+            let frame = tokio::select! {
+                f = incoming.frame() => f,
+                () = tx.closed() => return Err(WorkerError::ClientGone),
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| {
                 let _ = tx.send(Err("the worker's response was cut short".into()));
                 if e.is_incomplete_message() {

@@ -51,6 +51,16 @@ impl Anteroom {
     }
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)], ready_path: Option<&str>) -> Anteroom {
+        Self::start_full(args, env, ready_path, false)
+    }
+
+    /// With `clear_env`, anteroom (and so its workers) get only PATH and `env`.
+    pub fn start_full(
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready_path: Option<&str>,
+        clear_env: bool,
+    ) -> Anteroom {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("anteroom.log");
         let port = free_port();
@@ -66,7 +76,13 @@ impl Anteroom {
         } else {
             &["--admin", "off"]
         };
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        if clear_env {
+            command
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default());
+        }
+        let child = command
             .arg("--listen")
             .arg(&listen)
             .args(admin)
@@ -329,4 +345,78 @@ pub fn wait_until(what: &str, d: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A real nginx with one `server` block, on a free port, in a temporary prefix.
+pub struct Nginx {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// `locations` is the inside of the server block (after `listen`).
+    pub fn start(locations: &str) -> Nginx {
+        Self::start_with("", locations)
+    }
+
+    /// With `http_extra` (upstream blocks and the like) in the http block.
+    pub fn start_with(http_extra: &str, locations: &str) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx is not installed; run scripts/test, which installs what the tests need");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             {http_extra}\n server {{\n  listen 127.0.0.1:{port};\n{locations}\n }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let n = Nginx {
+            child: Some(child),
+            port,
+            dir,
+        };
+        wait_until("nginx to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        n
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A GET through `addr` that must succeed, with `Connection: close`.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }

@@ -1,0 +1,587 @@
+//! The FastCGI front: anteroom as the server of nginx's `fastcgi_pass`, in the FastCGI responder role.
+//!
+//! A connection may carry several requests at once (multiplexing) up to a per-connection bound; beyond
+//! it a request is refused with FCGI_OVERLOADED. Each request is its own task, which owns the request's
+//! [`Ticket`](crate::queue::Ticket): an FCGI_ABORT_REQUEST, or the peer hanging up, drops the task, and with
+//! it everything the request held: its place in the queue, or, at a worker, the reply channel, which tells
+//! the worker's slot to abort it there. Nothing is left behind for a peer that vanishes, which is the leak
+//! that made flup users turn multiplexing off.
+//!
+//! Malformed input (a bad version, lengths that overrun, params that do not parse, a request id reused
+//! while in flight, a stream that stops mid-record) closes that one connection with a log line saying why.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::http::{account, dispatch, refused, Front};
+use super::listen::Listener;
+use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
+use crate::metrics::Rejection;
+use crate::request::{error_response, request_id, Job, Origin, Reply, RequestHead};
+
+/// Requests one connection may have in flight at once.
+pub const MAX_REQS_PER_CONN: usize = 256;
+/// Most PARAMS bytes one request may send: far beyond any real request, small enough to bound memory.
+const MAX_PARAMS: usize = 1 << 20;
+/// Bytes queued towards a slow peer before request tasks wait for it.
+const WRITE_QUEUE: usize = 64;
+
+/// Accepts FastCGI connections until `stop`.
+pub async fn accept_loop(
+    listener: Listener,
+    front: Arc<Front>,
+    stop: CancellationToken,
+    conns: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok(Stream::Tcp(s)) => {
+                conns.spawn(serve_conn(s, front.clone()));
+            }
+            Ok(Stream::Unix(s)) => {
+                conns.spawn(serve_conn(s, front.clone()));
+            }
+            Err(e) => {
+                tracing::error!(listener = %listener.local_addr(), "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Stream> {
+    match l {
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
+        Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept().await?.0)),
+    }
+}
+
+/// What the request tasks send to the connection's writer.
+enum Out {
+    Bytes(Bytes),
+    /// The request that said FCGI_KEEP_CONN = 0 is complete: close after this.
+    Close,
+}
+
+/// A request being received: its params and stdin arrive in records, possibly interleaved with others'.
+struct Receiving {
+    keep_conn: bool,
+    params: Vec<u8>,
+    params_done: bool,
+    stdin: BytesMut,
+    /// Set when the body went over --max-body-size: read on, answer 413 at the end.
+    too_large: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn malformed(why: impl Into<String>) -> ConnError {
+    ConnError::Protocol(why.into())
+}
+
+async fn serve_conn<S>(io: S, front: Arc<Front>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    front.metrics.connections.inc();
+    let (rd, wr) = tokio::io::split(io);
+    let (tx, rx) = mpsc::channel::<Out>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut conn = Conn {
+        front: front.clone(),
+        tx,
+        receiving: HashMap::new(),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        closing: false,
+    };
+    if let Err(e) = conn.read_loop(rd).await {
+        match e {
+            ConnError::Protocol(why) => {
+                tracing::warn!("FastCGI connection closed: malformed input: {why}")
+            }
+            ConnError::Io(e) => tracing::debug!("FastCGI connection ended: {e}"),
+        }
+    }
+    // Dropping the tasks aborts every request still queued or at a worker: the peer is gone.
+    conn.tasks.abort_all();
+    drop(conn);
+    let _ = writer.await;
+    front.metrics.connections.dec();
+}
+
+struct Conn {
+    front: Arc<Front>,
+    tx: mpsc::Sender<Out>,
+    receiving: HashMap<u16, Receiving>,
+    running: HashMap<u16, AbortHandle>,
+    tasks: JoinSet<u16>,
+    /// A request without KEEP_CONN was admitted: no further request is accepted on this connection.
+    closing: bool,
+}
+
+impl Conn {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
+        let mut buf = BytesMut::with_capacity(16 << 10);
+        loop {
+            while let Some(rec) =
+                fcgi::decode_record(&mut buf).map_err(|e| malformed(e.to_string()))?
+            {
+                self.on_record(rec).await?;
+            }
+            let n = tokio::select! {
+                n = rd.read_buf(&mut buf) => n?,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Ok(id) = done {
+                        self.running.remove(&id);
+                    }
+                    if self.closing && self.running.is_empty() && self.receiving.is_empty() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                if !buf.is_empty() {
+                    return Err(malformed(format!(
+                        "the connection ended inside a record ({} bytes of it)",
+                        buf.len()
+                    )));
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send(&self, bytes: BytesMut) -> Result<(), ConnError> {
+        self.tx
+            .send(Out::Bytes(bytes.freeze()))
+            .await
+            .map_err(|_| ConnError::Io(std::io::ErrorKind::BrokenPipe.into()))
+    }
+
+    async fn on_record(&mut self, rec: fcgi::Record) -> Result<(), ConnError> {
+        let id = rec.request_id;
+        if id == 0 {
+            return self.on_management(rec).await;
+        }
+        match rec.kind {
+            fcgi::BEGIN_REQUEST => {
+                let begin =
+                    BeginRequest::parse(&rec.content).map_err(|e| malformed(e.to_string()))?;
+                if self.receiving.contains_key(&id) || self.running.contains_key(&id) {
+                    return Err(malformed(format!("request id {id} reused while in flight")));
+                }
+                let refuse = if begin.role != fcgi::RESPONDER {
+                    Some(fcgi::UNKNOWN_ROLE)
+                } else if self.closing
+                    || self.receiving.len() + self.running.len() >= MAX_REQS_PER_CONN
+                {
+                    Some(fcgi::OVERLOADED)
+                } else {
+                    None
+                };
+                if let Some(status) = refuse {
+                    let mut out = BytesMut::new();
+                    EndRequest {
+                        app_status: 0,
+                        protocol_status: status,
+                    }
+                    .encode(id, &mut out);
+                    return self.send(out).await;
+                }
+                self.receiving.insert(
+                    id,
+                    Receiving {
+                        keep_conn: begin.keep_conn(),
+                        params: Vec::new(),
+                        params_done: false,
+                        stdin: BytesMut::new(),
+                        too_large: false,
+                    },
+                );
+                Ok(())
+            }
+            fcgi::PARAMS => {
+                let Some(r) = self.receiving.get_mut(&id) else {
+                    return Ok(()); // for an aborted or refused request: ignored, as the spec allows
+                };
+                if r.params_done {
+                    return Err(malformed(format!("PARAMS for request {id} after its end")));
+                }
+                if rec.content.is_empty() {
+                    r.params_done = true;
+                } else if r.params.len() + rec.content.len() > MAX_PARAMS {
+                    return Err(malformed(format!(
+                        "request {id} sent over {MAX_PARAMS} bytes of params"
+                    )));
+                } else {
+                    r.params.extend_from_slice(&rec.content);
+                }
+                Ok(())
+            }
+            fcgi::STDIN => {
+                let max = self.front.cfg.max_body_size;
+                let Some(r) = self.receiving.get_mut(&id) else {
+                    return Ok(());
+                };
+                if !rec.content.is_empty() {
+                    if r.stdin.len() as u64 + rec.content.len() as u64 > max {
+                        r.too_large = true;
+                        r.stdin.clear();
+                    } else if !r.too_large {
+                        r.stdin.extend_from_slice(&rec.content);
+                    }
+                    return Ok(());
+                }
+                let r = self.receiving.remove(&id).expect("present");
+                if !r.params_done {
+                    return Err(malformed(format!(
+                        "STDIN of request {id} ended before its PARAMS"
+                    )));
+                }
+                let params = fcgi::decode_pairs(&r.params).map_err(|e| malformed(e.to_string()))?;
+                if !r.keep_conn {
+                    self.closing = true;
+                }
+                let job = job_from_params(params, r.stdin.freeze());
+                let handle = self.tasks.spawn(run_request(
+                    self.front.clone(),
+                    id,
+                    job,
+                    r.too_large,
+                    r.keep_conn,
+                    self.tx.clone(),
+                ));
+                self.running.insert(id, handle);
+                Ok(())
+            }
+            fcgi::ABORT_REQUEST => {
+                let known = self.receiving.remove(&id).is_some();
+                // A task that already finished has sent its END_REQUEST; it must not get a second.
+                let running = self.running.remove(&id).filter(|h| !h.is_finished());
+                if let Some(h) = &running {
+                    // The task owns the ticket or the reply channel: aborting it frees both.
+                    h.abort();
+                }
+                if known || running.is_some() {
+                    let mut out = BytesMut::new();
+                    EndRequest {
+                        app_status: 0,
+                        protocol_status: fcgi::REQUEST_COMPLETE,
+                    }
+                    .encode(id, &mut out);
+                    self.send(out).await?;
+                }
+                Ok(())
+            }
+            fcgi::DATA => Ok(()), // only for the filter role, which is refused at BEGIN_REQUEST
+            other => {
+                let mut out = BytesMut::new();
+                fcgi::encode_unknown_type(other, &mut out);
+                self.send(out).await
+            }
+        }
+    }
+
+    async fn on_management(&mut self, rec: fcgi::Record) -> Result<(), ConnError> {
+        let mut out = BytesMut::new();
+        if rec.kind == fcgi::GET_VALUES {
+            let asked = fcgi::decode_pairs(&rec.content).map_err(|e| malformed(e.to_string()))?;
+            let mut pairs = Vec::new();
+            for (name, _) in asked {
+                let value = match name.as_ref() {
+                    // Connections are accepted without a fixed limit; the queue is the bound.
+                    b"FCGI_MAX_CONNS" => 65_536.to_string(),
+                    b"FCGI_MAX_REQS" => self.front.cfg.max_queue.to_string(),
+                    b"FCGI_MPXS_CONNS" => "1".to_string(),
+                    _ => continue, // unknown variables are left out of the reply, per the spec
+                };
+                fcgi::encode_pair(&name, value.as_bytes(), &mut pairs)
+                    .map_err(|e| malformed(e.to_string()))?;
+            }
+            fcgi::encode_record(fcgi::GET_VALUES_RESULT, 0, &pairs, &mut out);
+        } else {
+            fcgi::encode_unknown_type(rec.kind, &mut out);
+        }
+        self.send(out).await
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Out>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Bytes(b) => {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            Out::Close => break,
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn run_request(
+    front: Arc<Front>,
+    id: u16,
+    job: Result<Job, String>,
+    too_large: bool,
+    keep_conn: bool,
+    tx: mpsc::Sender<Out>,
+) -> u16 {
+    let started = Instant::now();
+    let resp = match job {
+        Err(why) => {
+            let rid = format!("{:016x}", fastrand::u64(..));
+            tracing::debug!(id = %rid, "bad FastCGI request: {why}");
+            refused(
+                error_response(http::StatusCode::BAD_REQUEST, &rid, &why),
+                Rejection::BadRequest,
+            )
+        }
+        Ok(job) if too_large => refused(
+            error_response(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                &job.id,
+                &format!(
+                    "The request body is larger than the limit of {} bytes.",
+                    front.cfg.max_body_size
+                ),
+            ),
+            Rejection::BodyTooLarge,
+        ),
+        Ok(job) => dispatch(&front, job).await,
+    };
+    account(&front, started, &resp);
+    if send_response(id, resp, &tx).await.is_ok() && !keep_conn {
+        let _ = tx.send(Out::Close).await;
+    }
+    id
+}
+
+/// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
+async fn send_response(id: u16, resp: Reply, tx: &mpsc::Sender<Out>) -> Result<(), ()> {
+    let (parts, mut body) = resp.into_parts();
+    let mut head = format!(
+        "Status: {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        head.push_str(name.as_str());
+        head.push_str(": ");
+        head.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = BytesMut::with_capacity(head.len() + 16);
+    fcgi::encode_stream(fcgi::STDOUT, id, head.as_bytes(), &mut out);
+    let send = |b: BytesMut| async move { tx.send(Out::Bytes(b.freeze())).await.map_err(|_| ()) };
+    send(out).await?;
+    let mut app_status = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    let mut out = BytesMut::with_capacity(data.len() + 16);
+                    fcgi::encode_stream(fcgi::STDOUT, id, &data, &mut out);
+                    send(out).await?;
+                }
+            }
+            Err(e) => {
+                // The worker's answer broke off after its head: say so on STDERR, the peer logs it.
+                tracing::warn!(request = id, "response body cut short: {e}");
+                let mut out = BytesMut::new();
+                fcgi::encode_stream(
+                    fcgi::STDERR,
+                    id,
+                    format!("anteroom: {e}\n").as_bytes(),
+                    &mut out,
+                );
+                send(out).await?;
+                app_status = 1;
+                break;
+            }
+        }
+    }
+    let mut out = BytesMut::new();
+    fcgi::encode_stream_end(fcgi::STDOUT, id, &mut out);
+    EndRequest {
+        app_status,
+        protocol_status: fcgi::REQUEST_COMPLETE,
+    }
+    .encode(id, &mut out);
+    send(out).await
+}
+
+/// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
+/// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
+fn job_from_params(params: Vec<(Bytes, Bytes)>, body: Bytes) -> Result<Job, String> {
+    let get = |name: &str| {
+        params
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_ref() == name.as_bytes())
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let method = get("REQUEST_METHOD").unwrap_or_else(|| "GET".into());
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("REQUEST_METHOD {method:?} is not an HTTP method"))?;
+    let target = get("REQUEST_URI").unwrap_or_else(|| {
+        let mut t = get("SCRIPT_NAME").unwrap_or_default() + &get("PATH_INFO").unwrap_or_default();
+        if t.is_empty() {
+            t.push('/');
+        }
+        match get("QUERY_STRING") {
+            Some(q) if !q.is_empty() => format!("{t}?{q}"),
+            _ => t,
+        }
+    });
+    // A target that is not a valid URI still reaches FastCGI workers in its params; the HTTP view says "/".
+    let uri: Uri = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    let version = match get("SERVER_PROTOCOL").as_deref() {
+        Some("HTTP/1.0") => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &params {
+        let name = match k.as_ref() {
+            b"CONTENT_TYPE" => Some("content-type".to_string()),
+            b"CONTENT_LENGTH" => Some("content-length".to_string()),
+            k => k
+                .strip_prefix(b"HTTP_")
+                .filter(|n| *n != b"PROXY")
+                .map(|n| {
+                    String::from_utf8_lossy(n)
+                        .to_ascii_lowercase()
+                        .replace('_', "-")
+                }),
+        };
+        let Some(name) = name else { continue };
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            if !v.is_empty() || n != http::header::CONTENT_TYPE {
+                headers.append(n, v);
+            }
+        }
+    }
+    let ip = |a: Option<String>, p: Option<String>| -> Option<SocketAddr> {
+        let ip: IpAddr = a?.parse().ok()?;
+        Some(SocketAddr::new(
+            ip,
+            p.and_then(|p| p.parse().ok()).unwrap_or(0),
+        ))
+    };
+    let origin = Origin {
+        peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
+        local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
+    };
+    let id = request_id(&headers);
+    Ok(Job {
+        id,
+        head: RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+        },
+        body,
+        origin,
+        enqueued: Instant::now(),
+        reply: None,
+        deaths: 0,
+        dispatched: None,
+        cgi_params: Some(params),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(Bytes, Bytes)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (Bytes::from(k.to_string()), Bytes::from(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn params_give_the_http_view() {
+        let job = job_from_params(
+            p(&[
+                ("REQUEST_METHOD", "POST"),
+                ("REQUEST_URI", "/a/b?x=1"),
+                ("SERVER_PROTOCOL", "HTTP/1.0"),
+                ("CONTENT_TYPE", "text/plain"),
+                ("CONTENT_LENGTH", "3"),
+                ("HTTP_USER_AGENT", "curl"),
+                ("HTTP_X_REQUEST_ID", "abc"),
+                ("HTTP_PROXY", "http://evil"),
+                ("REMOTE_ADDR", "10.0.0.1"),
+                ("REMOTE_PORT", "5555"),
+            ]),
+            Bytes::from_static(b"abc"),
+        )
+        .unwrap();
+        assert_eq!(job.head.method, Method::POST);
+        assert_eq!(job.head.uri.path(), "/a/b");
+        assert_eq!(job.head.version, Version::HTTP_10);
+        assert_eq!(job.head.headers["user-agent"], "curl");
+        assert_eq!(job.head.headers["content-type"], "text/plain");
+        assert!(!job.head.headers.contains_key("proxy"));
+        assert_eq!(job.id, "abc");
+        assert_eq!(job.origin.peer, Some("10.0.0.1:5555".parse().unwrap()));
+        assert_eq!(job.cgi_params.as_ref().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn target_from_script_name_and_path_info() {
+        let job = job_from_params(
+            p(&[
+                ("SCRIPT_NAME", "/index.php"),
+                ("PATH_INFO", "/x"),
+                ("QUERY_STRING", "q=1"),
+            ]),
+            Bytes::new(),
+        )
+        .unwrap();
+        assert_eq!(job.head.method, Method::GET);
+        assert_eq!(job.head.uri, "/index.php/x?q=1");
+        assert!(job_from_params(p(&[("REQUEST_METHOD", "B A D")]), Bytes::new()).is_err());
+    }
+}
