@@ -168,6 +168,13 @@ pub struct ServeArgs {
     /// Address of the admin listener (metrics, status, health); `off` for none [default: 127.0.0.1:8001].
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<AdminAddr>,
+    /// A path (such as /health) requested from each new worker; it gets traffic only after a 2xx answer.
+    /// Without it, a worker is ready once it has accepted a connection.
+    #[arg(long, value_name = "PATH")]
+    pub ready_probe: Option<String>,
+    /// Longest a new worker may take to become ready, in seconds; then it is killed and counts as a failed start [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub spawn_timeout: Option<f64>,
     /// Longest a worker may hold one request, in seconds; then it is stopped and the client gets 504; 0 = no limit [default: 60].
     #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<f64>,
@@ -343,6 +350,8 @@ struct FileConfig {
     param: Option<BTreeMap<String, String>>,
     env: Option<BTreeMap<String, String>>,
     admin: Option<String>,
+    ready_probe: Option<String>,
+    spawn_timeout: Option<f64>,
     request_timeout: Option<f64>,
     kill_grace: Option<f64>,
     max_requests: Option<u64>,
@@ -393,6 +402,8 @@ pub struct Config {
     pub admin: Option<ListenAddr>,
     /// The admin address was not chosen: if it is taken, anteroom runs without it.
     pub admin_is_default: bool,
+    pub ready_probe: Option<String>,
+    pub spawn_timeout: Duration,
     /// None: no limit.
     pub request_timeout: Option<Duration>,
     pub kill_grace: Duration,
@@ -530,6 +541,19 @@ impl Config {
             env,
             admin,
             admin_is_default,
+            ready_probe: match args.ready_probe.or(file.ready_probe) {
+                Some(p) if !p.starts_with('/') || p.parse::<http::Uri>().is_err() => {
+                    return Err(invalid(
+                        "ready-probe",
+                        format!("{p:?} is not a path such as /health"),
+                    ))
+                }
+                p => p,
+            },
+            spawn_timeout: secs(
+                "spawn-timeout",
+                args.spawn_timeout.or(file.spawn_timeout).unwrap_or(30.0),
+            )?,
             request_timeout: secs_or_off(
                 "request-timeout",
                 args.request_timeout

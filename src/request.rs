@@ -82,6 +82,32 @@ impl Job {
         }
     }
 
+    /// The `--ready-probe` request: `GET path` from anteroom itself.
+    pub fn probe(path: &str, reply: oneshot::Sender<Reply>) -> Result<Job, http::uri::InvalidUri> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
+        headers.insert(
+            http::header::USER_AGENT,
+            HeaderValue::from_static("anteroom-ready-probe"),
+        );
+        Ok(Job {
+            id: format!("ready-probe-{:08x}", fastrand::u32(..)),
+            head: RequestHead {
+                method: Method::GET,
+                uri: path.parse()?,
+                version: Version::HTTP_11,
+                headers,
+            },
+            body: Bytes::new(),
+            origin: Origin::default(),
+            enqueued: Instant::now(),
+            reply: Some(reply),
+            deaths: 0,
+            dispatched: None,
+            cgi_params: None,
+        })
+    }
+
     /// Safe to send again after a worker died on it (RFC 9110 9.2.2).
     pub fn idempotent(&self) -> bool {
         use http::Method;

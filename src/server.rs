@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
 use crate::config::Config;
-use crate::front::http::{accept_loop, Front};
+use crate::front::http::Front;
 use crate::front::listen::{somaxconn, BindError, Listener};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -46,6 +46,8 @@ pub enum StartError {
     },
     #[error("cannot start the worker pool: {0}")]
     Pool(std::io::Error),
+    #[error("cannot start an acceptor thread: {0}")]
+    Accept(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -128,24 +130,20 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         tokio::spawn(crate::admin::serve(l, state, stop_accepting.clone()));
     }
     let conns = TaskTracker::new();
-    let mut accept_tasks = Vec::new();
+    let mut acceptors = Vec::new();
     for l in listeners {
         tracing::info!(listen = %l.local_addr(), "serving HTTP");
-        accept_tasks.push(tokio::spawn(accept_loop(
-            l,
-            front.clone(),
-            stop_accepting.clone(),
-            conns.clone(),
-        )));
+        acceptors.push(
+            crate::front::http::start(l, front.clone(), conns.clone())
+                .map_err(StartError::Accept)?,
+        );
     }
     for l in fcgi_listeners {
         tracing::info!(listen = %l.local_addr(), "serving FastCGI");
-        accept_tasks.push(tokio::spawn(crate::front::fastcgi::accept_loop(
-            l,
-            front.clone(),
-            stop_accepting.clone(),
-            conns.clone(),
-        )));
+        acceptors.push(
+            crate::front::fastcgi::start(l, front.clone(), conns.clone())
+                .map_err(StartError::Accept)?,
+        );
     }
     tracing::info!(
         workers = cfg.workers,
@@ -165,9 +163,8 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     };
     stop_accepting.cancel();
     queue.close();
-    for t in accept_tasks {
-        let _ = t.await; // drops the listeners, removing unix socket files
-    }
+    // Closes the listeners (removing unix socket files); each acceptor notices within 100 ms.
+    let _ = tokio::task::spawn_blocking(move || acceptors.into_iter().for_each(|a| a.stop())).await;
     if fast {
         tracing::info!("stopping now");
         queue.drain();

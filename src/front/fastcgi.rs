@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -22,9 +22,9 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::acceptor::{Accepted, Acceptor};
 use super::http::{account, dispatch, refused, Front};
 use super::listen::Listener;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
@@ -38,47 +38,40 @@ const MAX_PARAMS: usize = 1 << 20;
 /// Bytes queued towards a slow peer before request tasks wait for it.
 const WRITE_QUEUE: usize = 64;
 
-/// Accepts FastCGI connections until `stop`.
-pub async fn accept_loop(
+/// Serves FastCGI on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns`.
+pub fn start(
     listener: Listener,
     front: Arc<Front>,
-    stop: CancellationToken,
     conns: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            a = accept(&listener) => a,
-        };
-        match accepted {
-            Ok(Stream::Tcp(s)) => {
-                conns.spawn(serve_conn(s, front.clone()));
+) -> std::io::Result<Acceptor> {
+    let handle = tokio::runtime::Handle::current();
+    Acceptor::start(listener, move |conn| {
+        let front = front.clone();
+        match conn {
+            Accepted::Tcp(s, _) => {
+                conns.spawn_on(
+                    async move {
+                        match tokio::net::TcpStream::from_std(s) {
+                            Ok(s) => serve_conn(s, front).await,
+                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                        }
+                    },
+                    &handle,
+                );
             }
-            Ok(Stream::Unix(s)) => {
-                conns.spawn(serve_conn(s, front.clone()));
-            }
-            Err(e) => {
-                tracing::error!(listener = %listener.local_addr(), "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Accepted::Unix(s) => {
+                conns.spawn_on(
+                    async move {
+                        match tokio::net::UnixStream::from_std(s) {
+                            Ok(s) => serve_conn(s, front).await,
+                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                        }
+                    },
+                    &handle,
+                );
             }
         }
-    }
-}
-
-enum Stream {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(l: &Listener) -> std::io::Result<Stream> {
-    match l {
-        Listener::Tcp(t) => {
-            let (s, _) = t.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok(Stream::Tcp(s))
-        }
-        Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept().await?.0)),
-    }
+    })
 }
 
 /// What the request tasks send to the connection's writer.

@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::{Request, StatusCode};
@@ -19,9 +19,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::acceptor::{Accepted, Acceptor};
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
@@ -40,61 +40,46 @@ pub struct Front {
     pub metrics: Arc<Metrics>,
 }
 
-/// Accepts connections until `stop`, each served on its own task tracked by `conns`.
-pub async fn accept_loop(
+/// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns`.
+pub fn start(
     listener: Listener,
     front: Arc<Front>,
-    stop: CancellationToken,
     conns: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            a = accept(&listener) => a,
-        };
-        match accepted {
-            Ok((io, origin)) => {
-                let front = front.clone();
-                conns.spawn(async move {
-                    match io {
-                        Stream::Tcp(s) => serve_conn(s, origin, front).await,
-                        Stream::Unix(s) => serve_conn(s, origin, front).await,
-                    }
-                });
+) -> std::io::Result<Acceptor> {
+    let handle = tokio::runtime::Handle::current();
+    Acceptor::start(listener, move |conn| {
+        let front = front.clone();
+        match conn {
+            Accepted::Tcp(s, peer) => {
+                conns.spawn_on(
+                    async move {
+                        match tokio::net::TcpStream::from_std(s) {
+                            Ok(s) => {
+                                let origin = Origin {
+                                    peer: Some(peer),
+                                    local: s.local_addr().ok(),
+                                };
+                                serve_conn(s, origin, front).await
+                            }
+                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                        }
+                    },
+                    &handle,
+                );
             }
-            Err(e) => {
-                // EMFILE and the like: log, and give the process a moment instead of spinning.
-                tracing::error!(listener = %listener.local_addr(), "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Accepted::Unix(s) => {
+                conns.spawn_on(
+                    async move {
+                        match tokio::net::UnixStream::from_std(s) {
+                            Ok(s) => serve_conn(s, Origin::default(), front).await,
+                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                        }
+                    },
+                    &handle,
+                );
             }
         }
-    }
-}
-
-enum Stream {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(l: &Listener) -> std::io::Result<(Stream, Origin)> {
-    match l {
-        Listener::Tcp(t) => {
-            let (s, peer) = t.accept().await?;
-            let _ = s.set_nodelay(true);
-            let local = s.local_addr().ok();
-            Ok((
-                Stream::Tcp(s),
-                Origin {
-                    peer: Some(peer),
-                    local,
-                },
-            ))
-        }
-        Listener::Unix { listener, .. } => {
-            let (s, _) = listener.accept().await?;
-            Ok((Stream::Unix(s), Origin::default()))
-        }
-    }
+    })
 }
 
 async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>)

@@ -1,6 +1,7 @@
 //! Client-facing listeners. Each accepts connections as fast as they come and turns requests into queued
 //! [`Job`](crate::request::Job)s; none of them ever talks to a worker directly.
 
+pub mod acceptor;
 pub mod fastcgi;
 pub mod http;
 pub mod listen;

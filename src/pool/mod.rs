@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::metrics::{CauseLabels, Metrics};
 use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::Queue;
-use crate::request::error_response;
+use crate::request::{error_response, Job};
 use crate::worker::{Link, Progress, WorkerError};
 use spawn::{SpawnSpec, Spawner};
 
@@ -44,8 +44,8 @@ use spawn::{SpawnSpec, Spawner};
 const TAIL_LINES: usize = 20;
 /// A worker that exits sooner than this after starting, having served nothing, counts as a failed start.
 const YOUNG: Duration = Duration::from_secs(5);
-/// A new worker alive this long (or that has served a request) is ready to take over from an old one.
-const READY_AFTER: Duration = Duration::from_millis(500);
+/// How often a starting worker's socket is looked at to see whether it has accepted.
+const READY_POLL: Duration = Duration::from_millis(10);
 /// Recent deaths kept for the status page.
 const RECENT_DEATHS: usize = 50;
 /// At most one crash-loop log line per this period; the rest are counted into it.
@@ -346,7 +346,7 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         if sh.stop.is_cancelled() || end.retire_slot {
             break;
         }
-        let young = end.served == 0 && started.elapsed() < YOUNG;
+        let young = end.failed_start || (end.served == 0 && started.elapsed() < YOUNG);
         if young != failing {
             failing = young;
             let alive = sh.slots_alive.load(Ordering::Relaxed);
@@ -384,6 +384,8 @@ struct WorkerEnd {
     served: u64,
     /// The slot itself ends: its generation was replaced.
     retire_slot: bool,
+    /// It never became ready.
+    failed_start: bool,
 }
 
 async fn run_worker(
@@ -397,6 +399,7 @@ async fn run_worker(
     let mut end = WorkerEnd {
         served: 0,
         retire_slot: false,
+        failed_start: false,
     };
     let listener = match worker_socket(path) {
         Ok(l) => l,
@@ -405,6 +408,7 @@ async fn run_worker(
             return end;
         }
     };
+    let inode = socket_inode(&listener);
     let spec = SpawnSpec {
         argv: sh.argv.clone(),
         env: sh.cfg.env.clone(),
@@ -450,179 +454,204 @@ async fn run_worker(
     let exit = child.wait();
     tokio::pin!(exit);
     let mut link = Link::new(path, sh.cfg.worker_protocol);
-    let ready_timer = tokio::time::sleep(READY_AFTER);
-    tokio::pin!(ready_timer);
     let mut cause = Cause::Crashed;
     let mut held: Option<HeldRequest> = None;
-    let mut ready = false;
-    let status: std::io::Result<ExitStatus> = loop {
-        // Replacement on purpose happens here, between requests, so that it never fails one.
-        let retire = if end.served >= max_requests {
-            Some(format!("served {} requests", end.served))
-        } else if let Some(rss) = sh
-            .cfg
-            .max_rss
-            .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
-        {
-            Some(format!("resident memory {} MiB over --max-rss", rss >> 20))
-        } else if generation < sh.generation.load(Ordering::Acquire)
-            && sh.handoff.try_acquire().map(|p| p.forget()).is_ok()
-        {
-            end.retire_slot = true;
-            Some("reload: a new worker took over".into())
-        } else {
-            None
-        };
-        if let Some(why) = retire {
-            set_state(sh, key, "stopping", |_| {});
-            tracing::info!(slot, pid, "retiring worker: {why}");
-            cause = Cause::Retired;
-            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+
+    // No request before the worker is ready: it has accepted a connection, or answered the probe.
+    let spawn_timeout = sh.cfg.spawn_timeout;
+    let mut early: Option<std::io::Result<ExitStatus>> = None;
+    let readiness = tokio::select! {
+        biased;
+        st = &mut exit => {
+            early = Some(st);
+            Err("it exited before it was ready".to_string())
         }
-        let mut job = tokio::select! {
-            biased;
-            st = &mut exit => break st,
-            () = sh.stop.cancelled() => {
-                cause = Cause::Retired;
-                break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+        () = sh.stop.cancelled() => Ok(false),
+        r = tokio::time::timeout(spawn_timeout, wait_ready(sh, &mut link, inode)) => match r {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err(format!("not ready within --spawn-timeout ({spawn_timeout:?})")),
+        },
+    };
+    let status: std::io::Result<ExitStatus> = match readiness {
+        Ok(false) => {
+            cause = Cause::Retired;
+            terminate(pid, sh.cfg.kill_grace, &mut exit).await
+        }
+        Err(why) => {
+            end.failed_start = true;
+            loop_event(sh, || {
+                tracing::warn!(slot, pid, "worker failed to start: {why}")
+            });
+            match early {
+                Some(st) => st,
+                None => terminate(pid, sh.cfg.kill_grace, &mut exit).await,
             }
-            () = &mut ready_timer, if !ready => {
-                ready = true;
-                set_state(sh, key, "idle", |_| {});
-                if !*handed_off {
-                    *handed_off = true;
-                    became_ready(sh, generation);
+        }
+        Ok(true) => {
+            set_state(sh, key, "idle", |_| {});
+            if !*handed_off {
+                *handed_off = true;
+                became_ready(sh, generation);
+            }
+            loop {
+                // Replacement on purpose happens here, between requests, so that it never fails one.
+                let retire = if end.served >= max_requests {
+                    Some(format!("served {} requests", end.served))
+                } else if let Some(rss) = sh
+                    .cfg
+                    .max_rss
+                    .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
+                {
+                    Some(format!("resident memory {} MiB over --max-rss", rss >> 20))
+                } else if generation < sh.generation.load(Ordering::Acquire)
+                    && sh.handoff.try_acquire().map(|p| p.forget()).is_ok()
+                {
+                    end.retire_slot = true;
+                    Some("reload: a new worker took over".into())
+                } else {
+                    None
+                };
+                if let Some(why) = retire {
+                    set_state(sh, key, "stopping", |_| {});
+                    tracing::info!(slot, pid, "retiring worker: {why}");
+                    cause = Cause::Retired;
+                    break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
                 }
-                continue;
-            }
-            () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
-            job = sh.queue.pop() => job,
-        };
-        sh.busy.fetch_add(1, Ordering::Relaxed);
-        let begun = Instant::now();
-        job.dispatched = Some(begun);
-        sh.metrics
-            .queue_wait
-            .observe(begun.duration_since(job.enqueued).as_secs_f64());
-        set_state(sh, key, "busy", |r| {
-            r.request = Some((job.id.clone(), job.summary()))
-        });
-        let mut progress = Progress::default();
-        let mut exited = None;
-        let mut timed_out = false;
-        let result = {
-            let serve = link.serve(&mut job, &sh.cfg, &mut progress);
-            tokio::pin!(serve);
-            let limit = sh.cfg.request_timeout;
-            tokio::select! {
-                r = &mut serve => r,
-                st = &mut exit => {
-                    exited = Some(st);
-                    // What the worker wrote before exiting is still in the socket: read it out.
-                    match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
-                        Ok(r) => r,
-                        Err(_) => Err(WorkerError::Exited),
+                let mut job = tokio::select! {
+                    biased;
+                    st = &mut exit => break st,
+                    () = sh.stop.cancelled() => {
+                        cause = Cause::Retired;
+                        break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                    }
+                    () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
+                    job = sh.queue.pop() => job,
+                };
+                sh.busy.fetch_add(1, Ordering::Relaxed);
+                let begun = Instant::now();
+                job.dispatched = Some(begun);
+                sh.metrics
+                    .queue_wait
+                    .observe(begun.duration_since(job.enqueued).as_secs_f64());
+                set_state(sh, key, "busy", |r| {
+                    r.request = Some((job.id.clone(), job.summary()))
+                });
+                let mut progress = Progress::default();
+                let mut exited = None;
+                let mut timed_out = false;
+                let result = {
+                    let serve = link.serve(&mut job, &sh.cfg, &mut progress);
+                    tokio::pin!(serve);
+                    let limit = sh.cfg.request_timeout;
+                    tokio::select! {
+                        r = &mut serve => r,
+                        st = &mut exit => {
+                            exited = Some(st);
+                            // What the worker wrote before exiting is still in the socket: read it out.
+                            match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
+                                Ok(r) => r,
+                                Err(_) => Err(WorkerError::Exited),
+                            }
+                        }
+                        () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
+                            timed_out = true;
+                            Err(WorkerError::Timeout(limit.unwrap_or_default()))
+                        }
+                    }
+                };
+                sh.busy.fetch_sub(1, Ordering::Relaxed);
+                end.served += 1;
+                set_state(sh, key, "idle", |r| {
+                    r.request = None;
+                    r.served += 1;
+                });
+                sh.queue.record_service_time(begun.elapsed());
+                let Err(e) = result else {
+                    if let Some(st) = exited {
+                        break st;
+                    }
+                    continue;
+                };
+                if exited.is_none() && matches!(e, WorkerError::Io(_) | WorkerError::Closed) {
+                    // A reset connection is most often a worker that has just died: its exit comes a moment later.
+                    if let Ok(st) =
+                        tokio::time::timeout(Duration::from_millis(500), &mut exit).await
+                    {
+                        exited = Some(st);
                     }
                 }
-                () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
-                    timed_out = true;
-                    Err(WorkerError::Timeout(limit.unwrap_or_default()))
+                link.reset();
+                if matches!(e, WorkerError::ClientGone) {
+                    tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
+                    continue;
                 }
-            }
-        };
-        sh.busy.fetch_sub(1, Ordering::Relaxed);
-        end.served += 1;
-        ready = true;
-        set_state(sh, key, "idle", |r| {
-            r.request = None;
-            r.served += 1;
-        });
-        sh.queue.record_service_time(begun.elapsed());
-        if result.is_ok() && !*handed_off {
-            *handed_off = true;
-            became_ready(sh, generation);
-        }
-        let Err(e) = result else {
-            if let Some(st) = exited {
-                break st;
-            }
-            continue;
-        };
-        if exited.is_none() && matches!(e, WorkerError::Io(_) | WorkerError::Closed) {
-            // A reset connection is most often a worker that has just died: its exit comes a moment later.
-            if let Ok(st) = tokio::time::timeout(Duration::from_millis(500), &mut exit).await {
-                exited = Some(st);
-            }
-        }
-        link.reset();
-        if matches!(e, WorkerError::ClientGone) {
-            tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
-            continue;
-        }
-        let request = HeldRequest {
-            id: job.id.clone(),
-            method: job.head.method.to_string(),
-            target: job
-                .summary()
-                .split_once(' ')
-                .map_or(String::new(), |x| x.1.to_string()),
-            sent_bytes: progress.sent_bytes,
-            received_bytes: progress.received_bytes,
-            elapsed: begun.elapsed(),
-        };
-        if timed_out {
-            tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
-            if !progress.head_sent {
-                let why = format!(
-                    "The worker took longer than {:?}.",
-                    sh.cfg.request_timeout.unwrap_or_default()
-                );
-                job.respond(failed(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
-            }
-            cause = Cause::Timeout;
-            held = Some(request);
-            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
-        }
-        if exited.is_none() {
-            // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
-            tracing::error!(
-                slot, pid, id = %job.id, request = %job.summary(),
-                sent = progress.sent_bytes, received = progress.received_bytes,
-                "{e}"
-            );
-            if !progress.head_sent {
-                let why = format!("The worker failed: {e}.");
-                job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
-            }
-            continue;
-        }
-        // The worker died holding this request.
-        job.deaths += 1;
-        let fp = fingerprint(&job);
-        if sh.quarantine.record_death(&fp) {
-            let p = sh.quarantine.policy();
-            tracing::error!(
-                fingerprint = %fp,
-                "{fp} killed {} workers within {:?}: refusing it with 503 for {:?}",
-                p.after, p.window, p.cooldown
-            );
-        }
-        if !progress.head_sent {
-            if job.deaths == 1 && job.idempotent() && !job.client_gone() {
-                tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
-                sh.queue.requeue(job);
-            } else {
-                let why = if job.deaths > 1 {
-                    tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
-                    "This request killed two workers; it is not retried.".to_string()
-                } else {
-                    "The worker died while serving this request.".to_string()
+                let request = HeldRequest {
+                    id: job.id.clone(),
+                    method: job.head.method.to_string(),
+                    target: job
+                        .summary()
+                        .split_once(' ')
+                        .map_or(String::new(), |x| x.1.to_string()),
+                    sent_bytes: progress.sent_bytes,
+                    received_bytes: progress.received_bytes,
+                    elapsed: begun.elapsed(),
                 };
-                job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
+                if timed_out {
+                    tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
+                    if !progress.head_sent {
+                        let why = format!(
+                            "The worker took longer than {:?}.",
+                            sh.cfg.request_timeout.unwrap_or_default()
+                        );
+                        job.respond(failed(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
+                    }
+                    cause = Cause::Timeout;
+                    held = Some(request);
+                    break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                }
+                if exited.is_none() {
+                    // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
+                    tracing::error!(
+                        slot, pid, id = %job.id, request = %job.summary(),
+                        sent = progress.sent_bytes, received = progress.received_bytes,
+                        "{e}"
+                    );
+                    if !progress.head_sent {
+                        let why = format!("The worker failed: {e}.");
+                        job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
+                    }
+                    continue;
+                }
+                // The worker died holding this request.
+                job.deaths += 1;
+                let fp = fingerprint(&job);
+                if sh.quarantine.record_death(&fp) {
+                    let p = sh.quarantine.policy();
+                    tracing::error!(
+                        fingerprint = %fp,
+                        "{fp} killed {} workers within {:?}: refusing it with 503 for {:?}",
+                        p.after, p.window, p.cooldown
+                    );
+                }
+                if !progress.head_sent {
+                    if job.deaths == 1 && job.idempotent() && !job.client_gone() {
+                        tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
+                        sh.queue.requeue(job);
+                    } else {
+                        let why = if job.deaths > 1 {
+                            tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
+                            "This request killed two workers; it is not retried.".to_string()
+                        } else {
+                            "The worker died while serving this request.".to_string()
+                        };
+                        job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
+                    }
+                }
+                held = Some(request);
+                break exited.expect("checked above");
             }
         }
-        held = Some(request);
-        break exited.expect("checked above");
     };
     let lived = started.elapsed();
     // Children the worker left behind would keep its socket and memory: sweep its group.
@@ -657,6 +686,50 @@ fn failed(status: StatusCode, id: &str, why: &str) -> crate::request::Reply {
     let mut r = error_response(status, id, why);
     r.extensions_mut().insert(crate::request::WorkerFailed);
     r
+}
+
+/// Connects to the new worker and waits until it is ready: with `--ready-probe`, until it answers the
+/// probe with a 2xx; otherwise until it has accepted our connection (its socket's accept queue is empty).
+async fn wait_ready(sh: &Shared, link: &mut Link, inode: Option<u64>) -> Result<(), String> {
+    link.warm().await.map_err(|e| e.to_string())?;
+    if let Some(path) = &sh.cfg.ready_probe {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut job = Job::probe(path, tx).map_err(|e| format!("--ready-probe {path:?}: {e}"))?;
+        let mut progress = Progress::default();
+        link.serve(&mut job, &sh.cfg, &mut progress)
+            .await
+            .map_err(|e| format!("ready probe {path}: {e}"))?;
+        let status = rx
+            .await
+            .map(|r| r.status())
+            .map_err(|_| format!("ready probe {path}: no answer"))?;
+        return if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("ready probe {path} answered {status}"))
+        };
+    }
+    let Some(inode) = inode else {
+        return Ok(()); // cannot tell; the connection is made, requests will wait in its socket
+    };
+    loop {
+        match crate::sockdiag::unix_listener_queue(inode) {
+            Ok(Some(0)) => return Ok(()),
+            Ok(_) => tokio::time::sleep(READY_POLL).await,
+            Err(e) => {
+                tracing::debug!("cannot read the worker's accept queue ({e}); taking it as ready");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn socket_inode(fd: &OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat writes into the zeroed struct we own; the fd is open for the call's duration.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    (r == 0).then_some(st.st_ino)
 }
 
 fn became_ready(sh: &Shared, generation: u64) {

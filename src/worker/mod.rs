@@ -99,6 +99,17 @@ impl Link {
         }
     }
 
+    /// Opens the connection now, ahead of the first request (readiness: the worker must accept it).
+    pub async fn warm(&mut self) -> Result<(), WorkerError> {
+        if self.conn.is_none() {
+            self.conn = Some(match self.protocol {
+                WorkerProtocol::Fastcgi => Conn::Fastcgi(fastcgi::Conn::connect(&self.path).await?),
+                WorkerProtocol::Http => Conn::Http(http::Conn::connect(&self.path).await?),
+            });
+        }
+        Ok(())
+    }
+
     /// Forgets the connection (the worker is gone or in an unknown state).
     pub fn reset(&mut self) {
         self.conn = None;

@@ -1,0 +1,155 @@
+//! Accepting connections on a thread of its own, so that the kernel's accept queue is always drained.
+//!
+//! This is the heart of anteroom's promise. The kernel's queue of connections waiting for `accept()` is
+//! clamped to `net.core.somaxconn` (128 in many containers); when it is full, nginx gets EAGAIN and answers
+//! 502. An accept loop that is one task among thousands on a busy two-core runtime falls behind exactly
+//! during a burst, when it matters. So each listener gets a dedicated OS thread that does nothing but
+//! `poll` and `accept` until the queue is empty, and hands each connection to the runtime.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::listen::Listener;
+use crate::config::ListenAddr;
+
+/// A connection just accepted, still a blocking-mode-agnostic std socket.
+pub enum Accepted {
+    Tcp(std::net::TcpStream, std::net::SocketAddr),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+pub struct Acceptor {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often the thread looks at the stop flag when no connection comes.
+const STOP_POLL_MS: i32 = 100;
+
+impl Acceptor {
+    /// Starts accepting on `listener`; `on_conn` runs on the acceptor thread and must only hand off.
+    pub fn start(
+        listener: Listener,
+        on_conn: impl Fn(Accepted) + Send + 'static,
+    ) -> io::Result<Acceptor> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = listener.local_addr();
+        let thread = std::thread::Builder::new()
+            .name(format!("accept {name}"))
+            .spawn(move || run(listener, name, flag, on_conn))?;
+        Ok(Acceptor {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and waits for the thread; the listener is closed (its unix socket file removed).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn run(listener: Listener, name: ListenAddr, stop: Arc<AtomicBool>, on_conn: impl Fn(Accepted)) {
+    raise_priority(&name);
+    let fd = match &listener {
+        Listener::Tcp(l) => l.as_raw_fd(),
+        Listener::Unix { listener, .. } => listener.as_raw_fd(),
+    };
+    let mut last_error_log: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::Acquire) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call's duration; the listener outlives the loop.
+        let n = unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
+        if n <= 0 {
+            continue;
+        }
+        // Drain the whole queue before polling again.
+        loop {
+            let r = match &listener {
+                Listener::Tcp(l) => l.accept_std().map(|(s, a)| Accepted::Tcp(s, a)),
+                Listener::Unix { listener, .. } => listener.accept_std().map(Accepted::Unix),
+            };
+            match r {
+                Ok(conn) => on_conn(conn),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and the like: say so (at most once a second), and give the process a moment.
+                    if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                        tracing::error!(listener = %name, "accept failed: {e}");
+                        last_error_log = Some(std::time::Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+    }
+    drop(listener);
+}
+
+/// This thread runs for a few microseconds at a time, but it must run the moment connections arrive, even
+/// when the machine is saturated by the very burst it is absorbing: a higher scheduling priority (a lower
+/// nice value) for this one thread, where the process may raise it (root or CAP_SYS_NICE).
+fn raise_priority(name: &ListenAddr) {
+    // SAFETY: gettid and setpriority have no memory-safety preconditions.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, -10)
+    };
+    if r != 0 {
+        tracing::debug!(listener = %name, "acceptor thread keeps normal priority: {}", io::Error::last_os_error());
+    }
+}
+
+/// Non-blocking accept straight on the tokio listener's socket, from a thread outside the runtime.
+trait AcceptStd {
+    type Out;
+    fn accept_std(&self) -> io::Result<Self::Out>;
+}
+
+impl AcceptStd for tokio::net::TcpListener {
+    type Out = (std::net::TcpStream, std::net::SocketAddr);
+
+    fn accept_std(&self) -> io::Result<Self::Out> {
+        let sock = socket2::SockRef::from(self);
+        let (s, addr) = sock.accept()?;
+        let addr = addr
+            .as_socket()
+            .ok_or_else(|| io::Error::other("accepted a TCP connection without an IP address"))?;
+        let s: std::net::TcpStream = s.into();
+        s.set_nonblocking(true)?;
+        let _ = s.set_nodelay(true);
+        Ok((s, addr))
+    }
+}
+
+impl AcceptStd for tokio::net::UnixListener {
+    type Out = std::os::unix::net::UnixStream;
+
+    fn accept_std(&self) -> io::Result<Self::Out> {
+        let sock = socket2::SockRef::from(self);
+        let (s, _) = sock.accept()?;
+        let s: std::os::unix::net::UnixStream = s.into();
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+}
