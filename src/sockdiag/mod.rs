@@ -138,6 +138,17 @@ pub fn listen_counters() -> Option<(u64, u64)> {
     procfs::listen_counters(procfs::PROC)
 }
 
+/// The accept queue of one unix listening socket, by inode: how many connections wait for `accept()`.
+/// `None` when no listening unix socket has that inode (any more).
+pub fn unix_listener_queue(inode: u64) -> Result<Option<u32>, SockDiagError> {
+    let sock = netlink::DiagSocket::open()?;
+    Ok(sock
+        .dump_unix(1)?
+        .into_iter()
+        .find(|s| s.inode == inode)
+        .map(|s| s.queued))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,15 +190,4 @@ mod tests {
         assert_eq!(v["kind"], "tcp");
         assert_eq!(v["pid"], serde_json::Value::Null);
     }
-}
-
-/// The accept queue of one unix listening socket, by inode: how many connections wait for `accept()`.
-/// `None` when no listening unix socket has that inode (any more).
-pub fn unix_listener_queue(inode: u64) -> Result<Option<u32>, SockDiagError> {
-    let sock = netlink::DiagSocket::open()?;
-    Ok(sock
-        .dump_unix(1)?
-        .into_iter()
-        .find(|s| s.inode == inode)
-        .map(|s| s.queued))
 }
