@@ -100,6 +100,7 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         metrics: metrics.clone(),
     });
     let stop_accepting = CancellationToken::new();
+    let stop_admin = CancellationToken::new();
     let admin = match &cfg.admin {
         Some(addr) => match Listener::bind(addr, 128) {
             Ok(l) => Some(l),
@@ -119,15 +120,16 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
             queue: queue.clone(),
             pool: pool.view(),
             metrics: metrics.clone(),
-            listeners: cfg
-                .listen
+            // The bound addresses (a port 0 has become a real one), to find them in the kernel's tables.
+            listeners: listeners
                 .iter()
-                .chain(&cfg.listen_fastcgi)
-                .cloned()
+                .chain(&fcgi_listeners)
+                .map(Listener::local_addr)
                 .collect(),
             started: std::time::Instant::now(),
         });
-        tokio::spawn(crate::admin::serve(l, state, stop_accepting.clone()));
+        // Up until the very end, so that health and metrics answer during a graceful stop.
+        tokio::spawn(crate::admin::serve(l, state, stop_admin.clone()));
     }
     let conns = TaskTracker::new();
     let mut acceptors = Vec::new();
@@ -191,6 +193,7 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     conns.close();
     let _ = tokio::time::timeout(Duration::from_millis(200), conns.wait()).await;
     pool.stop().await;
+    stop_admin.cancel();
     drop(dir);
     tracing::info!("stopped");
     Ok(stopped)

@@ -561,10 +561,12 @@ async fn run_worker(
                     }
                 };
                 sh.busy.fetch_sub(1, Ordering::Relaxed);
-                end.served += 1;
+                // Served means answered: a request the worker died on is not counted.
+                let answered = u64::from(result.is_ok());
+                end.served += answered;
                 set_state(sh, key, "idle", |r| {
                     r.request = None;
-                    r.served += 1;
+                    r.served += answered;
                 });
                 sh.queue.record_service_time(begun.elapsed());
                 let Err(e) = result else {
