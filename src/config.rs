@@ -135,9 +135,13 @@ pub struct ServeArgs {
     /// Address to serve FastCGI on (for nginx's fastcgi_pass): HOST:PORT or unix:PATH; repeatable.
     #[arg(long, value_name = "ADDR")]
     pub listen_fastcgi: Vec<ListenAddr>,
-    /// Number of worker processes [default: 4].
-    #[arg(long, value_name = "N")]
-    pub workers: Option<usize>,
+    /// Number of worker processes, or MIN:MAX for a pool that grows while requests wait and shrinks when
+    /// workers idle [default: 4].
+    #[arg(long, value_name = "N|MIN:MAX")]
+    pub workers: Option<WorkerCount>,
+    /// With --workers MIN:MAX, a worker idle this long is stopped (down to MIN), in seconds [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
     /// How workers are spoken to [default: fastcgi].
     #[arg(long, value_name = "PROTOCOL")]
     pub worker_protocol: Option<WorkerProtocol>,
@@ -231,6 +235,50 @@ impl FromStr for AdminAddr {
             Ok(AdminAddr::Off)
         } else {
             s.parse().map(AdminAddr::At)
+        }
+    }
+}
+
+/// `N` or `MIN:MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCount {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl FromStr for WorkerCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{s}' is not N or MIN:MAX (such as 4 or 2:16)"))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => Ok(WorkerCount {
+                min: num(a)?,
+                max: num(b)?,
+            }),
+            None => {
+                let n = num(s)?;
+                Ok(WorkerCount { min: n, max: n })
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(usize),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(WorkerCount { min: n, max: n }),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -339,7 +387,8 @@ impl<'de> Deserialize<'de> for CrashExit {
 struct FileConfig {
     listen: Option<Vec<String>>,
     listen_fastcgi: Option<Vec<String>>,
-    workers: Option<usize>,
+    workers: Option<WorkerCount>,
+    idle_timeout: Option<f64>,
     worker_protocol: Option<WorkerProtocol>,
     max_queue: Option<usize>,
     queue_timeout: Option<f64>,
@@ -387,7 +436,11 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub listen: Vec<ListenAddr>,
     pub listen_fastcgi: Vec<ListenAddr>,
+    /// Workers at start and at the least.
     pub workers: usize,
+    /// Workers at the most (equal to `workers` for a fixed pool).
+    pub workers_max: usize,
+    pub idle_timeout: Duration,
     pub worker_protocol: WorkerProtocol,
     pub max_queue: usize,
     pub queue_timeout: Duration,
@@ -514,7 +567,12 @@ impl Config {
         let cfg = Config {
             listen,
             listen_fastcgi,
-            workers: args.workers.or(file.workers).unwrap_or(4),
+            workers: args.workers.or(file.workers).map_or(4, |w| w.min),
+            workers_max: args.workers.or(file.workers).map_or(4, |w| w.max),
+            idle_timeout: secs(
+                "idle-timeout",
+                args.idle_timeout.or(file.idle_timeout).unwrap_or(10.0),
+            )?,
             worker_protocol: args
                 .worker_protocol
                 .or(file.worker_protocol)
@@ -609,7 +667,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.workers == 0 || self.workers > 4096 {
+        if self.workers_max < self.workers {
+            return Err(invalid(
+                "workers",
+                format!(
+                    "MIN:MAX with MAX {} below MIN {}",
+                    self.workers_max, self.workers
+                ),
+            ));
+        }
+        if self.workers == 0 || self.workers_max > 4096 {
             return Err(invalid(
                 "workers",
                 format!("{} is not between 1 and 4096", self.workers),
@@ -790,6 +857,17 @@ mod tests {
         );
         let e = parse(&["--crash-exit", "10"]).unwrap_err();
         assert!(e.contains("--crash-exit"), "{e}");
+    }
+
+    #[test]
+    fn dynamic_pool() {
+        let c = parse(&["--workers", "2:8"]).unwrap();
+        assert_eq!((c.workers, c.workers_max), (2, 8));
+        let c = parse(&["--workers", "3"]).unwrap();
+        assert_eq!((c.workers, c.workers_max), (3, 3));
+        assert!(parse(&["--workers", "8:2"])
+            .unwrap_err()
+            .starts_with("workers:"));
     }
 
     #[test]

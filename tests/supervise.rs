@@ -256,3 +256,96 @@ fn a_reload_under_load_loses_nothing() {
     assert_eq!(children(pid).len(), 3, "{}", a.log_text());
     assert!(a.log_text().contains("reload: a new worker took over"));
 }
+
+#[test]
+fn a_dynamic_pool_grows_under_load_and_shrinks_when_idle() {
+    let a = Anteroom::start(&["--workers", "1:4", "--idle-timeout", "1"]);
+    let pid = a.pid();
+    assert_eq!(children(pid).len(), 1);
+    let addr = a.addr;
+    let load: Vec<_> = (0..12)
+        .map(|_| {
+            thread::spawn(move || {
+                request(
+                    addr,
+                    b"GET /sleep?ms=400 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut most = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        most = most.max(children(pid).len());
+        thread::sleep(Duration::from_millis(50));
+    }
+    for l in load {
+        assert_eq!(l.join().unwrap().status, 200);
+    }
+    assert!(most >= 3, "grew to only {most} workers\n{}", a.log_text());
+    assert!(most <= 4, "grew past MAX: {most}");
+    wait_until(
+        "the pool to shrink back to MIN",
+        Duration::from_secs(15),
+        || children(pid).len() == 1,
+    );
+    assert!(a.log_text().contains("leaving the pool"));
+    assert_eq!(a.get("/sleep?ms=1").status, 200);
+}
+
+#[test]
+fn a_worker_gets_traffic_only_once_ready() {
+    // The probe answers 200: ready, serving.
+    let a = Anteroom::start(&["--workers", "1", "--ready-probe", "/sleep?ms=1"]);
+    assert_eq!(a.get("/env").status, 200);
+    drop(a);
+    // The probe answers 404: never ready, a failed start, and requests are refused rather than queued.
+    let a = Anteroom::start_env(
+        &[
+            "--workers",
+            "1",
+            "--ready-probe",
+            "/nope",
+            "--spawn-timeout",
+            "2",
+        ],
+        &[],
+        None,
+    );
+    wait_until("the failed start", Duration::from_secs(10), || {
+        a.log_text().contains("worker failed at start")
+    });
+    assert!(
+        a.log_text().contains("ready probe /nope answered 404"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(a.get("/env").status, 503);
+}
+
+#[test]
+fn a_worker_that_never_accepts_is_killed_after_the_spawn_timeout() {
+    // `sleep` holds the socket on fd 0 and never accepts.
+    let a = Anteroom::start_env(
+        &[
+            "--workers",
+            "1",
+            "--spawn-timeout",
+            "1",
+            "--",
+            "sleep",
+            "60",
+        ],
+        &[],
+        None,
+    );
+    wait_until("the spawn timeout", Duration::from_secs(10), || {
+        a.log_text().contains("not ready within --spawn-timeout")
+    });
+    assert!(
+        a.log_text().contains("signal 15 (SIGTERM)"),
+        "{}",
+        a.log_text()
+    );
+}

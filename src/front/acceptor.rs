@@ -107,16 +107,25 @@ fn run(listener: Listener, name: ListenAddr, stop: Arc<AtomicBool>, on_conn: imp
 }
 
 /// This thread runs for a few microseconds at a time, but it must run the moment connections arrive, even
-/// when the machine is saturated by the very burst it is absorbing: a higher scheduling priority (a lower
-/// nice value) for this one thread, where the process may raise it (root or CAP_SYS_NICE).
+/// when the machine is saturated by the very burst it is absorbing. So it asks for the lowest real-time
+/// priority (SCHED_FIFO 1: it preempts ordinary threads, and it always sleeps in `poll` again at once), or
+/// failing that (no CAP_SYS_NICE, or a container without a real-time budget) a lower nice value.
 fn raise_priority(name: &ListenAddr) {
-    // SAFETY: gettid and setpriority have no memory-safety preconditions.
-    let r = unsafe {
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid param struct; setpriority and
+    // gettid have no memory-safety preconditions.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 1 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
+            return;
+        }
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, -10)
-    };
-    if r != 0 {
-        tracing::debug!(listener = %name, "acceptor thread keeps normal priority: {}", io::Error::last_os_error());
+        if libc::setpriority(libc::PRIO_PROCESS, tid, -10) != 0 {
+            tracing::debug!(
+                listener = %name,
+                "acceptor thread keeps normal priority: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 }
 

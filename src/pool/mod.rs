@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime};
 use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::{CauseLabels, Metrics};
@@ -44,6 +44,8 @@ use spawn::{SpawnSpec, Spawner};
 const TAIL_LINES: usize = 20;
 /// A worker that exits sooner than this after starting, having served nothing, counts as a failed start.
 const YOUNG: Duration = Duration::from_secs(5);
+/// How often the dynamic pool considers adding a worker (so at most this often).
+const SCALE_EVERY: Duration = Duration::from_millis(100);
 /// How often a starting worker's socket is looked at to see whether it has accepted.
 const READY_POLL: Duration = Duration::from_millis(10);
 /// Recent deaths kept for the status page.
@@ -117,11 +119,12 @@ pub struct Death {
     pub served: u64,
     pub request: Option<HeldRequest>,
     pub last_output: Vec<String>,
+    /// Why it never became ready, if it did not.
+    pub start_failure: Option<String>,
 }
 
 pub struct Pool {
     shared: Arc<Shared>,
-    tasks: JoinSet<()>,
 }
 
 struct Shared {
@@ -147,6 +150,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     crash_times: Mutex<VecDeque<Instant>>,
     loop_log: Mutex<LoopLog>,
+    /// Every slot task, so that stopping can wait for them all.
+    tasks: TaskTracker,
 }
 
 #[derive(Default)]
@@ -191,30 +196,36 @@ impl Pool {
             metrics,
             crash_times: Mutex::new(VecDeque::new()),
             loop_log: Mutex::new(LoopLog::default()),
+            tasks: TaskTracker::new(),
         });
-        let mut pool = Pool {
-            shared,
-            tasks: JoinSet::new(),
-        };
-        pool.spawn_generation(1);
-        Ok(pool)
-    }
-
-    fn spawn_generation(&mut self, generation: u64) {
-        for slot in 0..self.shared.cfg.workers {
-            self.shared.slots_alive.fetch_add(1, Ordering::Relaxed);
-            self.tasks
-                .spawn(run_slot(self.shared.clone(), slot, generation));
+        for _ in 0..cfg.workers {
+            spawn_slot(&shared, 1);
         }
+        if cfg.workers_max > cfg.workers {
+            tokio::spawn(scale(shared.clone()));
+        }
+        Ok(Pool { shared })
     }
 
     /// Starts a new generation of workers; each old worker retires once a new one is ready.
     pub fn reload(&mut self) {
-        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        tracing::info!(generation, "reload: starting a new generation of workers");
-        // Reaps the slot tasks that ended since the last reload.
-        while self.tasks.try_join_next().is_some() {}
-        self.spawn_generation(generation);
+        let sh = &self.shared;
+        let old = sh.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = old + 1;
+        // As many as serve now (a dynamic pool may have grown), and at least the minimum.
+        let current = lock(&sh.scoreboard)
+            .keys()
+            .filter(|(g, _)| *g == old)
+            .count();
+        let n = current.max(sh.cfg.workers);
+        tracing::info!(
+            generation,
+            workers = n,
+            "reload: starting a new generation of workers"
+        );
+        for _ in 0..n {
+            spawn_slot(sh, generation);
+        }
     }
 
     /// Workers holding a request right now.
@@ -233,10 +244,78 @@ impl Pool {
     }
 
     /// Stops every worker (SIGTERM, then SIGKILL after the grace period) and waits for them.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         self.shared.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
+}
+
+/// Starts a slot task in the lowest free slot number of `generation`.
+fn spawn_slot(sh: &Arc<Shared>, generation: u64) {
+    let slot = {
+        let mut board = lock(&sh.scoreboard);
+        let slot = (0..)
+            .find(|i| !board.contains_key(&(generation, *i)))
+            .expect("a free slot number");
+        // Taken now, before the task runs, so that two spawns never pick the same number.
+        board.insert(
+            (generation, slot),
+            SlotRecord {
+                pid: 0,
+                state: "starting",
+                since: Instant::now(),
+                request: None,
+                served: 0,
+            },
+        );
+        slot
+    };
+    sh.slots_alive.fetch_add(1, Ordering::Relaxed);
+    sh.tasks.spawn(run_slot(sh.clone(), slot, generation));
+}
+
+/// The dynamic pool's grower (--workers MIN:MAX): one more worker while requests wait and every worker
+/// is busy, at most one every SCALE_EVERY and never more than one starting at a time. Shrinking is the
+/// slots' own business: an idle worker leaves after --idle-timeout.
+async fn scale(sh: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SCALE_EVERY) => {}
+            () = sh.stop.cancelled() => return,
+        }
+        let generation = sh.generation.load(Ordering::Acquire);
+        let (alive, starting) = {
+            let board = lock(&sh.scoreboard);
+            let current = board.iter().filter(|((g, _), _)| *g == generation);
+            let (mut alive, mut starting) = (0, 0);
+            for (_, r) in current {
+                alive += 1;
+                if r.state == "starting" || r.state == "backoff" {
+                    starting += 1;
+                }
+            }
+            (alive, starting)
+        };
+        let waiting = sh.queue.len();
+        if waiting > 0 && starting == 0 && alive < sh.cfg.workers_max {
+            tracing::info!(
+                workers = alive + 1,
+                waiting,
+                "requests are waiting: adding a worker"
+            );
+            spawn_slot(&sh, generation);
+        }
+    }
+}
+
+/// Leaves the pool if it is above its minimum; true if this slot may go.
+fn leave_if_above_min(sh: &Shared) -> bool {
+    sh.slots_alive
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n > sh.cfg.workers).then(|| n - 1)
+        })
+        .is_ok()
 }
 
 /// What the admin listener may see of the pool.
@@ -337,13 +416,15 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
     let mut failing = false;
     let mut handed_off = false;
     let mut n = 0u64;
+    let mut left_pool = false;
     while !sh.stop.is_cancelled() {
         n += 1;
         let path = sh.dir.join(format!("w{slot}.g{generation}.{n}.sock"));
         let started = Instant::now();
         let end = run_worker(&sh, slot, generation, &path, failing, &mut handed_off).await;
         let _ = std::fs::remove_file(&path);
-        if sh.stop.is_cancelled() || end.retire_slot {
+        left_pool = end.left_pool;
+        if sh.stop.is_cancelled() || end.retire_slot || end.left_pool {
             break;
         }
         let young = end.failed_start || (end.served == 0 && started.elapsed() < YOUNG);
@@ -377,7 +458,9 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         sh.slots_failing.fetch_sub(1, Ordering::Relaxed);
     }
     lock(&sh.scoreboard).remove(&(generation, slot));
-    sh.slots_alive.fetch_sub(1, Ordering::Relaxed);
+    if !left_pool {
+        sh.slots_alive.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct WorkerEnd {
@@ -386,6 +469,8 @@ struct WorkerEnd {
     retire_slot: bool,
     /// It never became ready.
     failed_start: bool,
+    /// It idled out of a dynamic pool (already taken off `slots_alive`).
+    left_pool: bool,
 }
 
 async fn run_worker(
@@ -400,6 +485,7 @@ async fn run_worker(
         served: 0,
         retire_slot: false,
         failed_start: false,
+        left_pool: false,
     };
     let listener = match worker_socket(path) {
         Ok(l) => l,
@@ -456,6 +542,7 @@ async fn run_worker(
     let mut link = Link::new(path, sh.cfg.worker_protocol);
     let mut cause = Cause::Crashed;
     let mut held: Option<HeldRequest> = None;
+    let mut start_failure: Option<String> = None;
 
     // No request before the worker is ready: it has accepted a connection, or answered the probe.
     let spawn_timeout = sh.cfg.spawn_timeout;
@@ -480,9 +567,7 @@ async fn run_worker(
         }
         Err(why) => {
             end.failed_start = true;
-            loop_event(sh, || {
-                tracing::warn!(slot, pid, "worker failed to start: {why}")
-            });
+            start_failure = Some(why);
             match early {
                 Some(st) => st,
                 None => terminate(pid, sh.cfg.kill_grace, &mut exit).await,
@@ -526,6 +611,17 @@ async fn run_worker(
                         break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
                     }
                     () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
+                    () = tokio::time::sleep(sh.cfg.idle_timeout), if sh.cfg.workers_max > sh.cfg.workers => {
+                        if leave_if_above_min(sh) {
+                            end.left_pool = true;
+                            end.retire_slot = true;
+                            set_state(sh, key, "stopping", |_| {});
+                            tracing::info!(slot, pid, "idle for {:?}: leaving the pool", sh.cfg.idle_timeout);
+                            cause = Cause::Retired;
+                            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                        }
+                        continue;
+                    }
                     job = sh.queue.pop() => job,
                 };
                 sh.busy.fetch_add(1, Ordering::Relaxed);
@@ -679,6 +775,7 @@ async fn run_worker(
         served: end.served,
         request: held,
         last_output: lock(&tail).iter().cloned().collect(),
+        start_failure,
     };
     record_death(sh, &death);
     end
@@ -749,7 +846,10 @@ fn record_death(sh: &Shared, d: &Death) {
             cause: d.cause.as_str(),
         })
         .inc();
-    let young = d.served == 0 && d.lived < YOUNG;
+    // A failed start: never ready, or gone within seconds without having held a request. A worker that
+    // died holding one is explained as such, whenever it died.
+    let young =
+        d.start_failure.is_some() || (d.served == 0 && d.lived < YOUNG && d.request.is_none());
     let r = d.request.as_ref();
     let log = || {
         let (level_error, what) = match d.cause {
@@ -772,6 +872,7 @@ fn record_death(sh: &Shared, d: &Death) {
                     request_received_bytes = r.map(|r| r.received_bytes),
                     request_ms = r.map(|r| r.elapsed.as_millis() as u64),
                     last_output = ?d.last_output,
+                    why = d.start_failure.as_deref(),
                     "{what}"
                 )
             };
