@@ -319,6 +319,11 @@ fn multiplexed_requests_with_aborts_and_hangups_leak_nothing() {
         assert_eq!(t.join().unwrap().status, 200);
     }
     let fds_before = open_fds(pid);
+    let tasks_before = metric(
+        &get(admin_addr, "/metrics").text(),
+        "anteroom_runtime_tasks",
+    );
+    assert!(tasks_before > 0.0, "no anteroom_runtime_tasks in /metrics");
 
     const CONNS: usize = 4;
     const BATCH: u16 = 150; // under the per-connection bound of requests in flight
@@ -402,12 +407,13 @@ fn multiplexed_requests_with_aborts_and_hangups_leak_nothing() {
     );
 
     wait_until(
-        "connections and queue back to zero",
+        "connections, queue and tasks back to the baseline",
         Duration::from_secs(20),
         || {
             let m = get(admin_addr, "/metrics").text();
             metric(&m, "anteroom_client_connections") == 0.0
                 && metric(&m, "anteroom_queue_depth") == 0.0
+                && metric(&m, "anteroom_runtime_tasks") <= tasks_before
         },
     );
     let fd_list = |pid: u32| -> Vec<String> {

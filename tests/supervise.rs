@@ -349,3 +349,13 @@ fn a_worker_that_never_accepts_is_killed_after_the_spawn_timeout() {
         a.log_text()
     );
 }
+
+#[test]
+fn recycling_on_memory_fails_nothing() {
+    // Every demo worker is over 1 MiB: each is replaced after every request, and no request notices.
+    let a = Anteroom::start(&["--workers", "2", "--max-rss", "1"]);
+    let url = format!("http://{}/sleep?ms=1", a.addr);
+    let (v, raw) = load(&url, 60, 4, || {});
+    assert_all_200(&v, 60, &raw);
+    assert!(a.log_text().contains("over --max-rss"), "{}", a.log_text());
+}

@@ -217,6 +217,14 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
     let depth: Gauge = Gauge::default();
     depth.set(st.queue.len() as i64);
     now.register("queue_depth", "Requests waiting for a worker now", depth);
+    // Every connection and request is a task: a leak shows here first.
+    let tasks: Gauge = Gauge::default();
+    tasks.set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as i64,
+    );
+    now.register("runtime_tasks", "Tasks alive in anteroom's runtime", tasks);
 
     let workers = Family::<Labels, Gauge>::default();
     for state in WORKER_STATES {

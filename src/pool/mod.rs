@@ -586,6 +586,8 @@ async fn run_worker(
                 } else if let Some(rss) = sh
                     .cfg
                     .max_rss
+                    // Only once it has served: a worker over the limit at birth would never serve at all.
+                    .filter(|_| end.served > 0)
                     .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
                 {
                     Some(format!("resident memory {} MiB over --max-rss", rss >> 20))
