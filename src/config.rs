@@ -71,6 +71,8 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+    /// logfmt: key=value pairs only, one line per event.
+    Logfmt,
 }
 
 /// How anteroom talks to its workers.
@@ -212,7 +214,7 @@ pub struct ServeArgs {
     /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
     #[arg(long)]
     pub access_log: bool,
-    /// Log format: text or json [default: text].
+    /// Log format: text, json or logfmt [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
     /// The worker command and its arguments; without it, the built-in demo app.

@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod fastcgi;
 pub mod front;
+pub mod logfmt;
 pub mod metrics;
 pub mod pool;
 pub mod quarantine;

@@ -61,6 +61,7 @@ fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => fmt.json().init(),
+        LogFormat::Logfmt => fmt.event_format(anteroom::logfmt::Logfmt).init(),
         LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),

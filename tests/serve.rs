@@ -444,3 +444,33 @@ fn bad_configuration_is_refused_with_its_name() {
     let err = run(&["--config", file.to_str().unwrap()]);
     assert!(err.contains("max-qeueu"), "{err}");
 }
+
+#[test]
+fn access_log_in_json_and_logfmt() {
+    let mut a = Anteroom::start(&["--workers", "1", "--access-log", "--log-format", "json"]);
+    a.raw(b"GET /env?x=1 HTTP/1.1\r\nHost: t\r\nX-Request-Id: log-1\r\nConnection: close\r\n\r\n");
+    a.stop();
+    let log = a.log_text();
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+    let access = log
+        .lines()
+        .find(|l| l.contains("log-1"))
+        .expect("an access line");
+    assert!(
+        access.contains(r#"\"GET /env?x=1 HTTP/1.1\" 200"#),
+        "{access}"
+    );
+    assert!(
+        access.contains("queue_ms=") && access.contains("worker_ms="),
+        "{access}"
+    );
+
+    let mut a = Anteroom::start(&["--workers", "1", "--access-log", "--log-format", "logfmt"]);
+    a.get("/env");
+    a.stop();
+    let log = a.log_text();
+    assert!(log.lines().all(|l| l.starts_with("ts=")), "{log}");
+    assert!(log.contains("target=access msg="), "{log}");
+}
