@@ -78,6 +78,7 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         }
     }
 
+    prepare_fd_table(cfg.max_queue);
     let dir = RuntimeDir::create()?;
     let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
     let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
@@ -228,5 +229,41 @@ impl RuntimeDir {
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, and grows the fd table ahead of the load.
+///
+/// Every waiting request holds a client connection, so the fd count follows the queue. Linux grows a
+/// multi-threaded process's fd table by waiting for an RCU grace period (milliseconds); if that happens in
+/// the acceptor thread in the middle of a burst, the kernel's accept queue overflows meanwhile and nginx
+/// answers 502. So the table is sized at start, for the queue limit and some margin, by opening a
+/// descriptor at that number and closing it again: the table never shrinks.
+fn prepare_fd_table(max_queue: usize) {
+    // SAFETY: getrlimit/setrlimit with a struct we own; fcntl(F_DUPFD) of stderr and close of the new fd
+    // we just got, which nothing else knows about.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(1 << 20),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = want.rlim_cur;
+            }
+        }
+        let target = (max_queue as u64 * 2 + 1024)
+            .min(65_536)
+            .min(lim.rlim_cur.saturating_sub(1));
+        if target > 3 {
+            let fd = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, target as libc::c_int);
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
     }
 }

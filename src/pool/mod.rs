@@ -563,14 +563,14 @@ async fn run_worker(
     let status: std::io::Result<ExitStatus> = match readiness {
         Ok(false) => {
             cause = Cause::Retired;
-            terminate(pid, sh.cfg.kill_grace, &mut exit).await
+            terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await
         }
         Err(why) => {
             end.failed_start = true;
             start_failure = Some(why);
             match early {
                 Some(st) => st,
-                None => terminate(pid, sh.cfg.kill_grace, &mut exit).await,
+                None => terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await,
             }
         }
         Ok(true) => {
@@ -603,14 +603,14 @@ async fn run_worker(
                     set_state(sh, key, "stopping", |_| {});
                     tracing::info!(slot, pid, "retiring worker: {why}");
                     cause = Cause::Retired;
-                    break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
                 }
                 let mut job = tokio::select! {
                     biased;
                     st = &mut exit => break st,
                     () = sh.stop.cancelled() => {
                         cause = Cause::Retired;
-                        break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                        break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
                     }
                     () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
                     () = tokio::time::sleep(sh.cfg.idle_timeout), if sh.cfg.workers_max > sh.cfg.workers => {
@@ -620,7 +620,7 @@ async fn run_worker(
                             set_state(sh, key, "stopping", |_| {});
                             tracing::info!(slot, pid, "idle for {:?}: leaving the pool", sh.cfg.idle_timeout);
                             cause = Cause::Retired;
-                            break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                            break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
                         }
                         continue;
                     }
@@ -708,7 +708,7 @@ async fn run_worker(
                     }
                     cause = Cause::Timeout;
                     held = Some(request);
-                    break terminate(pid, sh.cfg.kill_grace, &mut exit).await;
+                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
                 }
                 if exited.is_none() {
                     // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
@@ -957,8 +957,12 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 async fn terminate(
     pid: u32,
     grace: Duration,
+    link: &mut Link,
     exit: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
 ) -> std::io::Result<ExitStatus> {
+    // Our connection first: php-cgi, blocked reading a kept-alive connection, restarts the read after
+    // SIGTERM and would only stop at SIGKILL; at EOF it returns to accept(), where SIGTERM ends it.
+    link.reset();
     // The whole process group: a worker that is itself a small manager (plackup's FCGI::ProcManager,
     // gunicorn's arbiter) must not leave its children behind.
     signal(pid, libc::SIGTERM);
