@@ -13,8 +13,45 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio_util::task::TaskTracker;
+
 use super::listen::Listener;
 use crate::config::ListenAddr;
+
+/// Accepts on `listener` and serves each connection with `serve`, on the runtime, tracked by `conns`.
+pub fn serve_each<F, Fut>(listener: Listener, conns: TaskTracker, serve: F) -> io::Result<Acceptor>
+where
+    F: Fn(Conn) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    let serve = Arc::new(serve);
+    Acceptor::start(listener, move |accepted| {
+        let serve = serve.clone();
+        conns.spawn_on(
+            async move {
+                // Registered with the runtime here, on a runtime thread, not on the acceptor's.
+                let conn = match accepted {
+                    Accepted::Tcp(s, peer) => {
+                        tokio::net::TcpStream::from_std(s).map(|s| Conn::Tcp(s, peer))
+                    }
+                    Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(Conn::Unix),
+                };
+                match conn {
+                    Ok(c) => serve(c).await,
+                    Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                }
+            },
+            &handle,
+        );
+    })
+}
+
+/// A connection ready for the runtime.
+pub enum Conn {
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
 
 /// A connection just accepted, still a blocking-mode-agnostic std socket.
 pub enum Accepted {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::task::TaskTracker;
 
-use super::acceptor::{Accepted, Acceptor};
+use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn};
 use super::http::{account, dispatch, refused, Front};
 use super::listen::Listener;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
@@ -44,31 +44,12 @@ pub fn start(
     front: Arc<Front>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
-    let handle = tokio::runtime::Handle::current();
-    Acceptor::start(listener, move |conn| {
+    serve_each(listener, conns, move |conn| {
         let front = front.clone();
-        match conn {
-            Accepted::Tcp(s, _) => {
-                conns.spawn_on(
-                    async move {
-                        match tokio::net::TcpStream::from_std(s) {
-                            Ok(s) => serve_conn(s, front).await,
-                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                        }
-                    },
-                    &handle,
-                );
-            }
-            Accepted::Unix(s) => {
-                conns.spawn_on(
-                    async move {
-                        match tokio::net::UnixStream::from_std(s) {
-                            Ok(s) => serve_conn(s, front).await,
-                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                        }
-                    },
-                    &handle,
-                );
+        async move {
+            match conn {
+                AcceptedConn::Tcp(s, _) => serve_conn(s, front).await,
+                AcceptedConn::Unix(s) => serve_conn(s, front).await,
             }
         }
     })

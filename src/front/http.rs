@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
-use super::acceptor::{Accepted, Acceptor};
+use super::acceptor::{serve_each, Acceptor, Conn};
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
@@ -46,37 +46,18 @@ pub fn start(
     front: Arc<Front>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
-    let handle = tokio::runtime::Handle::current();
-    Acceptor::start(listener, move |conn| {
+    serve_each(listener, conns, move |conn| {
         let front = front.clone();
-        match conn {
-            Accepted::Tcp(s, peer) => {
-                conns.spawn_on(
-                    async move {
-                        match tokio::net::TcpStream::from_std(s) {
-                            Ok(s) => {
-                                let origin = Origin {
-                                    peer: Some(peer),
-                                    local: s.local_addr().ok(),
-                                };
-                                serve_conn(s, origin, front).await
-                            }
-                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                        }
-                    },
-                    &handle,
-                );
-            }
-            Accepted::Unix(s) => {
-                conns.spawn_on(
-                    async move {
-                        match tokio::net::UnixStream::from_std(s) {
-                            Ok(s) => serve_conn(s, Origin::default(), front).await,
-                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                        }
-                    },
-                    &handle,
-                );
+        async move {
+            match conn {
+                Conn::Tcp(s, peer) => {
+                    let origin = Origin {
+                        peer: Some(peer),
+                        local: s.local_addr().ok(),
+                    };
+                    serve_conn(s, origin, front).await
+                }
+                Conn::Unix(s) => serve_conn(s, Origin::default(), front).await,
             }
         }
     })
