@@ -49,15 +49,27 @@ pub fn start(
     serve_each(listener, conns, move |conn| {
         let front = front.clone();
         async move {
+            // No buffers until the client says something: a connection opened ahead of need (browsers,
+            // pools, 10,000 idle clients) costs a socket and this small task, not hyper's 8 KiB and more.
+            // One that stays silent past the head deadline is closed, as HeadTimeoutIo would.
+            let limit = front.cfg.header_timeout;
             match conn {
                 Conn::Tcp(s, peer) => {
+                    if !matches!(tokio::time::timeout(limit, s.readable()).await, Ok(Ok(()))) {
+                        return;
+                    }
                     let origin = Origin {
                         peer: Some(peer),
                         local: s.local_addr().ok(),
                     };
                     serve_conn(s, origin, front).await
                 }
-                Conn::Unix(s) => serve_conn(s, Origin::default(), front).await,
+                Conn::Unix(s) => {
+                    if !matches!(tokio::time::timeout(limit, s.readable()).await, Ok(Ok(()))) {
+                        return;
+                    }
+                    serve_conn(s, Origin::default(), front).await
+                }
             }
         }
     })
