@@ -148,6 +148,10 @@ fn a_worker_that_cannot_start_is_contained() {
         "{lines} log lines in 7 s of crash loop:\n{log}"
     );
     assert!(log.contains("worker failed at start"), "{log}");
+    assert!(
+        log.contains("restart_in_ms="),
+        "the backoff shows in the log: {log}"
+    );
     assert!(log.contains("every worker slot is failing"), "{log}");
 }
 

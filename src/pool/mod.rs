@@ -121,6 +121,9 @@ pub struct Death {
     pub last_output: Vec<String>,
     /// Why it never became ready, if it did not.
     pub start_failure: Option<String>,
+    /// For a failed start: the backoff before the slot's next attempt.
+    #[serde(rename = "restart_in_ms", serialize_with = "ser_ms")]
+    pub restart_in: Duration,
 }
 
 pub struct Pool {
@@ -421,7 +424,16 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         n += 1;
         let path = sh.dir.join(format!("w{slot}.g{generation}.{n}.sock"));
         let started = Instant::now();
-        let end = run_worker(&sh, slot, generation, &path, failing, &mut handed_off).await;
+        let end = run_worker(
+            &sh,
+            slot,
+            generation,
+            &path,
+            failing,
+            &mut handed_off,
+            backoff.upcoming(),
+        )
+        .await;
         let _ = std::fs::remove_file(&path);
         left_pool = end.left_pool;
         if sh.stop.is_cancelled() || end.retire_slot || end.left_pool {
@@ -480,6 +492,8 @@ async fn run_worker(
     path: &Path,
     quiet: bool,
     handed_off: &mut bool,
+    // The delay before the next start, should this worker fail young: for its death event.
+    restart_in: Duration,
 ) -> WorkerEnd {
     let mut end = WorkerEnd {
         served: 0,
@@ -778,6 +792,7 @@ async fn run_worker(
         request: held,
         last_output: lock(&tail).iter().cloned().collect(),
         start_failure,
+        restart_in,
     };
     record_death(sh, &death);
     end
@@ -855,7 +870,7 @@ fn record_death(sh: &Shared, d: &Death) {
     let r = d.request.as_ref();
     let log = || {
         let (level_error, what) = match d.cause {
-            Cause::Crashed if young => (true, "worker failed at start"),
+            Cause::Crashed if young => (true, "worker failed at start; restarting after a backoff"),
             Cause::Crashed => (true, "worker died"),
             Cause::Timeout => (true, "worker stopped: request timeout"),
             Cause::Retired => (false, "worker retired"),
@@ -875,6 +890,7 @@ fn record_death(sh: &Shared, d: &Death) {
                     request_ms = r.map(|r| r.elapsed.as_millis() as u64),
                     last_output = ?d.last_output,
                     why = d.start_failure.as_deref(),
+                    restart_in_ms = young.then(|| d.restart_in.as_millis() as u64),
                     "{what}"
                 )
             };
@@ -1098,6 +1114,11 @@ impl Backoff {
         self.next = (self.next * 2).min(Self::MAX);
         // +-20%, so that slots failing together do not restart in lockstep.
         d.mul_f64(0.8 + fastrand::f64() * 0.4)
+    }
+
+    /// The next delay, before jitter.
+    fn upcoming(&self) -> Duration {
+        self.next
     }
 
     fn reset(&mut self) {
