@@ -169,12 +169,15 @@ receives).</p>
 # PHP
 anteroom --param SCRIPT_FILENAME=/srv/app/index.php -- php-cgi
 # Perl (PSGI)
-anteroom -- plackup -s FCGI --listen-sock-fd 0 app.psgi
+anteroom -- plackup -s FCGI app.psgi
 # Python (WSGI, flup)
 anteroom -- python3 examples/python/app_flup.py
 # Any HTTP app that takes a socket on fd 3 (LISTEN_FDS), e.g. gunicorn
 anteroom --worker-protocol http -- gunicorn -w 1 app:app
 </pre>
-<p>See <code>anteroom --help</code> for every option.</p>
+<p>Watch the queue and the workers on the status page of the admin listener,
+<a href="http://127.0.0.1:8001/">http://127.0.0.1:8001/</a> by default (also <code>/metrics</code> and
+<code>/health/ready</code>), and every listening socket's kernel queue with <code>anteroom sockets</code>.
+See <code>anteroom --help</code> for every option.</p>
 </body></html>
 "#;
