@@ -19,31 +19,43 @@ use super::listen::Listener;
 use crate::config::ListenAddr;
 
 /// Accepts on `listener` and serves each connection with `serve`, on the runtime, tracked by `conns`.
+///
+/// The acceptor thread only pushes accepted sockets into a channel; one task on the runtime takes them
+/// out and spawns their tasks. So a burst costs the acceptor one wake-up of that task, not one runtime
+/// spawn per connection, and the acceptor never waits on a lock held by a runtime thread that the
+/// burst has pushed off its core.
 pub fn serve_each<F, Fut>(listener: Listener, conns: TaskTracker, serve: F) -> io::Result<Acceptor>
 where
     F: Fn(Conn) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let handle = tokio::runtime::Handle::current();
-    let serve = Arc::new(serve);
-    Acceptor::start(listener, move |accepted| {
-        let serve = serve.clone();
-        conns.spawn_on(
-            async move {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+    let handoff = conns.clone();
+    tokio::spawn(async move {
+        while let Some(accepted) = rx.recv().await {
+            let serve_it = serve(match accepted {
                 // Registered with the runtime here, on a runtime thread, not on the acceptor's.
-                let conn = match accepted {
-                    Accepted::Tcp(s, peer) => {
-                        tokio::net::TcpStream::from_std(s).map(|s| Conn::Tcp(s, peer))
+                Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
+                    Ok(s) => Conn::Tcp(s, peer),
+                    Err(e) => {
+                        tracing::warn!("cannot register a connection: {e}");
+                        continue;
                     }
-                    Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(Conn::Unix),
-                };
-                match conn {
-                    Ok(c) => serve(c).await,
-                    Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                }
-            },
-            &handle,
-        );
+                },
+                Accepted::Unix(s) => match tokio::net::UnixStream::from_std(s) {
+                    Ok(s) => Conn::Unix(s),
+                    Err(e) => {
+                        tracing::warn!("cannot register a connection: {e}");
+                        continue;
+                    }
+                },
+            });
+            handoff.spawn(serve_it);
+        }
+    });
+    Acceptor::start(listener, move |accepted| {
+        // Fails only when the runtime is shutting down; the connection is then just closed.
+        let _ = tx.send(accepted);
     })
 }
 

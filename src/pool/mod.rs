@@ -16,10 +16,20 @@
 //! between requests; and on reload (SIGHUP), when a new generation of slots starts and each old worker
 //! retires, after its current request, as soon as a new one is ready.
 
+mod death;
+mod process;
+mod scoreboard;
 pub mod spawn;
 
+pub use death::{describe, signal_name, Cause, Death, HeldRequest};
+use death::{loop_event, record_death, LoopLog};
+use process::{
+    log_lines, signal_group, socket_inode, terminate, worker_socket, Backoff, TAIL_LINES,
+};
+use scoreboard::{rss_bytes, set_state, SlotRecord};
+pub use scoreboard::{PoolView, WorkerInfo};
+
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,110 +37,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::metrics::{CauseLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::quarantine::{fingerprint, Quarantine};
 use crate::queue::Queue;
 use crate::request::{error_response, Job};
 use crate::worker::{Link, Progress, WorkerError};
 use spawn::{SpawnSpec, Spawner};
 
-/// How many of a worker's last output lines are kept for its crash report.
-const TAIL_LINES: usize = 20;
 /// A worker that exits sooner than this after starting, having served nothing, counts as a failed start.
-const YOUNG: Duration = Duration::from_secs(5);
+pub(super) const YOUNG: Duration = Duration::from_secs(5);
 /// How often the dynamic pool considers adding a worker (so at most this often).
 const SCALE_EVERY: Duration = Duration::from_millis(100);
 /// How often a starting worker's socket is looked at to see whether it has accepted.
 const READY_POLL: Duration = Duration::from_millis(10);
-/// Recent deaths kept for the status page.
-const RECENT_DEATHS: usize = 50;
-/// At most one crash-loop log line per this period; the rest are counted into it.
-const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Why a worker process ended, as attributed by its slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// It exited or was killed by something other than anteroom.
-    Crashed,
-    /// anteroom stopped it: it held a request longer than --request-timeout.
-    Timeout,
-    /// anteroom replaced it on purpose (max requests, max RSS, reload, shutdown).
-    Retired,
-}
-
-impl Cause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::Crashed => "crashed",
-            Cause::Timeout => "timeout",
-            Cause::Retired => "retired",
-        }
-    }
-}
-
-impl serde::Serialize for Cause {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// The request a worker was holding when it died.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HeldRequest {
-    pub id: String,
-    pub method: String,
-    pub target: String,
-    pub sent_bytes: u64,
-    pub received_bytes: u64,
-    #[serde(rename = "elapsed_ms", serialize_with = "ser_ms")]
-    pub elapsed: Duration,
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-
-fn ser_unix<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64(),
-    )
-}
-
-/// One worker death, explained.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Death {
-    /// Seconds since the Unix epoch.
-    #[serde(serialize_with = "ser_unix")]
-    pub at: SystemTime,
-    pub slot: usize,
-    pub pid: u32,
-    pub status: String,
-    pub cause: Cause,
-    #[serde(rename = "lived_ms", serialize_with = "ser_ms")]
-    pub lived: Duration,
-    pub served: u64,
-    pub request: Option<HeldRequest>,
-    pub last_output: Vec<String>,
-    /// Why it never became ready, if it did not.
-    pub start_failure: Option<String>,
-    /// For a failed start: the backoff before the slot's next attempt.
-    #[serde(rename = "restart_in_ms", serialize_with = "ser_ms")]
-    pub restart_in: Duration,
-}
 
 pub struct Pool {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     cfg: Arc<Config>,
     queue: Arc<Queue>,
     quarantine: Arc<Quarantine>,
@@ -155,12 +85,6 @@ struct Shared {
     loop_log: Mutex<LoopLog>,
     /// Every slot task, so that stopping can wait for them all.
     tasks: TaskTracker,
-}
-
-#[derive(Default)]
-struct LoopLog {
-    last: Option<Instant>,
-    suppressed: u32,
 }
 
 impl Pool {
@@ -321,96 +245,7 @@ fn leave_if_above_min(sh: &Shared) -> bool {
         .is_ok()
 }
 
-/// What the admin listener may see of the pool.
-#[derive(Clone)]
-pub struct PoolView(Arc<Shared>);
-
-/// One row of the scoreboard.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct WorkerInfo {
-    pub slot: usize,
-    pub generation: u64,
-    pub pid: u32,
-    /// starting, idle, busy, backoff or stopping.
-    pub state: &'static str,
-    /// In this state for so long.
-    pub state_ms: u64,
-    pub request_id: Option<String>,
-    pub request: Option<String>,
-    pub served: u64,
-    pub rss_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-struct SlotRecord {
-    pid: u32,
-    state: &'static str,
-    since: Instant,
-    request: Option<(String, String)>,
-    served: u64,
-}
-
-impl PoolView {
-    /// The most recent worker deaths, oldest first.
-    pub fn recent_deaths(&self) -> Vec<Death> {
-        lock(&self.0.deaths).iter().cloned().collect()
-    }
-
-    /// Every worker slot, with its process and what it is doing.
-    pub fn scoreboard(&self) -> Vec<WorkerInfo> {
-        let board = lock(&self.0.scoreboard).clone();
-        board
-            .into_iter()
-            .map(|((generation, slot), r)| WorkerInfo {
-                slot,
-                generation,
-                pid: r.pid,
-                state: r.state,
-                state_ms: r.since.elapsed().as_millis() as u64,
-                request_id: r.request.as_ref().map(|x| x.0.clone()),
-                request: r.request.map(|x| x.1),
-                served: r.served,
-                rss_bytes: (r.pid > 0).then(|| rss_bytes(r.pid)).flatten(),
-            })
-            .collect()
-    }
-
-    /// Workers that are up (idle or busy).
-    pub fn up(&self) -> usize {
-        lock(&self.0.scoreboard)
-            .values()
-            .filter(|r| r.state == "idle" || r.state == "busy")
-            .count()
-    }
-
-    pub fn busy(&self) -> usize {
-        self.0.busy.load(Ordering::Relaxed)
-    }
-
-    /// True while every slot is failing to start.
-    pub fn all_failing(&self) -> bool {
-        let alive = self.0.slots_alive.load(Ordering::Relaxed);
-        alive > 0 && self.0.slots_failing.load(Ordering::Relaxed) >= alive
-    }
-}
-
-fn set_state(sh: &Shared, key: (u64, usize), state: &'static str, f: impl FnOnce(&mut SlotRecord)) {
-    let mut board = lock(&sh.scoreboard);
-    let r = board.entry(key).or_insert_with(|| SlotRecord {
-        pid: 0,
-        state,
-        since: Instant::now(),
-        request: None,
-        served: 0,
-    });
-    if r.state != state {
-        r.state = state;
-        r.since = Instant::now();
-    }
-    f(r);
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -840,317 +675,9 @@ async fn wait_ready(sh: &Shared, link: &mut Link, inode: Option<u64>) -> Result<
     }
 }
 
-fn socket_inode(fd: &OwnedFd) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fstat writes into the zeroed struct we own; the fd is open for the call's duration.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
-    (r == 0).then_some(st.st_ino)
-}
-
 fn became_ready(sh: &Shared, generation: u64) {
     if generation > 1 && generation == sh.generation.load(Ordering::Acquire) {
         sh.handoff.add_permits(1);
         sh.handoff_ready.notify_waiters();
-    }
-}
-
-/// Logs a death as one event, keeps it for the status page, and counts it towards --crash-exit.
-fn record_death(sh: &Shared, d: &Death) {
-    sh.metrics
-        .deaths
-        .get_or_create(&CauseLabels {
-            cause: d.cause.as_str(),
-        })
-        .inc();
-    // A failed start: never ready, or gone within seconds without having held a request. A worker that
-    // died holding one is explained as such, whenever it died.
-    let young =
-        d.start_failure.is_some() || (d.served == 0 && d.lived < YOUNG && d.request.is_none());
-    let r = d.request.as_ref();
-    let log = || {
-        let (level_error, what) = match d.cause {
-            Cause::Crashed if young => (true, "worker failed at start; restarting after a backoff"),
-            Cause::Crashed => (true, "worker died"),
-            Cause::Timeout => (true, "worker stopped: request timeout"),
-            Cause::Retired => (false, "worker retired"),
-        };
-        macro_rules! event {
-            ($lvl:ident) => {
-                tracing::$lvl!(
-                    slot = d.slot,
-                    pid = d.pid,
-                    status = %d.status,
-                    lived_ms = d.lived.as_millis() as u64,
-                    served = d.served,
-                    request_id = r.map(|r| r.id.as_str()),
-                    request = r.map(|r| format!("{} {}", r.method, r.target)),
-                    request_sent_bytes = r.map(|r| r.sent_bytes),
-                    request_received_bytes = r.map(|r| r.received_bytes),
-                    request_ms = r.map(|r| r.elapsed.as_millis() as u64),
-                    last_output = ?d.last_output,
-                    why = d.start_failure.as_deref(),
-                    restart_in_ms = young.then(|| d.restart_in.as_millis() as u64),
-                    "{what}"
-                )
-            };
-        }
-        if level_error {
-            event!(error)
-        } else {
-            event!(info)
-        }
-    };
-    if young && d.cause == Cause::Crashed {
-        loop_event(sh, log);
-    } else {
-        log();
-    }
-    {
-        let mut deaths = lock(&sh.deaths);
-        if deaths.len() == RECENT_DEATHS {
-            deaths.pop_front();
-        }
-        deaths.push_back(d.clone());
-    }
-    if d.cause != Cause::Retired {
-        if let Some(limit) = sh.cfg.crash_exit {
-            let now = Instant::now();
-            let mut times = lock(&sh.crash_times);
-            times.push_back(now);
-            while times
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > limit.within)
-            {
-                times.pop_front();
-            }
-            if times.len() as u32 >= limit.deaths {
-                tracing::error!(
-                    "{} unexpected worker deaths within {:?} (--crash-exit): exiting with code {}",
-                    times.len(),
-                    limit.within,
-                    crate::server::EXIT_CRASH_LOOP
-                );
-                sh.fatal.cancel();
-            }
-        }
-    }
-}
-
-/// Crash loops: the first event in a period is logged with how many were left unsaid since the last.
-fn loop_event(sh: &Shared, log: impl FnOnce()) {
-    let mut ll = lock(&sh.loop_log);
-    let now = Instant::now();
-    if ll
-        .last
-        .is_none_or(|t| now.duration_since(t) >= LOOP_LOG_EVERY)
-    {
-        if ll.suppressed > 0 {
-            tracing::warn!(
-                "{} more failed worker starts in the last {:?} were not logged one by one; workers restart with growing delays (0.1 s doubling to 30 s)",
-                ll.suppressed,
-                ll.last.map(|t| now.duration_since(t)).unwrap_or_default()
-            );
-        }
-        ll.last = Some(now);
-        ll.suppressed = 0;
-        drop(ll);
-        log();
-    } else {
-        ll.suppressed += 1;
-    }
-}
-
-/// The worker's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// SIGTERM, then SIGKILL if the worker has not exited within the grace period.
-async fn terminate(
-    pid: u32,
-    grace: Duration,
-    link: &mut Link,
-    exit: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
-) -> std::io::Result<ExitStatus> {
-    // Our connection first: php-cgi, blocked reading a kept-alive connection, restarts the read after
-    // SIGTERM and would only stop at SIGKILL; at EOF it returns to accept(), where SIGTERM ends it.
-    link.reset();
-    // The whole process group: a worker that is itself a small manager (plackup's FCGI::ProcManager,
-    // gunicorn's arbiter) must not leave its children behind.
-    signal(pid, libc::SIGTERM);
-    signal_group(pid, libc::SIGTERM);
-    match tokio::time::timeout(grace, exit.as_mut()).await {
-        Ok(st) => st,
-        Err(_) => {
-            signal_group(pid, libc::SIGKILL);
-            signal(pid, libc::SIGKILL);
-            exit.as_mut().await
-        }
-    }
-}
-
-/// Signals the process group the worker leads (it was made its own group at spawn).
-fn signal_group(pid: u32, sig: libc::c_int) {
-    if pid > 1 {
-        // SAFETY: kill(2) has no memory-safety preconditions. The group id is the worker's pid, which the
-        // kernel does not reuse while the group has members.
-        unsafe {
-            libc::kill(-(pid as libc::pid_t), sig);
-        }
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    if pid > 0 {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own unreaped child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
-}
-
-/// "exit code 3", "signal 9 (SIGKILL)", "signal 11 (SIGSEGV), core dumped".
-pub fn describe(st: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(code) = st.code() {
-        return format!("exit code {code}");
-    }
-    match st.signal() {
-        Some(sig) => {
-            let name = signal_name(sig);
-            if st.core_dumped() {
-                format!("signal {sig} ({name}), core dumped")
-            } else {
-                format!("signal {sig} ({name})")
-            }
-        }
-        None => "unknown".into(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGSYS => "SIGSYS",
-        _ => "?",
-    }
-}
-
-/// The worker's private listening socket, blocking as apps expect of an inherited listener.
-fn worker_socket(path: &Path) -> std::io::Result<OwnedFd> {
-    let _ = std::fs::remove_file(path);
-    let s = crate::front::listen::unix_socket(path, 64)?;
-    s.set_nonblocking(false)?;
-    Ok(s.into())
-}
-
-/// Logs a worker's output line by line and keeps the last lines for its crash report.
-async fn log_lines(
-    stream: impl AsyncRead + Unpin,
-    slot: usize,
-    pid: u32,
-    name: &'static str,
-    tail: Arc<Mutex<VecDeque<String>>>,
-) {
-    let mut reader = BufReader::with_capacity(8192, stream);
-    let mut buf = Vec::with_capacity(256);
-    loop {
-        buf.clear();
-        // Lines are capped so that a worker printing without newlines cannot grow our memory.
-        match (&mut reader).take(8192).read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.trim_end();
-        if line.is_empty() {
-            continue;
-        }
-        tracing::info!(target: "worker", slot, pid, stream = name, "{line}");
-        if let Ok(mut t) = tail.lock() {
-            if t.len() == TAIL_LINES {
-                t.pop_front();
-            }
-            t.push_back(line.to_string());
-        }
-    }
-}
-
-/// Exponential backoff with jitter: 0.1 s doubling to 30 s.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        // +-20%, so that slots failing together do not restart in lockstep.
-        d.mul_f64(0.8 + fastrand::f64() * 0.4)
-    }
-
-    /// The next delay, before jitter.
-    fn upcoming(&self) -> Duration {
-        self.next
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let mut b = Backoff::new();
-        let first = b.next();
-        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
-        for _ in 0..20 {
-            b.next();
-        }
-        assert!(b.next() <= Duration::from_secs(36));
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(120));
-    }
-
-    #[test]
-    fn exit_descriptions() {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exit code 3");
-        assert_eq!(describe(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
-        assert_eq!(
-            describe(ExitStatus::from_raw(11 | 0x80)),
-            "signal 11 (SIGSEGV), core dumped"
-        );
     }
 }

@@ -1,0 +1,258 @@
+//! Why a worker ended, said once and kept: the death event, the list of recent deaths, the crash-loop
+//! log limiter and --crash-exit's count.
+
+use std::process::ExitStatus;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{lock, Shared, YOUNG};
+use crate::metrics::CauseLabels;
+
+/// Recent deaths kept for the status page.
+const RECENT_DEATHS: usize = 50;
+
+/// At most one crash-loop log line per this period; the rest are counted into it.
+const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why a worker process ended, as attributed by its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It exited or was killed by something other than anteroom.
+    Crashed,
+    /// anteroom stopped it: it held a request longer than --request-timeout.
+    Timeout,
+    /// anteroom replaced it on purpose (max requests, max RSS, reload, shutdown).
+    Retired,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Crashed => "crashed",
+            Cause::Timeout => "timeout",
+            Cause::Retired => "retired",
+        }
+    }
+}
+
+impl serde::Serialize for Cause {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The request a worker was holding when it died.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldRequest {
+    pub id: String,
+    pub method: String,
+    pub target: String,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    #[serde(rename = "elapsed_ms", serialize_with = "ser_ms")]
+    pub elapsed: Duration,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn ser_unix<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+    )
+}
+
+/// One worker death, explained.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Death {
+    /// Seconds since the Unix epoch.
+    #[serde(serialize_with = "ser_unix")]
+    pub at: SystemTime,
+    pub slot: usize,
+    pub pid: u32,
+    pub status: String,
+    pub cause: Cause,
+    #[serde(rename = "lived_ms", serialize_with = "ser_ms")]
+    pub lived: Duration,
+    pub served: u64,
+    pub request: Option<HeldRequest>,
+    pub last_output: Vec<String>,
+    /// Why it never became ready, if it did not.
+    pub start_failure: Option<String>,
+    /// For a failed start: the backoff before the slot's next attempt.
+    #[serde(rename = "restart_in_ms", serialize_with = "ser_ms")]
+    pub restart_in: Duration,
+}
+
+#[derive(Default)]
+pub(super) struct LoopLog {
+    pub(super) last: Option<Instant>,
+    pub(super) suppressed: u32,
+}
+
+/// Logs a death as one event, keeps it for the status page, and counts it towards --crash-exit.
+pub(super) fn record_death(sh: &Shared, d: &Death) {
+    sh.metrics
+        .deaths
+        .get_or_create(&CauseLabels {
+            cause: d.cause.as_str(),
+        })
+        .inc();
+    // A failed start: never ready, or gone within seconds without having held a request. A worker that
+    // died holding one is explained as such, whenever it died.
+    let young =
+        d.start_failure.is_some() || (d.served == 0 && d.lived < YOUNG && d.request.is_none());
+    let r = d.request.as_ref();
+    let log = || {
+        let (level_error, what) = match d.cause {
+            Cause::Crashed if young => (true, "worker failed at start; restarting after a backoff"),
+            Cause::Crashed => (true, "worker died"),
+            Cause::Timeout => (true, "worker stopped: request timeout"),
+            Cause::Retired => (false, "worker retired"),
+        };
+        macro_rules! event {
+            ($lvl:ident) => {
+                tracing::$lvl!(
+                    slot = d.slot,
+                    pid = d.pid,
+                    status = %d.status,
+                    lived_ms = d.lived.as_millis() as u64,
+                    served = d.served,
+                    request_id = r.map(|r| r.id.as_str()),
+                    request = r.map(|r| format!("{} {}", r.method, r.target)),
+                    request_sent_bytes = r.map(|r| r.sent_bytes),
+                    request_received_bytes = r.map(|r| r.received_bytes),
+                    request_ms = r.map(|r| r.elapsed.as_millis() as u64),
+                    last_output = ?d.last_output,
+                    why = d.start_failure.as_deref(),
+                    restart_in_ms = young.then(|| d.restart_in.as_millis() as u64),
+                    "{what}"
+                )
+            };
+        }
+        if level_error {
+            event!(error)
+        } else {
+            event!(info)
+        }
+    };
+    if young && d.cause == Cause::Crashed {
+        loop_event(sh, log);
+    } else {
+        log();
+    }
+    {
+        let mut deaths = lock(&sh.deaths);
+        if deaths.len() == RECENT_DEATHS {
+            deaths.pop_front();
+        }
+        deaths.push_back(d.clone());
+    }
+    if d.cause != Cause::Retired {
+        if let Some(limit) = sh.cfg.crash_exit {
+            let now = Instant::now();
+            let mut times = lock(&sh.crash_times);
+            times.push_back(now);
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > limit.within)
+            {
+                times.pop_front();
+            }
+            if times.len() as u32 >= limit.deaths {
+                tracing::error!(
+                    "{} unexpected worker deaths within {:?} (--crash-exit): exiting with code {}",
+                    times.len(),
+                    limit.within,
+                    crate::server::EXIT_CRASH_LOOP
+                );
+                sh.fatal.cancel();
+            }
+        }
+    }
+}
+
+/// Crash loops: the first event in a period is logged with how many were left unsaid since the last.
+pub(super) fn loop_event(sh: &Shared, log: impl FnOnce()) {
+    let mut ll = lock(&sh.loop_log);
+    let now = Instant::now();
+    if ll
+        .last
+        .is_none_or(|t| now.duration_since(t) >= LOOP_LOG_EVERY)
+    {
+        if ll.suppressed > 0 {
+            tracing::warn!(
+                "{} more failed worker starts in the last {:?} were not logged one by one; workers restart with growing delays (0.1 s doubling to 30 s)",
+                ll.suppressed,
+                ll.last.map(|t| now.duration_since(t)).unwrap_or_default()
+            );
+        }
+        ll.last = Some(now);
+        ll.suppressed = 0;
+        drop(ll);
+        log();
+    } else {
+        ll.suppressed += 1;
+    }
+}
+
+/// "exit code 3", "signal 9 (SIGKILL)", "signal 11 (SIGSEGV), core dumped".
+pub fn describe(st: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = st.code() {
+        return format!("exit code {code}");
+    }
+    match st.signal() {
+        Some(sig) => {
+            let name = signal_name(sig);
+            if st.core_dumped() {
+                format!("signal {sig} ({name}), core dumped")
+            } else {
+                format!("signal {sig} ({name})")
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_descriptions() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exit code 3");
+        assert_eq!(describe(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
+        assert_eq!(
+            describe(ExitStatus::from_raw(11 | 0x80)),
+            "signal 11 (SIGSEGV), core dumped"
+        );
+    }
+}
