@@ -115,7 +115,7 @@ def overhead_section(meta, results, targets, g):
         lines += [f"### {lang}", "",
                   "| path | req/s | p50 | p99 | non-200 | ratio to the peer (req/s) | target |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for role in ("peer", "direct", "behind_nginx", "behind_nginx_ka"):
+        for role in ("peer", "direct", "behind_nginx", "behind_nginx_nok"):
             rs = [r for r in sel if r["role"] == role]
             if not rs:
                 continue
@@ -137,7 +137,7 @@ def overhead_section(meta, results, targets, g):
                 verdicts.append((f"overhead {lang}: nginx → anteroom ≥ "
                                  f"{targets['overhead_behind_nginx']:.2f}x the peer", f"{ratio:.2f}x",
                                  ok))
-            elif role == "behind_nginx_ka":
+            elif role == "behind_nginx_nok":
                 target = "(extra row, no target)"
             non200 = med([r["requests"] - r["ok"] for r in rs])
             lines.append(f"| {rs[0]['label']} | {fmt(med([r['rps'] for r in rs]))} | "
@@ -302,8 +302,8 @@ def header(meta, g):
         + ", ".join(f"{n} requests at concurrency {c}" for n, c in p["burst"])
         + f"; network namespace with `net.core.somaxconn={g['BURST_SOMAXCONN']}` holding nginx, the "
         "server and oha. Peers on unix sockets with their default backlogs (gunicorn 2048, Starman "
-        "1024, php-fpm 511: all clamped to 128); anteroom on a unix socket behind nginx with its "
-        "defaults (`--max-queue 4096 --queue-timeout 30`).",
+        "1024, php-fpm 511: all clamped to 128); anteroom on a unix socket behind nginx (upstream "
+        "keepalive 32, as its README shows) with its defaults (`--max-queue 4096 --queue-timeout 30`).",
         f"- Overhead: {g['OVERHEAD_WORKERS']} workers, trivial app, {p['overhead_n']} requests at "
         f"concurrency {g['OVERHEAD_CONCURRENCY']}; added latency: {p['latency_n']} requests at "
         f"concurrency {g['LATENCY_CONCURRENCY']}. Own network namespace with the default somaxconn "
@@ -311,9 +311,12 @@ def header(meta, g):
         f"- Scale: {g['SCALE_CONNECTIONS']} connections, {g['SCALE_WORKERS']} workers, "
         f"{p['scale_waves']} wave(s) of one request per connection, same namespace as overhead.",
         "- nginx: `worker_processes auto` (2), `worker_connections 16384`, `multi_accept on`, access log "
-        "off, read timeouts 300 s; FastCGI to php-fpm, `proxy_pass` to gunicorn, Starman and anteroom "
-        "(HTTP/1.0, a new upstream connection per request, as anteroom's README shows; the overhead "
-        "scenario adds one row with upstream keepalive). oha: `-t 120s --connect-timeout 30s`.",
+        "off, read timeouts 300 s. To the peers as usually deployed: `fastcgi_pass` to php-fpm, "
+        "`proxy_pass` to gunicorn and Starman, a new upstream connection per request (gunicorn's sync "
+        "worker closes every connection, and an idle keep-alive connection would pin a Starman or "
+        "php-fpm process). To anteroom as its README configures it: `upstream { server unix:…; "
+        "keepalive 32; }`, `proxy_http_version 1.1`, `Connection \"\"`; the overhead scenario adds a "
+        "row without upstream keepalive. oha: `-t 120s --connect-timeout 30s`.",
         "- Workers: php-fpm `pm = static`; `anteroom … -- php-cgi` with `PHP_FCGI_MAX_REQUESTS=0`; "
         "`gunicorn -w N` (sync); `starman --workers N`; `anteroom … -- plackup -E deployment -s FCGI` "
         "(deployment, like `starman`'s default, so no development middleware); `anteroom … -- python3 "

@@ -6,10 +6,12 @@ use Time::HiRes ();
 
 my $body = "hello from perl\n";
 
-sub {
+my $app = sub {
     my $env = shift;
     if (($env->{QUERY_STRING} // '') =~ /(?:^|&)ms=(\d+)/ && $1 > 0) {
         Time::HiRes::sleep(($1 > 10000 ? 10000 : $1) / 1000);
     }
     return [200, ['Content-Type' => 'text/plain', 'Content-Length' => length($body)], [$body]];
 };
+
+$app;
