@@ -148,6 +148,20 @@ fn cgi_fcgi_works_and_httpoxy_is_dropped() {
     assert!(!vars.contains_key("HTTP_PROXY"), "{vars:?}");
 }
 
+/// php-fpm's master, stopped with SIGTERM (which stops its pool too) however the test ends: SIGKILL
+/// would leave the pool's processes behind.
+struct Fpm(std::process::Child);
+
+impl Drop for Fpm {
+    fn drop(&mut self) {
+        signal(self.0.id(), 15);
+        if wait_timeout(&mut self.0, Duration::from_secs(5)).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn php_fpm() -> &'static str {
     ["/usr/sbin/php-fpm8.2", "/usr/sbin/php-fpm"]
         .into_iter()
@@ -171,13 +185,13 @@ fn params_parity_with_php_fpm() {
         ),
     )
     .unwrap();
-    let mut fpm = Command::new(php_fpm())
+    let _fpm = Fpm(Command::new(php_fpm())
         .args(["-R", "-n", "-y"])
         .arg(d.join("fpm.conf"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     // The worker's environment is part of $_SERVER for php-cgi; keep it as bare as php-fpm's clear_env.
     let a = Anteroom::start_full(
         &[
@@ -227,8 +241,6 @@ fn params_parity_with_php_fpm() {
     };
     let fpm_vars = fetch("fpm");
     let ant_vars = fetch("ant");
-    let _ = fpm.kill();
-    let _ = fpm.wait();
 
     // Allowed to differ: what names the process or the socket, the clock, and the header that chose the
     // backend. Everything else nginx sent must arrive the same.
