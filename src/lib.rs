@@ -6,7 +6,9 @@
 //! [`front`] accepts and reads it whole, [`queue`] admits or refuses it, [`pool`] owns the worker processes,
 //! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
 //! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
-//! what it runs with.
+//! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
+//! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`demo`] is the
+//! built-in app.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -2,7 +2,7 @@
 //!
 //! SIGHUP reloads: a new generation of workers starts and takes over as its workers become ready.
 //! SIGTERM is a graceful stop: listeners close at once, requests already queued or at a worker are finished
-//! (for up to 30 s), then workers get SIGTERM and, after a grace period, SIGKILL. SIGINT, or a second
+//! (for up to --graceful-timeout), then workers get SIGTERM and, after a grace period, SIGKILL. SIGINT, or a second
 //! SIGTERM, is a fast stop: waiting requests get 503 and workers are stopped at once.
 
 use std::path::PathBuf;

@@ -56,7 +56,7 @@ fn a_get_whose_worker_is_killed_is_retried_and_the_death_names_it() {
     let log = a.log_text();
     let death = log
         .lines()
-        .find(|l| l.contains("pool: worker died"))
+        .find(|l| l.contains("ERROR") && l.contains(" worker died "))
         .unwrap_or_else(|| panic!("no death event:\n{log}"));
     for needle in [
         "SIGKILL",
