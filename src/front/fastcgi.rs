@@ -55,6 +55,12 @@ pub fn start(
     })
 }
 
+type Active = Arc<std::sync::Mutex<std::collections::HashSet<u16>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the request tasks send to the connection's writer.
 enum Out {
     Bytes(Bytes),
@@ -97,6 +103,7 @@ where
         tx,
         receiving: HashMap::new(),
         running: HashMap::new(),
+        active: Arc::default(),
         tasks: JoinSet::new(),
         closing: false,
     };
@@ -120,6 +127,10 @@ struct Conn {
     tx: mpsc::Sender<Out>,
     receiving: HashMap<u16, Receiving>,
     running: HashMap<u16, AbortHandle>,
+    /// Ids whose requests are admitted and not yet ended. A task takes its id out just before it queues
+    /// its END_REQUEST, so that a peer reusing the id as soon as it reads that record (as it may) is
+    /// never taken for one reusing an id in flight.
+    active: Active,
     tasks: JoinSet<u16>,
     /// A request without KEEP_CONN was admitted: no further request is accepted on this connection.
     closing: bool,
@@ -136,11 +147,14 @@ impl Conn {
             }
             let n = tokio::select! {
                 n = rd.read_buf(&mut buf) => n?,
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    if let Ok(id) = done {
-                        self.running.remove(&id);
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    if let Ok((task, id)) = done {
+                        // The id may already belong to a newer request: forget only this task.
+                        if self.running.get(&id).is_some_and(|h| h.id() == task) {
+                            self.running.remove(&id);
+                        }
                     }
-                    if self.closing && self.running.is_empty() && self.receiving.is_empty() {
+                    if self.closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
                         return Ok(());
                     }
                     continue;
@@ -174,13 +188,13 @@ impl Conn {
             fcgi::BEGIN_REQUEST => {
                 let begin =
                     BeginRequest::parse(&rec.content).map_err(|e| malformed(e.to_string()))?;
-                if self.receiving.contains_key(&id) || self.running.contains_key(&id) {
+                if self.receiving.contains_key(&id) || lock(&self.active).contains(&id) {
                     return Err(malformed(format!("request id {id} reused while in flight")));
                 }
                 let refuse = if begin.role != fcgi::RESPONDER {
                     Some(fcgi::UNKNOWN_ROLE)
                 } else if self.closing
-                    || self.receiving.len() + self.running.len() >= MAX_REQS_PER_CONN
+                    || self.receiving.len() + lock(&self.active).len() >= MAX_REQS_PER_CONN
                 {
                     Some(fcgi::OVERLOADED)
                 } else {
@@ -250,6 +264,7 @@ impl Conn {
                     self.closing = true;
                 }
                 let job = job_from_params(params, r.stdin.freeze());
+                lock(&self.active).insert(id);
                 let handle = self.tasks.spawn(run_request(
                     self.front.clone(),
                     id,
@@ -257,19 +272,23 @@ impl Conn {
                     r.too_large,
                     r.keep_conn,
                     self.tx.clone(),
+                    self.active.clone(),
                 ));
                 self.running.insert(id, handle);
                 Ok(())
             }
             fcgi::ABORT_REQUEST => {
                 let known = self.receiving.remove(&id).is_some();
-                // A task that already finished has sent its END_REQUEST; it must not get a second.
-                let running = self.running.remove(&id).filter(|h| !h.is_finished());
-                if let Some(h) = &running {
-                    // The task owns the ticket or the reply channel: aborting it frees both.
-                    h.abort();
+                // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a
+                // second one must not follow.
+                let running = lock(&self.active).remove(&id);
+                if running {
+                    if let Some(h) = self.running.remove(&id) {
+                        // The task owns the ticket or the reply channel: aborting it frees both.
+                        h.abort();
+                    }
                 }
-                if known || running.is_some() {
+                if known || running {
                     let mut out = BytesMut::new();
                     EndRequest {
                         app_status: 0,
@@ -334,6 +353,7 @@ async fn run_request(
     too_large: bool,
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
+    active: Active,
 ) -> u16 {
     let started = Instant::now();
     let resp = match job {
@@ -359,14 +379,19 @@ async fn run_request(
         Ok(job) => dispatch(&front, job).await,
     };
     account(&front, started, &resp);
-    if send_response(id, resp, &tx).await.is_ok() && !keep_conn {
+    if send_response(id, resp, &tx, &active).await.is_ok() && !keep_conn {
         let _ = tx.send(Out::Close).await;
     }
     id
 }
 
 /// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
-async fn send_response(id: u16, resp: Reply, tx: &mpsc::Sender<Out>) -> Result<(), ()> {
+async fn send_response(
+    id: u16,
+    resp: Reply,
+    tx: &mpsc::Sender<Out>,
+    active: &Active,
+) -> Result<(), ()> {
     let (parts, mut body) = resp.into_parts();
     let mut head = format!(
         "Status: {} {}\r\n",
@@ -412,6 +437,10 @@ async fn send_response(id: u16, resp: Reply, tx: &mpsc::Sender<Out>) -> Result<(
     }
     let mut out = BytesMut::new();
     fcgi::encode_stream_end(fcgi::STDOUT, id, &mut out);
+    if !lock(active).remove(&id) {
+        // Aborted meanwhile: the connection's loop has answered the abort with END_REQUEST already.
+        return Ok(());
+    }
     EndRequest {
         app_status,
         protocol_status: fcgi::REQUEST_COMPLETE,
