@@ -81,6 +81,16 @@ impl Quarantine {
         Some(left.as_secs().max(1))
     }
 
+    /// As [`Quarantine::blocked`] for a request, with the fingerprint; builds nothing on the hot path
+    /// while no request has killed a worker.
+    pub fn blocked_job(&self, job: &Job) -> Option<(String, u64)> {
+        if self.policy.after == 0 || self.lock().is_empty() {
+            return None;
+        }
+        let fp = fingerprint(job);
+        self.blocked(&fp).map(|left| (fp, left))
+    }
+
     pub fn policy(&self) -> Policy {
         self.policy
     }

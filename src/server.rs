@@ -185,8 +185,8 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         tokio::select! {
             () = drained => {}
             () = tokio::time::sleep(cfg.graceful_timeout) => tracing::warn!("graceful stop timed out"),
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
+            _ = sigterm.recv() => tracing::info!("second signal: stopping now"),
+            _ = sigint.recv() => tracing::info!("second signal: stopping now"),
         }
         queue.drain();
     }

@@ -474,3 +474,38 @@ fn access_log_in_json_and_logfmt() {
     assert!(log.lines().all(|l| l.starts_with("ts=")), "{log}");
     assert!(log.contains("target=access msg="), "{log}");
 }
+
+#[test]
+fn sigint_stops_at_once_and_sigterm_twice_too() {
+    for signals in [&[2][..], &[15, 15][..]] {
+        let mut a = Anteroom::start(&["--workers", "1"]);
+        let addr = a.addr;
+        let held = thread::spawn(move || {
+            request(
+                addr,
+                b"GET /sleep?ms=8000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+        });
+        thread::sleep(Duration::from_millis(300));
+        let mut child = a.child.take().unwrap();
+        let started = Instant::now();
+        for sig in signals {
+            signal(child.id(), *sig);
+            thread::sleep(Duration::from_millis(100));
+        }
+        // A graceful stop would wait for the 8-second request; a fast one does not.
+        let status = wait_timeout(&mut child, Duration::from_secs(20)).expect("anteroom exits");
+        assert!(
+            status.success(),
+            "{signals:?}: {status:?}\n{}",
+            a.log_text()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{signals:?} took {:?}",
+            started.elapsed()
+        );
+        assert!(a.log_text().contains("stopping now"), "{}", a.log_text());
+        let _ = held.join();
+    }
+}

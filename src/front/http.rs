@@ -26,7 +26,7 @@ use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
 use crate::metrics::{Metrics, Rejection};
-use crate::quarantine::{fingerprint, Quarantine};
+use crate::quarantine::Quarantine;
 use crate::queue::{Queue, Rejected};
 use crate::request::{
     error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, Timing, WorkerFailed,
@@ -210,8 +210,7 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
 pub async fn dispatch(front: &Front, job: Job) -> Reply {
     let id = job.id.clone();
     let id = id.as_str();
-    let fp = fingerprint(&job);
-    if let Some(left) = front.quarantine.blocked(&fp) {
+    if let Some((fp, left)) = front.quarantine.blocked_job(&job) {
         let r = unavailable(
             id,
             &format!("Requests for {fp} have been crashing workers; they are refused for now."),

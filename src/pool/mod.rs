@@ -505,6 +505,8 @@ async fn run_worker(
                             timed_out = true;
                             Err(WorkerError::Timeout(limit.unwrap_or_default()))
                         }
+                        // A fast stop (or the end of a graceful one) does not wait for requests.
+                        () = sh.stop.cancelled() => Err(WorkerError::Stopping),
                     }
                 };
                 sh.busy.fetch_sub(1, Ordering::Relaxed);
@@ -546,6 +548,17 @@ async fn run_worker(
                     received_bytes: progress.received_bytes,
                     elapsed: begun.elapsed(),
                 };
+                if matches!(e, WorkerError::Stopping) {
+                    if !progress.head_sent {
+                        job.respond(crate::request::unavailable(
+                            &job.id,
+                            "The server is stopping.",
+                            1,
+                        ));
+                    }
+                    cause = Cause::Retired;
+                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
+                }
                 if timed_out {
                     tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
                     if !progress.head_sent {

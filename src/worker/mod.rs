@@ -27,6 +27,8 @@ pub enum WorkerError {
     Protocol(String),
     #[error("the worker exited while holding the request")]
     Exited,
+    #[error("anteroom is stopping")]
+    Stopping,
     #[error("the client went away while the worker held its request")]
     ClientGone,
     #[error("the worker held the request longer than the request timeout ({0:?})")]
