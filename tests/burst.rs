@@ -70,19 +70,7 @@ fn burst_all_answered() {
             b.oha_status
         ),
     );
-    check(
-        &mut failures,
-        b.oha_count(502) == 0,
-        format!(
-            "oha: {} responses 502 (nginx could not hand them to anteroom)",
-            b.oha_count(502)
-        ),
-    );
-    check(
-        &mut failures,
-        b.oha_errors.is_empty(),
-        format!("oha: errors {:?}", b.oha_errors),
-    );
+    check_no_502_nor_errors(&mut failures, &b);
     check(
         &mut failures,
         b.log.len() as u64 == REQUESTS,
@@ -104,6 +92,23 @@ fn burst_all_answered() {
     b.finish(failures);
 }
 
+/// What both bursts must show: nginx handed every request to anteroom, and every one got an HTTP answer.
+fn check_no_502_nor_errors(failures: &mut Vec<String>, b: &Burst) {
+    check(
+        failures,
+        b.oha_count(502) == 0,
+        format!(
+            "oha: {} responses 502 (nginx could not hand them to anteroom)",
+            b.oha_count(502)
+        ),
+    );
+    check(
+        failures,
+        b.oha_errors.is_empty(),
+        format!("oha: errors {:?}", b.oha_errors),
+    );
+}
+
 #[test]
 fn burst_with_small_queue_refuses_with_503() {
     const MAX_QUEUE: u64 = 100;
@@ -113,19 +118,7 @@ fn burst_with_small_queue_refuses_with_503() {
     let mut failures = Vec::new();
     let ok = b.oha_count(200);
     let refused = b.oha_count(503);
-    check(
-        &mut failures,
-        b.oha_count(502) == 0,
-        format!(
-            "oha: {} responses 502 (nginx could not hand them to anteroom)",
-            b.oha_count(502)
-        ),
-    );
-    check(
-        &mut failures,
-        b.oha_errors.is_empty(),
-        format!("oha: errors {:?}", b.oha_errors),
-    );
+    check_no_502_nor_errors(&mut failures, &b);
     check(
         &mut failures,
         ok + refused == REQUESTS,
