@@ -209,13 +209,7 @@ fn full_queue_refuses_with_503_and_retry_after() {
     let busy: Vec<_> = (0..2)
         .map(|i| {
             thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 200 }));
-            thread::spawn(move || {
-                request(
-                    addr,
-                    b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-                )
-                .unwrap()
-            })
+            thread::spawn(move || get(addr, "/sleep?ms=1500"))
         })
         .collect();
     thread::sleep(Duration::from_millis(400));
@@ -246,13 +240,7 @@ fn full_queue_refuses_with_503_and_retry_after() {
 fn queue_timeout_refuses_with_503() {
     let a = Anteroom::start(&["--workers", "1", "--queue-timeout", "0.5"]);
     let addr = a.addr;
-    let long = thread::spawn(move || {
-        request(
-            addr,
-            b"GET /sleep?ms=2000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap()
-    });
+    let long = thread::spawn(move || get(addr, "/sleep?ms=2000"));
     thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let r = a.get("/sleep?ms=1");
@@ -287,13 +275,7 @@ fn a_client_that_leaves_the_queue_is_never_served() {
         "php-cgi",
     ]);
     let addr = a.addr;
-    let first = thread::spawn(move || {
-        request(
-            addr,
-            b"GET /first?ms=1000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap()
-    });
+    let first = thread::spawn(move || get(addr, "/first?ms=1000"));
     thread::sleep(Duration::from_millis(200));
     {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -373,13 +355,7 @@ fn sigterm_stops_anteroom_and_its_workers() {
     assert_eq!(workers.len(), 3, "{workers:?}");
     // A request in flight when SIGTERM comes still gets its answer.
     let addr = a.addr;
-    let inflight = thread::spawn(move || {
-        request(
-            addr,
-            b"GET /sleep?ms=800 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap()
-    });
+    let inflight = thread::spawn(move || get(addr, "/sleep?ms=800"));
     thread::sleep(Duration::from_millis(200));
     let status = a.stop();
     assert!(status.success(), "{status:?}\n{}", a.log_text());

@@ -268,15 +268,7 @@ fn a_dynamic_pool_grows_under_load_and_shrinks_when_idle() {
     assert_eq!(children(pid).len(), 1);
     let addr = a.addr;
     let load: Vec<_> = (0..12)
-        .map(|_| {
-            thread::spawn(move || {
-                request(
-                    addr,
-                    b"GET /sleep?ms=400 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-                )
-                .unwrap()
-            })
-        })
+        .map(|_| thread::spawn(move || get(addr, "/sleep?ms=400")))
         .collect();
     let mut most = 0;
     let t = Instant::now();
