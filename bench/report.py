@@ -240,6 +240,20 @@ def scale_section(meta, results, targets, g):
     return lines, verdicts
 
 
+def faults_section(meta, results, targets, g):
+    rows = results.get("faults", [])
+    lines, verdicts = [], []
+    if not rows:
+        return lines, verdicts
+    lines += ["| case | what | measured | target | |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['what']} | {r['measured']} | {r['target']} | {mark(r['ok'])} |")
+        verdicts.append((f"fault: {r['case']}", r["measured"], r["ok"]))
+    lines += ["", "Each case is an integration test (`tests/faults_*.rs`) run with `ANTEROOM_FAULTS=long`; "
+              "`scripts/test` runs the same cases in a short form.", ""]
+    return lines, verdicts
+
+
 def appendix(results):
     lines = ["## Every round", "",
              "| scenario | round | contender | requests | 200 | 502 | 503 | other | wall | req/s | p50 | p99 |",
@@ -331,7 +345,8 @@ def write(out, meta, results, targets, g):
     verdicts = []
     for title, fn in (("1. Burst", burst_section), ("2. Overhead", overhead_section),
                       ("2b. Latency added by anteroom", latency_section),
-                      ("3. Scale: 10,000 connections", scale_section)):
+                      ("3. Scale: 10,000 connections", scale_section),
+                      ("4. Faults and abuse", faults_section)):
         lines, v = fn(meta, results, targets, g)
         if lines:
             sections += [f"## {title}", ""] + lines

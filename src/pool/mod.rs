@@ -524,7 +524,10 @@ async fn run_worker(
                     }
                     continue;
                 };
-                if exited.is_none() && matches!(e, WorkerError::Io(_) | WorkerError::Closed) {
+                if exited.is_none()
+                    && (e.delivered_nothing()
+                        || matches!(e, WorkerError::Io(_) | WorkerError::Closed))
+                {
                     // A reset connection is most often a worker that has just died: its exit comes a moment later.
                     if let Ok(st) =
                         tokio::time::timeout(Duration::from_millis(500), &mut exit).await
@@ -536,6 +539,26 @@ async fn run_worker(
                 if matches!(e, WorkerError::ClientGone) {
                     tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
                     continue;
+                }
+                if e.delivered_nothing() && !job.client_gone() {
+                    // The worker never saw it (most often: it had just died, idle): another worker takes it,
+                    // first in line, whatever the method; it is not this request's death.
+                    tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "{e}; sending it to another worker");
+                    sh.queue.requeue(job);
+                    match exited {
+                        Some(st) => break st,
+                        None => {
+                            // Alive but unreachable even on a new connection: replace it rather than
+                            // hand it the next request too.
+                            tracing::error!(
+                                slot,
+                                pid,
+                                "the worker does not take connections: replacing it"
+                            );
+                            cause = Cause::Retired;
+                            break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
+                        }
+                    }
                 }
                 let request = HeldRequest {
                     id: job.id.clone(),

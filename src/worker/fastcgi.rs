@@ -1,6 +1,7 @@
 //! The FastCGI client side: one request at a time to a worker such as php-cgi, Perl FCGI or flup.
 
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
 use http::Response;
@@ -61,14 +62,19 @@ impl Conn {
 
         let (mut rd, mut wr) = self.stream.split();
         let abort = Notify::new();
+        // The worker's end was already closed when we first wrote (EPIPE): it read nothing of this request.
+        let refused = std::sync::atomic::AtomicBool::new(false);
         // Written while reading: a worker may answer (or fail) before it has read all of a large body.
         // Then, if the client goes away, FCGI_ABORT_REQUEST follows on the same stream.
         let write = async {
-            if wr.write_all(&out).await.is_ok() {
-                abort.notified().await;
-                let mut rec = BytesMut::new();
-                fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
-                let _ = wr.write_all(&rec).await;
+            match wr.write_all(&out).await {
+                Ok(()) => {
+                    abort.notified().await;
+                    let mut rec = BytesMut::new();
+                    fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
+                    let _ = wr.write_all(&rec).await;
+                }
+                Err(e) => refused.store(e.kind() == std::io::ErrorKind::BrokenPipe, Relaxed),
             }
             // A failed write shows on the read side; park so that select keeps reading.
             std::future::pending::<()>().await
@@ -90,7 +96,12 @@ impl Conn {
                 }
                 let n = tokio::select! {
                     () = &mut write => continue,
-                    n = rd.read_buf(&mut self.buf) => n?,
+                    n = rd.read_buf(&mut self.buf) => match n {
+                        Err(e) if refused.load(Relaxed) && progress.received_bytes == 0 => {
+                            return Err(WorkerError::NotDelivered(e))
+                        }
+                        n => n?,
+                    },
                     () = client_gone(&mut job.reply, body_tx.as_ref()), if !aborted => {
                         // Nobody waits for this answer: tell the worker, then read on to its
                         // END_REQUEST so that the worker is back in rotation.
@@ -101,6 +112,11 @@ impl Conn {
                     }
                 };
                 if n == 0 {
+                    if refused.load(Relaxed) && progress.received_bytes == 0 {
+                        return Err(WorkerError::NotDelivered(
+                            std::io::ErrorKind::BrokenPipe.into(),
+                        ));
+                    }
                     return Err(WorkerError::Closed);
                 }
             };

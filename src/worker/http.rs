@@ -20,6 +20,10 @@ const SMALL_BODY: u64 = 256 << 10;
 
 pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
+    /// False once the worker said it closes the connection after its response (`Connection: close`, as
+    /// gunicorn's sync worker does on every one, or HTTP/1.0 without keep-alive): reusing it would race
+    /// the worker's close and could lose the next request.
+    keep: bool,
 }
 
 impl Conn {
@@ -34,11 +38,15 @@ impl Conn {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Conn { sender })
+        Ok(Conn { sender, keep: true })
     }
 
     pub fn is_open(&self) -> bool {
         !self.sender.is_closed()
+    }
+
+    pub fn keep(&self) -> bool {
+        self.keep
     }
 
     pub async fn serve(
@@ -48,7 +56,11 @@ impl Conn {
     ) -> Result<(), WorkerError> {
         let req = build_request(job)?;
         progress.sent_bytes = job.body.len() as u64;
-        self.sender.ready().await.map_err(|_| WorkerError::Closed)?;
+        // Not ready means the connection is already closed: nothing was written.
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| WorkerError::NotDelivered(std::io::Error::other(e)))?;
         let reply = &mut job.reply;
         let gone = async {
             match reply {
@@ -57,12 +69,17 @@ impl Conn {
             }
         };
         let sent = tokio::select! {
-            r = self.sender.send_request(req) => r,
+            r = self.sender.try_send_request(req) => r,
             // Dropping the connection is how an HTTP worker learns that nobody waits any more.
             () = gone => return Err(WorkerError::ClientGone),
         };
-        let resp = sent.map_err(|e| {
-            if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        let resp = sent.map_err(|mut e| {
+            let not_written = e.take_message().is_some();
+            let e = e.into_error();
+            if not_written || broken_pipe(&e) {
+                // Handed back unwritten, or the first write found the worker's end already closed.
+                WorkerError::NotDelivered(std::io::Error::other(e))
+            } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                 WorkerError::Closed
             } else if e.is_parse() {
                 WorkerError::Protocol(e.to_string())
@@ -71,6 +88,7 @@ impl Conn {
             }
         })?;
         let (mut parts, mut incoming) = resp.into_parts();
+        self.keep = keeps_alive(&parts);
         let hop: Vec<_> = parts
             .headers
             .keys()
@@ -125,6 +143,36 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Whether the worker keeps the connection open after this response (RFC 9112 9.3).
+fn keeps_alive(parts: &http::response::Parts) -> bool {
+    let tokens = |t: &str| {
+        parts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|x| x.trim().eq_ignore_ascii_case(t))
+    };
+    if parts.version == Version::HTTP_10 {
+        tokens("keep-alive")
+    } else {
+        !tokens("close")
+    }
+}
+
+/// The write failed with EPIPE: the worker had closed its end before our first byte, so it read nothing.
+fn broken_pipe(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn build_request(job: &Job) -> Result<Request<Full<Bytes>>, WorkerError> {

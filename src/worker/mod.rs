@@ -23,6 +23,10 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("the worker closed the connection before finishing its response")]
     Closed,
+    /// Nothing of the request reached the worker: a kept-alive connection turned out to be closed, or the
+    /// first write failed. Safe to send again whatever the method, since the worker cannot have acted on it.
+    #[error("the request did not reach the worker: {0}")]
+    NotDelivered(std::io::Error),
     #[error("bad response from the worker: {0}")]
     Protocol(String),
     #[error("the worker exited while holding the request")]
@@ -33,6 +37,14 @@ pub enum WorkerError {
     ClientGone,
     #[error("the worker held the request longer than the request timeout ({0:?})")]
     Timeout(std::time::Duration),
+}
+
+impl WorkerError {
+    /// No byte of the request reached the worker, so it can go to another worker whatever its method, and
+    /// the worker's death (if it died) was not this request's doing.
+    pub fn delivered_nothing(&self) -> bool {
+        matches!(self, WorkerError::Connect(_) | WorkerError::NotDelivered(_))
+    }
 }
 
 /// How much of a request went through; for the log and, later, crash attribution.
@@ -67,7 +79,29 @@ impl Link {
 
     /// Serves `job` on this worker. On error the connection is dropped, and the job's reply is left
     /// unsent if no response head went out, for the caller to answer.
+    ///
+    /// A kept-alive connection can be closed by the worker at any moment between two requests (gunicorn's
+    /// sync worker closes every one; others after an idle timeout or their own request limit). When such a
+    /// connection fails before any byte of the request reached the worker, the request goes once more on
+    /// a fresh connection, whatever its method: the worker cannot have acted on it.
     pub async fn serve(
+        &mut self,
+        job: &mut Job,
+        cfg: &Config,
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
+        let reused = self.conn.is_some();
+        match self.serve_once(job, cfg, progress).await {
+            Err(WorkerError::NotDelivered(e)) if reused => {
+                tracing::debug!(id = %job.id, "kept-alive worker connection was closed ({e}); sending on a new one");
+                *progress = Progress::default();
+                self.serve_once(job, cfg, progress).await
+            }
+            r => r,
+        }
+    }
+
+    async fn serve_once(
         &mut self,
         job: &mut Job,
         cfg: &Config,
@@ -75,11 +109,10 @@ impl Link {
     ) -> Result<(), WorkerError> {
         match self.protocol {
             WorkerProtocol::Fastcgi => {
-                let conn = match self.conn.take() {
+                let mut conn = match self.conn.take() {
                     Some(Conn::Fastcgi(c)) if c.is_open() => c,
                     _ => fastcgi::Conn::connect(&self.path).await?,
                 };
-                let mut conn = conn;
                 let r = conn.serve(job, &cfg.params, progress).await;
                 if r.is_ok() && conn.keep() {
                     self.conn = Some(Conn::Fastcgi(conn));
@@ -87,13 +120,12 @@ impl Link {
                 r
             }
             WorkerProtocol::Http => {
-                let conn = match self.conn.take() {
+                let mut conn = match self.conn.take() {
                     Some(Conn::Http(c)) if c.is_open() => c,
                     _ => http::Conn::connect(&self.path).await?,
                 };
-                let mut conn = conn;
                 let r = conn.serve(job, progress).await;
-                if r.is_ok() {
+                if r.is_ok() && conn.keep() {
                     self.conn = Some(Conn::Http(conn));
                 }
                 r

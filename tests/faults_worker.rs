@@ -1,0 +1,101 @@
+//! A request that never reached the worker is never lost (issue 9, part 5).
+//!
+//! gunicorn's sync worker closes its connection after every response. A proxy that keeps that connection for
+//! the next request races the worker's close: the next request is written to a socket the worker has just
+//! shut, and used to come back as a 502 with nothing sent and nothing received (1 or 2 in every 20,000
+//! requests). Now anteroom does not keep such a connection, and a request that found its kept-alive
+//! connection closed goes again on a new one.
+//!
+//! Short form for scripts/test; `ANTEROOM_FAULTS=long` runs the issue's full count, for bench/run. Each case
+//! prints one `FAULT-RESULT {json}` line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn long() -> bool {
+    std::env::var("ANTEROOM_FAULTS").is_ok_and(|v| v == "long")
+}
+
+/// Runs oha and returns its status counts and error counts.
+fn oha(args: &[&str], url: &str) -> (BTreeMap<u16, u64>, BTreeMap<String, u64>) {
+    require("oha");
+    let out = Command::new("oha")
+        .args(args)
+        .args(["--no-tui", "--output-format", "json"])
+        .arg(url)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("oha runs");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "oha's output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let statuses = json["statusCodeDistribution"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no statusCodeDistribution in {json}"))
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
+        .collect();
+    let errors = json["errorDistribution"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no errorDistribution in {json}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    (statuses, errors)
+}
+
+fn result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
+    println!(
+        "FAULT-RESULT {}",
+        serde_json::json!({"case": case, "what": what, "measured": measured, "target": target, "ok": ok})
+    );
+}
+
+#[test]
+fn gunicorn_sync_workers_lose_no_request() {
+    require("gunicorn");
+    let n: u64 = if long() { 60_000 } else { 20_000 };
+    let mut a = Anteroom::start(&[
+        "--workers",
+        "4",
+        "--worker-protocol",
+        "http",
+        "--",
+        "gunicorn",
+        "-w",
+        "1",
+        "--chdir",
+        "examples/python",
+        "app_wsgi:app",
+    ]);
+    let url = format!("http://{}/", a.addr);
+    let (statuses, errors) = oha(&["-n", &n.to_string(), "-c", "50"], &url);
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    let log = a.log_text();
+    a.stop();
+    let pass = ok == n && errors.is_empty();
+    result(
+        "gunicorn-sync",
+        &format!("{n} requests at c=50 to 4 gunicorn -w 1 HTTP workers (sync: a closed connection after every response)"),
+        &format!("{ok} of {n} answered 200; other statuses {statuses:?}; errors {errors:?}"),
+        "zero 502s, every request 200",
+        pass,
+    );
+    assert!(
+        pass,
+        "expected {n} × 200, got {statuses:?}, errors {errors:?}; anteroom's log:\n{}",
+        log.lines()
+            .filter(|l| !l.contains("INFO"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
