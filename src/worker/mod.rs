@@ -97,6 +97,26 @@ impl Link {
                 *progress = Progress::default();
                 self.serve_once(job, cfg, progress).await
             }
+            // Closed or reset with not a byte of answer: most often the worker's keep-alive timeout crossed
+            // our request. An idempotent request may go again; if the worker turns out to be gone, the
+            // first error stands, so that a request that killed its worker is still known as such.
+            Err(e @ (WorkerError::Closed | WorkerError::Io(_)))
+                if reused
+                    && job.idempotent()
+                    && progress.received_bytes == 0
+                    && !job.client_gone() =>
+            {
+                tracing::debug!(id = %job.id, "kept-alive worker connection failed without an answer ({e}); sending on a new one");
+                let first = *progress;
+                *progress = Progress::default();
+                match self.serve_once(job, cfg, progress).await {
+                    Err(again) if again.delivered_nothing() => {
+                        *progress = first;
+                        Err(e)
+                    }
+                    r => r,
+                }
+            }
             r => r,
         }
     }
