@@ -332,7 +332,7 @@ def header(meta, g):
         "keepalive 32; }`, `proxy_http_version 1.1`, `Connection \"\"`; the overhead scenario adds a "
         "row without upstream keepalive. oha: `-t 120s --connect-timeout 30s`.",
         "- Workers: php-fpm `pm = static`; `anteroom … -- php-cgi` with `PHP_FCGI_MAX_REQUESTS=0`; "
-        "`gunicorn -w N` (sync); `starman --workers N`; `anteroom … -- plackup -E deployment -s FCGI` "
+        "`gunicorn -w N` (sync); `starman --workers N`; `anteroom … -- plackup -E deployment -s FCGI --manager=` "
         "(deployment, like `starman`'s default, so no development middleware); `anteroom … -- python3 "
         "app_flup.py`. The apps are bench/apps/app.php, app.psgi, app.py.",
         "",

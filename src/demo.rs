@@ -169,7 +169,7 @@ receives).</p>
 # PHP
 anteroom --param SCRIPT_FILENAME=/srv/app/index.php -- php-cgi
 # Perl (PSGI)
-anteroom -- plackup -s FCGI app.psgi
+anteroom -- plackup -s FCGI --manager= app.psgi
 # Python (WSGI, flup)
 anteroom -- python3 examples/python/app_flup.py
 # Any HTTP app that takes a socket on fd 3 (LISTEN_FDS), e.g. gunicorn

@@ -83,6 +83,7 @@ fn psgi_app_under_plack_fcgi() {
             "plackup",
             "-s",
             "FCGI",
+            "--manager=",
             "examples/perl/app.psgi",
         ],
         "perl",

@@ -1,5 +1,5 @@
 # The benchmark's PSGI app: sleep ?ms=N milliseconds (0 or absent = trivial), then answer a short text.
-# Served by Starman (behind nginx) and by anteroom -- plackup -E deployment -s FCGI app.psgi.
+# Served by Starman (behind nginx) and by anteroom -- plackup -E deployment -s FCGI --manager= app.psgi.
 use strict;
 use warnings;
 use Time::HiRes ();

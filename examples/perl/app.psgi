@@ -1,4 +1,6 @@
-# A PSGI app. Served by: anteroom -- plackup -s FCGI examples/perl/app.psgi
+# A PSGI app. Served by: anteroom -- plackup -s FCGI --manager= examples/perl/app.psgi
+# (--manager= : no FCGI::ProcManager inside a slot; anteroom is the process manager, and a manager
+# between it and the process serving the request would hide which request killed which process.)
 # (Plack::Handler::FCGI takes the socket anteroom passes on fd 0; no --listen needed.)
 use strict;
 use warnings;
