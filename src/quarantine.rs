@@ -62,9 +62,15 @@ pub enum Verdict {
     Off,
     NotCounted(Excuse),
     /// Counted: deaths and requests of this fingerprint in the window so far.
-    Counted { deaths: u32, requests: u64 },
+    Counted {
+        deaths: u32,
+        requests: u64,
+    },
     /// This death put the fingerprint in quarantine.
-    Quarantined { deaths: u32, requests: u64 },
+    Quarantined {
+        deaths: u32,
+        requests: u64,
+    },
 }
 
 impl std::fmt::Display for Verdict {
@@ -268,12 +274,18 @@ mod tests {
         // The first death: its own request was not counted (nothing was watched yet).
         assert!(matches!(
             q.record_death("GET /bad", false),
-            Verdict::Counted { deaths: 1, requests: 1 }
+            Verdict::Counted {
+                deaths: 1,
+                requests: 1
+            }
         ));
         q.record_request(&bad); // the retry
         assert!(matches!(
             q.record_death("GET /bad", false),
-            Verdict::Counted { deaths: 2, requests: 2 }
+            Verdict::Counted {
+                deaths: 2,
+                requests: 2
+            }
         ));
         assert!(q.blocked("GET /bad").is_none());
         q.record_request(&bad);
@@ -288,7 +300,10 @@ mod tests {
         assert!((100..=120).contains(&left));
         assert!(q.blocked("GET /good").is_none());
         assert!(q.blocked_job(&job("/good")).is_none());
-        assert_eq!(q.blocked_job(&bad).map(|x| x.0).as_deref(), Some("GET /bad"));
+        assert_eq!(
+            q.blocked_job(&bad).map(|x| x.0).as_deref(),
+            Some("GET /bad")
+        );
     }
 
     #[test]

@@ -355,3 +355,94 @@ fn recycling_on_memory_fails_nothing() {
     assert_all_200(&v, 60, &raw);
     assert!(a.log_text().contains("over --max-rss"), "{}", a.log_text());
 }
+
+/// A child memory cgroup of the test's own, with a memory limit; removed on drop.
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    /// cgroup v1 (the memory hierarchy) or v2 (the unified one, with the memory controller enabled).
+    fn new(limit: u64) -> MemCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let name = format!("anteroom-oom-test-{}", std::process::id());
+        for l in own.lines() {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let path = path.trim_start_matches('/');
+            let (dir, files): (_, &[&str]) = if ctrl.split(',').any(|c| c == "memory") {
+                (
+                    std::path::Path::new("/sys/fs/cgroup/memory").join(path),
+                    &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+                )
+            } else if ctrl.is_empty() {
+                let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                    .into_iter()
+                    .find(|m| std::path::Path::new(m).join("cgroup.controllers").exists());
+                let Some(m) = unified else { continue };
+                let dir = std::path::Path::new(m).join(path);
+                let ctl =
+                    std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                if !ctl.split_whitespace().any(|c| c == "memory") {
+                    continue;
+                }
+                (dir, &["memory.max", "memory.swap.max"])
+            } else {
+                continue;
+            };
+            let cg = dir.join(&name);
+            if std::fs::create_dir(&cg).is_err() {
+                continue;
+            }
+            for f in files {
+                let _ = std::fs::write(cg.join(f), limit.to_string());
+            }
+            return MemCgroup(cg);
+        }
+        panic!("no writable memory cgroup to run the OOM test in (needs root and cgroup v1 memory or v2 with memory enabled)");
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn deaths_the_oom_killer_explains_are_reported_as_such_and_never_quarantine() {
+    let cg = MemCgroup::new(96 << 20);
+    let env = format!("OOM_CGROUP={}", cg.0.display());
+    let a = Anteroom::start(&[
+        "--workers",
+        "2",
+        "--quarantine-after",
+        "3",
+        "--env",
+        &env,
+        "--",
+        "python3",
+        "tests/fixtures/supervised_app.py",
+    ]);
+    // Each request is OOM-killed, retried, OOM-killed again: 502. Three of them are six deaths, which
+    // would quarantine a URL were they the request's doing.
+    for _ in 0..4 {
+        let r = a.get("/oom");
+        assert_eq!(r.status, 502, "{}\n{}", r.text(), a.log_text());
+    }
+    assert_eq!(a.get("/fine").status, 200);
+    let log = a.log_text();
+    let oom_deaths = log
+        .lines()
+        .filter(|l| l.contains("worker killed by the kernel's OOM killer"))
+        .count();
+    assert!(oom_deaths >= 6, "{oom_deaths} OOM deaths:\n{log}");
+    assert!(
+        log.contains("not counted: killed by the kernel's OOM killer"),
+        "{log}"
+    );
+    assert!(!log.contains("refusing it with 503"), "{log}");
+}

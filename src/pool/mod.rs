@@ -30,14 +30,14 @@ pub mod spawn;
 
 pub use death::{describe, signal_name, Cause, Death, HeldRequest};
 use death::{loop_event, record_death, LoopLog};
+use oom::OomWatch;
 use process::{
     log_lines, signal_group, socket_inode, terminate, worker_socket, Backoff, TAIL_LINES,
 };
-use oom::OomWatch;
 use scoreboard::rss_bytes;
 pub use scoreboard::{PoolView, WorkerInfo};
+pub use slot::SlotState;
 use slot::{Board, Event, Key, Record};
-pub use slot::{SlotState};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -295,15 +295,7 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         n += 1;
         let path = sh.dir.join(format!("w{slot}.g{generation}.{n}.sock"));
         let started = Instant::now();
-        let end = run_worker(
-            &sh,
-            key,
-            &path,
-            quiet,
-            &mut handed_off,
-            backoff.upcoming(),
-        )
-        .await;
+        let end = run_worker(&sh, key, &path, quiet, &mut handed_off, backoff.upcoming()).await;
         let _ = std::fs::remove_file(&path);
         left_pool = end.left_pool;
         if sh.stop.is_cancelled() || end.retire_slot || end.left_pool {
@@ -797,11 +789,16 @@ fn died_holding(
     if progress.head_sent {
         return;
     }
-    if job.deaths == 1 && job.idempotent() && !job.client_gone() {
+    // A fingerprint in quarantine now gets no retry: that would only kill one more worker.
+    let quarantined =
+        matches!(verdict, Verdict::Quarantined { .. }) || sh.quarantine.blocked(&fp).is_some();
+    if job.deaths == 1 && job.idempotent() && !job.client_gone() && !quarantined {
         tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
         sh.queue.requeue(job);
     } else {
-        let why = if job.deaths > 1 {
+        let why = if quarantined {
+            format!("Requests for {fp} keep killing workers; this one is not retried.")
+        } else if job.deaths > 1 {
             tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
             "This request killed two workers; it is not retried.".to_string()
         } else {

@@ -31,9 +31,7 @@ impl OomWatch {
         let source = own_memory_events()
             .filter(|p| read_counter(p, "oom_kill").is_some())
             .map(Source::Cgroup)
-            .or_else(|| {
-                read_counter(Path::new("/proc/vmstat"), "oom_kill").map(|_| Source::Vmstat)
-            })
+            .or_else(|| read_counter(Path::new("/proc/vmstat"), "oom_kill").map(|_| Source::Vmstat))
             .unwrap_or(Source::None);
         tracing::debug!(?source, "OOM kills are read from here");
         OomWatch {

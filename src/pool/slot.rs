@@ -257,8 +257,8 @@ impl Board {
             r.since = Instant::now();
         }
         self.failing = self.failing + usize::from(after.failing()) - usize::from(before.failing());
-        self.ready =
-            self.ready + usize::from(after.state().is_ready()) - usize::from(before.state().is_ready());
+        self.ready = self.ready + usize::from(after.state().is_ready())
+            - usize::from(before.state().is_ready());
         Ok(self.sync(queue))
     }
 
@@ -366,7 +366,9 @@ mod tests {
         Spawn,
         Ready,
         /// The worker dies: before it was ready (a failed start), or after (idle or holding a request).
-        Die { young: bool },
+        Die {
+            young: bool,
+        },
         /// --spawn-timeout while starting, --request-timeout while busy.
         Timeout,
         /// A request from the queue goes to this worker, or its request finishes.
