@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The OOM test makes the machine's OOM kill counter grow, which could explain the SIGKILLs of the tests
+/// that kill workers themselves while it runs: those take this for reading, it takes it for writing.
+static OOM_COUNTER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn kills_workers() -> std::sync::RwLockReadGuard<'static, ()> {
+    OOM_COUNTER.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn crashy(args: &[&str], pid_dir: &std::path::Path) -> Anteroom {
     require("python3");
     let env = format!("PID_DIR={}", pid_dir.display());
@@ -44,6 +52,7 @@ fn kill_worker_mid_request(
 
 #[test]
 fn a_get_whose_worker_is_killed_is_retried_and_the_death_names_it() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "2"], dir.path());
     let r = kill_worker_mid_request(
@@ -72,6 +81,7 @@ fn a_get_whose_worker_is_killed_is_retried_and_the_death_names_it() {
 
 #[test]
 fn a_post_whose_worker_is_killed_gets_a_502_naming_its_request() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "2"], dir.path());
     let r = kill_worker_mid_request(
@@ -86,6 +96,7 @@ fn a_post_whose_worker_is_killed_gets_a_502_naming_its_request() {
 
 #[test]
 fn a_poison_url_is_quarantined_while_others_are_served() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "3", "--quarantine-after", "3"], dir.path());
     // Killed the worker, was retried, killed another: a poison request.
@@ -414,6 +425,7 @@ impl Drop for MemCgroup {
 
 #[test]
 fn deaths_the_oom_killer_explains_are_reported_as_such_and_never_quarantine() {
+    let _oom = OOM_COUNTER.write().unwrap_or_else(|e| e.into_inner());
     let cg = MemCgroup::new(96 << 20);
     let env = format!("OOM_CGROUP={}", cg.0.display());
     let a = Anteroom::start(&[
