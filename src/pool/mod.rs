@@ -421,6 +421,8 @@ async fn run_worker(
         r.served = 0;
         r.request = None;
     });
+    // Read before the fork, so that an OOM kill of this worker at any moment of its life is seen.
+    let oom_at_start = sh.oom.count();
     let Some((mut child, inode)) = spawn_worker(sh, slot, path).await else {
         end.failed_start = true;
         transition(sh, key, Event::StartFailed, |_| {});
@@ -435,7 +437,7 @@ async fn run_worker(
         quarantine: None,
         oom_checked: false,
         terminated: false,
-        oom_at_start: sh.oom.count(),
+        oom_at_start,
     };
     sh.metrics.spawns.inc();
     update(sh, key, |r| r.pid = pid);
