@@ -196,7 +196,7 @@ pub struct ServeArgs {
     /// Replace a worker whose resident memory exceeds this many MiB, checked between requests.
     #[arg(long, value_name = "MIB")]
     pub max_rss: Option<u64>,
-    /// Quarantine a request fingerprint (method and path) after it killed this many workers; 0 = off [default: 3].
+    /// Quarantine a request fingerprint (method and path) after it killed this many workers within the window, in at most twice as many of its requests (OOM kills and widespread deaths do not count); 0 = off [default: 3].
     #[arg(long, value_name = "N")]
     pub quarantine_after: Option<u32>,
     /// The window in which those deaths are counted, in seconds [default: 60].

@@ -120,7 +120,7 @@ impl Metrics {
         );
         registry.register(
             "worker_deaths",
-            "Worker processes that ended, by cause (crashed, timeout, retired)",
+            "Worker processes that ended, by cause (crashed, oom, timeout, retired)",
             m.deaths.clone(),
         );
         registry.register(

@@ -101,7 +101,13 @@ fn nginx_fastcgi_pass_to_perl_psgi() {
     for keep in [false, true] {
         through_nginx(
             keep,
-            &["plackup", "-s", "FCGI", "--manager=", "examples/perl/app.psgi"],
+            &[
+                "plackup",
+                "-s",
+                "FCGI",
+                "--manager=",
+                "examples/perl/app.psgi",
+            ],
             None,
             "Hello from Perl",
         );

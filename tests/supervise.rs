@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The OOM test makes the machine's OOM kill counter grow, which could explain the SIGKILLs of the tests
+/// that kill workers themselves while it runs: those take this for reading, it takes it for writing.
+static OOM_COUNTER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn kills_workers() -> std::sync::RwLockReadGuard<'static, ()> {
+    OOM_COUNTER.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn crashy(args: &[&str], pid_dir: &std::path::Path) -> Anteroom {
     require("python3");
     let env = format!("PID_DIR={}", pid_dir.display());
@@ -44,6 +52,7 @@ fn kill_worker_mid_request(
 
 #[test]
 fn a_get_whose_worker_is_killed_is_retried_and_the_death_names_it() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "2"], dir.path());
     let r = kill_worker_mid_request(
@@ -72,6 +81,7 @@ fn a_get_whose_worker_is_killed_is_retried_and_the_death_names_it() {
 
 #[test]
 fn a_post_whose_worker_is_killed_gets_a_502_naming_its_request() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "2"], dir.path());
     let r = kill_worker_mid_request(
@@ -86,6 +96,7 @@ fn a_post_whose_worker_is_killed_gets_a_502_naming_its_request() {
 
 #[test]
 fn a_poison_url_is_quarantined_while_others_are_served() {
+    let _oom = kills_workers();
     let dir = tempfile::tempdir().unwrap();
     let a = crashy(&["--workers", "3", "--quarantine-after", "3"], dir.path());
     // Killed the worker, was retried, killed another: a poison request.
@@ -354,4 +365,96 @@ fn recycling_on_memory_fails_nothing() {
     let (v, raw) = load(&url, 60, 4, || {});
     assert_all_200(&v, 60, &raw);
     assert!(a.log_text().contains("over --max-rss"), "{}", a.log_text());
+}
+
+/// A child memory cgroup of the test's own, with a memory limit; removed on drop.
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    /// cgroup v1 (the memory hierarchy) or v2 (the unified one, with the memory controller enabled).
+    fn new(limit: u64) -> MemCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let name = format!("anteroom-oom-test-{}", std::process::id());
+        for l in own.lines() {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let path = path.trim_start_matches('/');
+            let (dir, files): (_, &[&str]) = if ctrl.split(',').any(|c| c == "memory") {
+                (
+                    std::path::Path::new("/sys/fs/cgroup/memory").join(path),
+                    &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+                )
+            } else if ctrl.is_empty() {
+                let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                    .into_iter()
+                    .find(|m| std::path::Path::new(m).join("cgroup.controllers").exists());
+                let Some(m) = unified else { continue };
+                let dir = std::path::Path::new(m).join(path);
+                let ctl =
+                    std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                if !ctl.split_whitespace().any(|c| c == "memory") {
+                    continue;
+                }
+                (dir, &["memory.max", "memory.swap.max"])
+            } else {
+                continue;
+            };
+            let cg = dir.join(&name);
+            if std::fs::create_dir(&cg).is_err() {
+                continue;
+            }
+            for f in files {
+                let _ = std::fs::write(cg.join(f), limit.to_string());
+            }
+            return MemCgroup(cg);
+        }
+        panic!("no writable memory cgroup to run the OOM test in (needs root and cgroup v1 memory or v2 with memory enabled)");
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn deaths_the_oom_killer_explains_are_reported_as_such_and_never_quarantine() {
+    let _oom = OOM_COUNTER.write().unwrap_or_else(|e| e.into_inner());
+    let cg = MemCgroup::new(96 << 20);
+    let env = format!("OOM_CGROUP={}", cg.0.display());
+    let a = Anteroom::start(&[
+        "--workers",
+        "2",
+        "--quarantine-after",
+        "3",
+        "--env",
+        &env,
+        "--",
+        "python3",
+        "tests/fixtures/supervised_app.py",
+    ]);
+    // Each request is OOM-killed, retried, OOM-killed again: 502. Three of them are six deaths, which
+    // would quarantine a URL were they the request's doing.
+    for _ in 0..4 {
+        let r = a.get("/oom");
+        assert_eq!(r.status, 502, "{}\n{}", r.text(), a.log_text());
+    }
+    assert_eq!(a.get("/fine").status, 200);
+    let log = a.log_text();
+    let oom_deaths = log
+        .lines()
+        .filter(|l| l.contains("worker killed by the kernel's OOM killer"))
+        .count();
+    assert!(oom_deaths >= 6, "{oom_deaths} OOM deaths:\n{log}");
+    assert!(
+        log.contains("not counted: killed by the kernel's OOM killer"),
+        "{log}"
+    );
+    assert!(!log.contains("refusing it with 503"), "{log}");
 }

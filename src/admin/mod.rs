@@ -217,17 +217,8 @@ async fn route(req: Request<Incoming>, admin: &Admin) -> Reply {
 
 /// Why a request sent now would not be served, if it would not.
 fn not_ready(st: &AdminState) -> Option<String> {
-    if st.pool.all_failing() {
-        return Some("every worker slot is failing to start (crash loop)".into());
-    }
-    if st.pool.up() == 0 {
-        return Some("no worker is up".into());
-    }
-    let (len, max) = (st.queue.len(), st.queue.max());
-    if len >= max {
-        return Some(format!("the queue is full ({len}/{max})"));
-    }
-    None
+    // Derived from every slot's state machine and the queue, in one place (`pool::slot`).
+    st.pool.not_ready()
 }
 
 /// The kernel's view, read off the async threads: netlink and /proc reads block.

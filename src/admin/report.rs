@@ -16,10 +16,10 @@ use serde::Serialize;
 use super::AdminState;
 use crate::config::ListenAddr;
 use crate::metrics::Metrics;
-use crate::pool::{Death, WorkerInfo};
+use crate::pool::{Death, SlotState, WorkerInfo};
 
 /// The states a scoreboard row can be in; each gets a `anteroom_workers` sample, zero or not.
-const WORKER_STATES: [&str; 5] = ["idle", "busy", "starting", "backoff", "stopping"];
+const WORKER_STATES: [SlotState; 6] = SlotState::ALL;
 /// Rates are computed over at least this much time.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// Samples older than this are dropped.
@@ -239,7 +239,7 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
     }
     now.register(
         "workers",
-        "Worker slots by state (idle, busy, starting, backoff, stopping)",
+        "Worker slots by state (idle, busy, starting, backoff, stopping, exited)",
         workers,
     );
 

@@ -18,6 +18,8 @@ const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
 pub enum Cause {
     /// It exited or was killed by something other than anteroom.
     Crashed,
+    /// The kernel's OOM killer ended it (SIGKILL, and the OOM kill counter grew since it started).
+    Oom,
     /// anteroom stopped it: it held a request longer than --request-timeout.
     Timeout,
     /// anteroom replaced it on purpose (max requests, max RSS, reload, shutdown).
@@ -28,6 +30,7 @@ impl Cause {
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Crashed => "crashed",
+            Cause::Oom => "oom",
             Cause::Timeout => "timeout",
             Cause::Retired => "retired",
         }
@@ -84,6 +87,8 @@ pub struct Death {
     /// For a failed start: the backoff before the slot's next attempt.
     #[serde(rename = "restart_in_ms", serialize_with = "ser_ms")]
     pub restart_in: Duration,
+    /// For a death holding a request: what it did to the request's standing with the quarantine.
+    pub quarantine: Option<String>,
 }
 
 #[derive(Default)]
@@ -109,6 +114,7 @@ pub(super) fn record_death(sh: &Shared, d: &Death) {
         let (level_error, what) = match d.cause {
             Cause::Crashed if young => (true, "worker failed at start; restarting after a backoff"),
             Cause::Crashed => (true, "worker died"),
+            Cause::Oom => (true, "worker killed by the kernel's OOM killer"),
             Cause::Timeout => (true, "worker stopped: request timeout"),
             Cause::Retired => (false, "worker retired"),
         };
@@ -128,6 +134,7 @@ pub(super) fn record_death(sh: &Shared, d: &Death) {
                     last_output = ?d.last_output,
                     why = d.start_failure.as_deref(),
                     restart_in_ms = young.then(|| d.restart_in.as_millis() as u64),
+                    quarantine = d.quarantine.as_deref(),
                     "{what}"
                 )
             };
@@ -138,7 +145,7 @@ pub(super) fn record_death(sh: &Shared, d: &Death) {
             event!(info)
         }
     };
-    if young && d.cause == Cause::Crashed {
+    if young && matches!(d.cause, Cause::Crashed | Cause::Oom) {
         loop_event(sh, log);
     } else {
         log();

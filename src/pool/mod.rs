@@ -8,28 +8,38 @@
 //! What the slot does about a death: it logs one event that explains it (status, signal, lifetime, requests
 //! served, the request held and how far it got, the worker's last output), keeps it in the list of recent
 //! deaths, retries an idempotent request once on another worker (a second death makes it a poison request:
-//! 502), feeds the quarantine, and replaces the worker. A worker that dies young is replaced after an
-//! exponential, jittered backoff, and such crash loops are logged as a summary rather than a line per death.
-//! When every slot is failing, the queue refuses (503) instead of letting requests wait for nothing.
+//! 502), feeds the quarantine (saying whether the kernel's OOM killer explains the death: `oom`), and
+//! replaces the worker. A worker that fails to start, or dies young, is replaced after an exponential,
+//! jittered backoff, and such crash loops are logged as a summary rather than a line per death.
+//!
+//! Each slot's life is an explicit state machine (`slot`): the slot task reports every step to the board,
+//! which derives from all slots at once whether the queue refuses (503, only while every slot is failing
+//! to start: no ready worker and a failed last start) and what `/health/ready` says. A replacement that
+//! becomes ready clears its slot's failure at once.
 //!
 //! Workers are also replaced on purpose: after `--max-requests` (plus jitter) or above `--max-rss`, always
 //! between requests; and on reload (SIGHUP), when a new generation of slots starts and each old worker
 //! retires, after its current request, as soon as a new one is ready.
 
 mod death;
+mod oom;
 mod process;
 mod scoreboard;
+pub mod slot;
 pub mod spawn;
 
 pub use death::{describe, signal_name, Cause, Death, HeldRequest};
 use death::{loop_event, record_death, LoopLog};
+use oom::OomWatch;
 use process::{
     log_lines, signal_group, socket_inode, terminate, worker_socket, Backoff, TAIL_LINES,
 };
-use scoreboard::{rss_bytes, set_state, SlotRecord};
+use scoreboard::rss_bytes;
 pub use scoreboard::{PoolView, WorkerInfo};
+pub use slot::SlotState;
+use slot::{Board, Event, Key, Record};
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,7 +53,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::quarantine::{fingerprint, Quarantine};
+use crate::quarantine::{fingerprint, Quarantine, Verdict};
 use crate::queue::Queue;
 use crate::request::{error_response, Job};
 use crate::worker::{Link, Progress, WorkerError};
@@ -77,9 +87,10 @@ pub(super) struct Shared {
     handoff: Semaphore,
     handoff_ready: Notify,
     slots_alive: AtomicUsize,
-    slots_failing: AtomicUsize,
     deaths: Mutex<VecDeque<Death>>,
-    scoreboard: Mutex<BTreeMap<(u64, usize), SlotRecord>>,
+    /// Every slot's state machine; locked before the queue when both are.
+    board: Mutex<Board>,
+    oom: OomWatch,
     metrics: Arc<Metrics>,
     crash_times: Mutex<VecDeque<Instant>>,
     loop_log: Mutex<LoopLog>,
@@ -117,9 +128,9 @@ impl Pool {
             handoff: Semaphore::new(0),
             handoff_ready: Notify::new(),
             slots_alive: AtomicUsize::new(0),
-            slots_failing: AtomicUsize::new(0),
             deaths: Mutex::new(VecDeque::new()),
-            scoreboard: Mutex::new(BTreeMap::new()),
+            board: Mutex::new(Board::new()),
+            oom: OomWatch::new(),
             metrics,
             crash_times: Mutex::new(VecDeque::new()),
             loop_log: Mutex::new(LoopLog::default()),
@@ -140,9 +151,9 @@ impl Pool {
         let old = sh.generation.fetch_add(1, Ordering::AcqRel);
         let generation = old + 1;
         // As many as serve now (a dynamic pool may have grown), and at least the minimum.
-        let current = lock(&sh.scoreboard)
-            .keys()
-            .filter(|(g, _)| *g == old)
+        let current = lock(&sh.board)
+            .rows()
+            .filter(|((g, _), _)| *g == old)
             .count();
         let n = current.max(sh.cfg.workers);
         tracing::info!(
@@ -180,26 +191,49 @@ impl Pool {
 
 /// Starts a slot task in the lowest free slot number of `generation`.
 fn spawn_slot(sh: &Arc<Shared>, generation: u64) {
-    let slot = {
-        let mut board = lock(&sh.scoreboard);
-        let slot = (0..)
-            .find(|i| !board.contains_key(&(generation, *i)))
-            .expect("a free slot number");
-        // Taken now, before the task runs, so that two spawns never pick the same number.
-        board.insert(
-            (generation, slot),
-            SlotRecord {
-                pid: 0,
-                state: "starting",
-                since: Instant::now(),
-                request: None,
-                served: 0,
-            },
-        );
-        slot
-    };
+    // Taken now, before the task runs, so that two spawns never pick the same number.
+    let (slot, change) = lock(&sh.board).add(generation, &sh.queue);
+    announce(sh, change);
     sh.slots_alive.fetch_add(1, Ordering::Relaxed);
     sh.tasks.spawn(run_slot(sh.clone(), slot, generation));
+}
+
+/// Moves a slot's state machine and updates its scoreboard row; the board tells the queue whether to
+/// refuse, in the same critical section.
+fn transition(sh: &Shared, key: Key, event: Event, f: impl FnOnce(&mut Record)) {
+    let change = {
+        let mut board = lock(&sh.board);
+        let change = board.apply(key, event, &sh.queue);
+        if let Some(r) = board.get_mut(key) {
+            f(r);
+        }
+        change
+    };
+    match change {
+        Ok(change) => announce(sh, change),
+        // A slot task asked for a step its state does not allow: a bug here, not in the worker.
+        Err(e) => tracing::error!("bug: {e}"),
+    }
+}
+
+/// Updates a slot's scoreboard row without changing its state.
+fn update(sh: &Shared, key: Key, f: impl FnOnce(&mut Record)) {
+    if let Some(r) = lock(&sh.board).get_mut(key) {
+        f(r);
+    }
+}
+
+/// Logs a change of the queue's refusal (Some(true): every slot is failing now).
+fn announce(sh: &Shared, change: Option<bool>) {
+    match change {
+        Some(true) => tracing::error!(
+            "every worker slot is failing to start; requests are refused with 503 until one starts"
+        ),
+        Some(false) if !sh.stop.is_cancelled() => {
+            tracing::warn!("not every worker slot is failing any more; requests are accepted again")
+        }
+        _ => {}
+    }
 }
 
 /// The dynamic pool's grower (--workers MIN:MAX): one more worker while requests wait and every worker
@@ -213,12 +247,12 @@ async fn scale(sh: Arc<Shared>) {
         }
         let generation = sh.generation.load(Ordering::Acquire);
         let (alive, starting) = {
-            let board = lock(&sh.scoreboard);
-            let current = board.iter().filter(|((g, _), _)| *g == generation);
+            let board = lock(&sh.board);
+            let current = board.rows().filter(|((g, _), _)| *g == generation);
             let (mut alive, mut starting) = (0, 0);
             for (_, r) in current {
                 alive += 1;
-                if r.state == "starting" || r.state == "backoff" {
+                if matches!(r.state(), SlotState::Starting | SlotState::Backoff) {
                     starting += 1;
                 }
             }
@@ -250,8 +284,10 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
+    let key = (generation, slot);
     let mut backoff = Backoff::new();
-    let mut failing = false;
+    // The slot's last start failed: its next start is logged quietly (crash loops are summarised).
+    let mut quiet = false;
     let mut handed_off = false;
     let mut n = 0u64;
     let mut left_pool = false;
@@ -259,40 +295,19 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         n += 1;
         let path = sh.dir.join(format!("w{slot}.g{generation}.{n}.sock"));
         let started = Instant::now();
-        let end = run_worker(
-            &sh,
-            slot,
-            generation,
-            &path,
-            failing,
-            &mut handed_off,
-            backoff.upcoming(),
-        )
-        .await;
+        let end = run_worker(&sh, key, &path, quiet, &mut handed_off, backoff.upcoming()).await;
         let _ = std::fs::remove_file(&path);
         left_pool = end.left_pool;
         if sh.stop.is_cancelled() || end.retire_slot || end.left_pool {
             break;
         }
+        quiet = end.failed_start;
+        // A failed start, or a death soon after starting with nothing answered: the next start waits, so
+        // that a crash loop costs no CPU. Only a failed start makes the slot failing (see `slot`).
         let young = end.failed_start || (end.served == 0 && started.elapsed() < YOUNG);
-        if young != failing {
-            failing = young;
-            let alive = sh.slots_alive.load(Ordering::Relaxed);
-            let f = if young {
-                sh.slots_failing.fetch_add(1, Ordering::Relaxed) + 1
-            } else {
-                sh.slots_failing.fetch_sub(1, Ordering::Relaxed) - 1
-            };
-            sh.queue.set_no_workers(f >= alive);
-            if f >= alive && young {
-                tracing::error!(
-                    "every worker slot is failing to start; requests are refused with 503 until one starts"
-                );
-            }
-        }
         if young {
             let delay = backoff.next();
-            set_state(&sh, (generation, slot), "backoff", |r| r.pid = 0);
+            transition(&sh, key, Event::Backoff, |r| r.pid = 0);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = sh.stop.cancelled() => break,
@@ -301,15 +316,14 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
             backoff.reset();
         }
     }
-    if failing {
-        sh.slots_failing.fetch_sub(1, Ordering::Relaxed);
-    }
-    lock(&sh.scoreboard).remove(&(generation, slot));
+    let change = lock(&sh.board).remove(key, &sh.queue);
+    announce(&sh, change);
     if !left_pool {
         sh.slots_alive.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+#[derive(Default)]
 struct WorkerEnd {
     served: u64,
     /// The slot itself ends: its generation was replaced.
@@ -320,27 +334,54 @@ struct WorkerEnd {
     left_pool: bool,
 }
 
-async fn run_worker(
+/// How a worker ended, as far as its death event goes.
+struct Fate {
+    cause: Cause,
+    /// The request it held when it died.
+    held: Option<HeldRequest>,
+    /// Why it never became ready.
+    start_failure: Option<String>,
+    /// What its death did to the request's standing with the quarantine.
+    quarantine: Option<String>,
+    /// Whether the OOM killer was asked about this death already (each kill explains one death).
+    oom_checked: bool,
+    /// anteroom ended it (SIGTERM, then SIGKILL after the grace period): not the OOM killer.
+    terminated: bool,
+    /// The OOM kill counter when it started.
+    oom_at_start: Option<u64>,
+}
+
+impl Fate {
+    /// Crashed, or Oom when the process was SIGKILLed and an OOM kill since its start explains it.
+    fn attribute(&mut self, sh: &Shared, status: &std::io::Result<ExitStatus>) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        if self.oom_checked || self.terminated {
+            return self.cause == Cause::Oom;
+        }
+        self.oom_checked = true;
+        let killed = matches!(status, Ok(st) if st.signal() == Some(libc::SIGKILL));
+        let oom = killed && sh.oom.explains(self.oom_at_start);
+        if oom {
+            self.cause = Cause::Oom;
+        }
+        oom
+    }
+}
+
+/// Makes the worker's socket and starts its process; a failure is logged (summarised in a crash loop).
+async fn spawn_worker(
     sh: &Shared,
     slot: usize,
-    generation: u64,
     path: &Path,
-    quiet: bool,
-    handed_off: &mut bool,
-    // The delay before the next start, should this worker fail young: for its death event.
-    restart_in: Duration,
-) -> WorkerEnd {
-    let mut end = WorkerEnd {
-        served: 0,
-        retire_slot: false,
-        failed_start: false,
-        left_pool: false,
-    };
+) -> Option<(tokio::process::Child, Option<u64>)> {
     let listener = match worker_socket(path) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(slot, path = %path.display(), "cannot make the worker's socket: {e}");
-            return end;
+            loop_event(
+                sh,
+                || tracing::error!(slot, path = %path.display(), "cannot make the worker's socket: {e}"),
+            );
+            return None;
         }
     };
     let inode = socket_inode(&listener);
@@ -350,25 +391,56 @@ async fn run_worker(
         protocol: sh.cfg.worker_protocol,
         listener,
     };
-    let mut child = match sh.spawner.spawn(spec).await {
-        Ok(c) => c,
+    match sh.spawner.spawn(spec).await {
+        Ok(c) => Some((c, inode)),
         Err(e) => {
             loop_event(
                 sh,
                 || tracing::error!(slot, command = %sh.argv[0], "cannot start the worker: {e}"),
             );
-            return end;
+            None
         }
-    };
-    let pid = child.id().unwrap_or(0);
-    let started = Instant::now();
-    sh.metrics.spawns.inc();
-    let key = (generation, slot);
-    set_state(sh, key, "starting", |r| {
-        r.pid = pid;
+    }
+}
+
+/// One worker's whole life in its slot: start it, wait until it is ready, serve requests until it must
+/// end or dies, then explain its end.
+async fn run_worker(
+    sh: &Shared,
+    key: Key,
+    path: &Path,
+    quiet: bool,
+    handed_off: &mut bool,
+    // The delay before the next start, should this worker fail young: for its death event.
+    restart_in: Duration,
+) -> WorkerEnd {
+    let (generation, slot) = key;
+    let mut end = WorkerEnd::default();
+    transition(sh, key, Event::Start, |r| {
+        r.pid = 0;
         r.served = 0;
         r.request = None;
     });
+    // Read before the fork, so that an OOM kill of this worker at any moment of its life is seen.
+    let oom_at_start = sh.oom.count();
+    let Some((mut child, inode)) = spawn_worker(sh, slot, path).await else {
+        end.failed_start = true;
+        transition(sh, key, Event::StartFailed, |_| {});
+        return end;
+    };
+    let pid = child.id().unwrap_or(0);
+    let started = Instant::now();
+    let mut fate = Fate {
+        cause: Cause::Crashed,
+        held: None,
+        start_failure: None,
+        quarantine: None,
+        oom_checked: false,
+        terminated: false,
+        oom_at_start,
+    };
+    sh.metrics.spawns.inc();
+    update(sh, key, |r| r.pid = pid);
     if quiet {
         tracing::debug!(slot, pid, generation, "worker started");
     } else {
@@ -382,16 +454,9 @@ async fn run_worker(
         tokio::spawn(log_lines(err, slot, pid, "stderr", tail.clone()));
     }
 
-    let max_requests = match sh.cfg.max_requests {
-        0 => u64::MAX,
-        n => n + fastrand::u64(0..=sh.cfg.max_requests_jitter),
-    };
     let exit = child.wait();
     tokio::pin!(exit);
     let mut link = Link::new(path, sh.cfg.worker_protocol);
-    let mut cause = Cause::Crashed;
-    let mut held: Option<HeldRequest> = None;
-    let mut start_failure: Option<String> = None;
 
     // No request before the worker is ready: it has accepted a connection, or answered the probe.
     let spawn_timeout = sh.cfg.spawn_timeout;
@@ -411,236 +476,52 @@ async fn run_worker(
     };
     let status: std::io::Result<ExitStatus> = match readiness {
         Ok(false) => {
-            cause = Cause::Retired;
+            transition(sh, key, Event::Stop, |_| {});
+            fate.cause = Cause::Retired;
+            fate.terminated = true;
             terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await
         }
         Err(why) => {
+            // Failing from this moment, whatever the process does next: it will not serve.
             end.failed_start = true;
-            start_failure = Some(why);
+            transition(sh, key, Event::StartFailed, |_| {});
+            fate.start_failure = Some(why);
             match early {
                 Some(st) => st,
-                None => terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await,
+                None => {
+                    fate.terminated = true;
+                    terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await
+                }
             }
         }
         Ok(true) => {
-            set_state(sh, key, "idle", |_| {});
+            // Ready: the slot is not failing any more, and a request waiting now goes to this worker.
+            transition(sh, key, Event::Ready, |_| {});
             if !*handed_off {
                 *handed_off = true;
                 became_ready(sh, generation);
             }
-            loop {
-                // Replacement on purpose happens here, between requests, so that it never fails one.
-                let retire = if end.served >= max_requests {
-                    Some(format!("served {} requests", end.served))
-                } else if let Some(rss) = sh
-                    .cfg
-                    .max_rss
-                    // Only once it has served: a worker over the limit at birth would never serve at all.
-                    .filter(|_| end.served > 0)
-                    .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
-                {
-                    Some(format!("resident memory {} MiB over --max-rss", rss >> 20))
-                } else if generation < sh.generation.load(Ordering::Acquire)
-                    && sh.handoff.try_acquire().map(|p| p.forget()).is_ok()
-                {
-                    end.retire_slot = true;
-                    Some("reload: a new worker took over".into())
-                } else {
-                    None
-                };
-                if let Some(why) = retire {
-                    set_state(sh, key, "stopping", |_| {});
-                    tracing::info!(slot, pid, "retiring worker: {why}");
-                    cause = Cause::Retired;
-                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                }
-                let mut job = tokio::select! {
-                    biased;
-                    st = &mut exit => break st,
-                    () = sh.stop.cancelled() => {
-                        cause = Cause::Retired;
-                        break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                    }
-                    () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
-                    () = tokio::time::sleep(sh.cfg.idle_timeout), if sh.cfg.workers_max > sh.cfg.workers => {
-                        if leave_if_above_min(sh) {
-                            end.left_pool = true;
-                            end.retire_slot = true;
-                            set_state(sh, key, "stopping", |_| {});
-                            tracing::info!(slot, pid, "idle for {:?}: leaving the pool", sh.cfg.idle_timeout);
-                            cause = Cause::Retired;
-                            break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                        }
-                        continue;
-                    }
-                    job = sh.queue.pop() => job,
-                };
-                sh.busy.fetch_add(1, Ordering::Relaxed);
-                let begun = Instant::now();
-                job.dispatched = Some(begun);
-                sh.metrics
-                    .queue_wait
-                    .observe(begun.duration_since(job.enqueued).as_secs_f64());
-                set_state(sh, key, "busy", |r| {
-                    r.request = Some((job.id.clone(), job.summary()))
-                });
-                let mut progress = Progress::default();
-                let mut exited = None;
-                let mut timed_out = false;
-                let result = {
-                    let serve = link.serve(&mut job, &sh.cfg, &mut progress);
-                    tokio::pin!(serve);
-                    let limit = sh.cfg.request_timeout;
-                    tokio::select! {
-                        r = &mut serve => r,
-                        st = &mut exit => {
-                            exited = Some(st);
-                            // What the worker wrote before exiting is still in the socket: read it out.
-                            match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
-                                Ok(r) => r,
-                                Err(_) => Err(WorkerError::Exited),
-                            }
-                        }
-                        () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
-                            timed_out = true;
-                            Err(WorkerError::Timeout(limit.unwrap_or_default()))
-                        }
-                        // A fast stop (or the end of a graceful one) does not wait for requests.
-                        () = sh.stop.cancelled() => Err(WorkerError::Stopping),
-                    }
-                };
-                sh.busy.fetch_sub(1, Ordering::Relaxed);
-                // Served means answered: a request the worker died on is not counted.
-                let answered = u64::from(result.is_ok());
-                end.served += answered;
-                set_state(sh, key, "idle", |r| {
-                    r.request = None;
-                    r.served += answered;
-                });
-                sh.queue.record_service_time(begun.elapsed());
-                let Err(e) = result else {
-                    if let Some(st) = exited {
-                        break st;
-                    }
-                    continue;
-                };
-                if exited.is_none()
-                    && (e.delivered_nothing()
-                        || matches!(e, WorkerError::Io(_) | WorkerError::Closed))
-                {
-                    // A reset connection is most often a worker that has just died: its exit comes a moment later.
-                    if let Ok(st) =
-                        tokio::time::timeout(Duration::from_millis(500), &mut exit).await
-                    {
-                        exited = Some(st);
-                    }
-                }
-                link.reset();
-                if matches!(e, WorkerError::ClientGone) {
-                    tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
-                    continue;
-                }
-                if e.delivered_nothing() && !job.client_gone() {
-                    // The worker never saw it (most often: it had just died, idle): another worker takes it,
-                    // first in line, whatever the method; it is not this request's death.
-                    tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "{e}; sending it to another worker");
-                    sh.queue.requeue(job);
-                    match exited {
-                        Some(st) => break st,
-                        None => {
-                            // Alive but unreachable even on a new connection: replace it rather than
-                            // hand it the next request too.
-                            tracing::error!(
-                                slot,
-                                pid,
-                                "the worker does not take connections: replacing it"
-                            );
-                            cause = Cause::Retired;
-                            break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                        }
-                    }
-                }
-                let request = HeldRequest {
-                    id: job.id.clone(),
-                    method: job.head.method.to_string(),
-                    target: job
-                        .summary()
-                        .split_once(' ')
-                        .map_or(String::new(), |x| x.1.to_string()),
-                    sent_bytes: progress.sent_bytes,
-                    received_bytes: progress.received_bytes,
-                    elapsed: begun.elapsed(),
-                };
-                if matches!(e, WorkerError::Stopping) {
-                    if !progress.head_sent {
-                        job.respond(crate::request::unavailable(
-                            &job.id,
-                            "The server is stopping.",
-                            1,
-                        ));
-                    }
-                    cause = Cause::Retired;
-                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                }
-                if timed_out {
-                    tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
-                    if !progress.head_sent {
-                        let why = format!(
-                            "The worker took longer than {:?}.",
-                            sh.cfg.request_timeout.unwrap_or_default()
-                        );
-                        job.respond(failed(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
-                    }
-                    cause = Cause::Timeout;
-                    held = Some(request);
-                    break terminate(pid, sh.cfg.kill_grace, &mut link, &mut exit).await;
-                }
-                if exited.is_none() {
-                    // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
-                    tracing::error!(
-                        slot, pid, id = %job.id, request = %job.summary(),
-                        sent = progress.sent_bytes, received = progress.received_bytes,
-                        "{e}"
-                    );
-                    if !progress.head_sent {
-                        let why = format!("The worker failed: {e}.");
-                        job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
-                    }
-                    continue;
-                }
-                // The worker died holding this request.
-                job.deaths += 1;
-                let fp = fingerprint(&job);
-                if sh.quarantine.record_death(&fp) {
-                    let p = sh.quarantine.policy();
-                    tracing::error!(
-                        fingerprint = %fp,
-                        "{fp} killed {} workers within {:?}: refusing it with 503 for {:?}",
-                        p.after, p.window, p.cooldown
-                    );
-                }
-                if !progress.head_sent {
-                    if job.deaths == 1 && job.idempotent() && !job.client_gone() {
-                        tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
-                        sh.queue.requeue(job);
-                    } else {
-                        let why = if job.deaths > 1 {
-                            tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
-                            "This request killed two workers; it is not retried.".to_string()
-                        } else {
-                            "The worker died while serving this request.".to_string()
-                        };
-                        job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
-                    }
-                }
-                held = Some(request);
-                break exited.expect("checked above");
-            }
+            serve(sh, key, pid, &mut link, &mut exit, &mut end, &mut fate).await
         }
     };
+    if !end.failed_start {
+        transition(sh, key, Event::Exited, |r| r.request = None);
+    }
     let lived = started.elapsed();
     // Children the worker left behind would keep its socket and memory: sweep its group.
     signal_group(pid, libc::SIGKILL);
+    if sh.stop.is_cancelled() {
+        match &status {
+            Ok(st) => {
+                tracing::info!(slot, pid, status = %describe(*st), served = end.served, "worker stopped")
+            }
+            Err(e) => tracing::error!(slot, pid, "cannot wait for the worker: {e}"),
+        }
+        return end;
+    }
+    if fate.cause == Cause::Crashed {
+        fate.attribute(sh, &status);
+    }
     let status = match status {
         Ok(st) => st,
         Err(e) => {
@@ -648,25 +529,307 @@ async fn run_worker(
             return end;
         }
     };
-    if sh.stop.is_cancelled() {
-        tracing::info!(slot, pid, status = %describe(status), served = end.served, "worker stopped");
-        return end;
-    }
     let death = Death {
         at: SystemTime::now(),
         slot,
         pid,
         status: describe(status),
-        cause,
+        cause: fate.cause,
         lived,
         served: end.served,
-        request: held,
+        request: fate.held,
         last_output: lock(&tail).iter().cloned().collect(),
-        start_failure,
+        start_failure: fate.start_failure,
         restart_in,
+        quarantine: fate.quarantine,
     };
     record_death(sh, &death);
     end
+}
+
+/// Why a ready worker is replaced on purpose now, between requests, if it is; true if its slot ends too
+/// (a reload handed its place to a new generation).
+fn retire_reason(
+    sh: &Shared,
+    key: Key,
+    pid: u32,
+    served: u64,
+    max_requests: u64,
+) -> Option<(String, bool)> {
+    if served >= max_requests {
+        return Some((format!("served {served} requests"), false));
+    }
+    if let Some(rss) = sh
+        .cfg
+        .max_rss
+        // Only once it has served: a worker over the limit at birth would never serve at all.
+        .filter(|_| served > 0)
+        .and_then(|max| rss_bytes(pid).filter(|r| *r > max))
+    {
+        return Some((
+            format!("resident memory {} MiB over --max-rss", rss >> 20),
+            false,
+        ));
+    }
+    if key.0 < sh.generation.load(Ordering::Acquire)
+        && sh.handoff.try_acquire().map(|p| p.forget()).is_ok()
+    {
+        return Some(("reload: a new worker took over".into(), true));
+    }
+    None
+}
+
+/// Takes requests from the queue and serves them until the worker must end (replaced on purpose, timed
+/// out, stopping) or dies; returns its exit status.
+async fn serve(
+    sh: &Shared,
+    key: Key,
+    pid: u32,
+    link: &mut Link,
+    exit: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
+    end: &mut WorkerEnd,
+    fate: &mut Fate,
+) -> std::io::Result<ExitStatus> {
+    let (generation, slot) = key;
+    let max_requests = match sh.cfg.max_requests {
+        0 => u64::MAX,
+        n => n + fastrand::u64(0..=sh.cfg.max_requests_jitter),
+    };
+    loop {
+        // Replacement on purpose happens here, between requests, so that it never fails one.
+        if let Some((why, slot_ends)) = retire_reason(sh, key, pid, end.served, max_requests) {
+            end.retire_slot = slot_ends;
+            transition(sh, key, Event::Stop, |_| {});
+            tracing::info!(slot, pid, "retiring worker: {why}");
+            fate.cause = Cause::Retired;
+            fate.terminated = true;
+            return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+        }
+        let mut job = tokio::select! {
+            biased;
+            st = exit.as_mut() => return st,
+            () = sh.stop.cancelled() => {
+                transition(sh, key, Event::Stop, |_| {});
+                fate.cause = Cause::Retired;
+                fate.terminated = true;
+                return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+            }
+            () = sh.handoff_ready.notified(), if generation < sh.generation.load(Ordering::Acquire) => continue,
+            () = tokio::time::sleep(sh.cfg.idle_timeout), if sh.cfg.workers_max > sh.cfg.workers => {
+                if leave_if_above_min(sh) {
+                    end.left_pool = true;
+                    end.retire_slot = true;
+                    transition(sh, key, Event::Stop, |_| {});
+                    tracing::info!(slot, pid, "idle for {:?}: leaving the pool", sh.cfg.idle_timeout);
+                    fate.cause = Cause::Retired;
+                    fate.terminated = true;
+                    return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+                }
+                continue;
+            }
+            job = sh.queue.pop() => job,
+        };
+        sh.quarantine.record_request(&job);
+        sh.busy.fetch_add(1, Ordering::Relaxed);
+        let begun = Instant::now();
+        job.dispatched = Some(begun);
+        sh.metrics
+            .queue_wait
+            .observe(begun.duration_since(job.enqueued).as_secs_f64());
+        transition(sh, key, Event::Take, |r| {
+            r.request = Some((job.id.clone(), job.summary()))
+        });
+        let mut progress = Progress::default();
+        let mut exited = None;
+        let mut timed_out = false;
+        let result = {
+            let serve = link.serve(&mut job, &sh.cfg, &mut progress);
+            tokio::pin!(serve);
+            let limit = sh.cfg.request_timeout;
+            tokio::select! {
+                r = &mut serve => r,
+                st = exit.as_mut() => {
+                    exited = Some(st);
+                    // What the worker wrote before exiting is still in the socket: read it out.
+                    match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
+                        Ok(r) => r,
+                        Err(_) => Err(WorkerError::Exited),
+                    }
+                }
+                () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
+                    timed_out = true;
+                    Err(WorkerError::Timeout(limit.unwrap_or_default()))
+                }
+                // A fast stop (or the end of a graceful one) does not wait for requests.
+                () = sh.stop.cancelled() => Err(WorkerError::Stopping),
+            }
+        };
+        sh.busy.fetch_sub(1, Ordering::Relaxed);
+        // Served means answered: a request the worker died on is not counted.
+        let answered = u64::from(result.is_ok());
+        end.served += answered;
+        update(sh, key, |r| {
+            r.request = None;
+            r.served += answered;
+        });
+        sh.queue.record_service_time(begun.elapsed());
+        let e = match result {
+            Ok(()) => match exited {
+                // Answered, then exited: the slot records the exit.
+                Some(st) => return st,
+                None => {
+                    transition(sh, key, Event::Done, |_| {});
+                    continue;
+                }
+            },
+            Err(e) => e,
+        };
+        if exited.is_none()
+            && (e.delivered_nothing() || matches!(e, WorkerError::Io(_) | WorkerError::Closed))
+        {
+            // A reset connection is most often a worker that has just died: its exit comes a moment later.
+            if let Ok(st) = tokio::time::timeout(Duration::from_millis(500), exit.as_mut()).await {
+                exited = Some(st);
+            }
+        }
+        link.reset();
+        if matches!(e, WorkerError::ClientGone) {
+            tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
+            if let Some(st) = exited {
+                return st;
+            }
+            transition(sh, key, Event::Done, |_| {});
+            continue;
+        }
+        if e.delivered_nothing() && !job.client_gone() {
+            // The worker never saw it (most often: it had just died, idle): another worker takes it, first
+            // in line, whatever the method; it is not this request's death.
+            tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "{e}; sending it to another worker");
+            sh.queue.requeue(job);
+            if let Some(st) = exited {
+                return st;
+            }
+            // Alive but unreachable even on a new connection: replace it rather than hand it the next
+            // request too.
+            tracing::error!(
+                slot,
+                pid,
+                "the worker does not take connections: replacing it"
+            );
+            transition(sh, key, Event::Stop, |_| {});
+            fate.cause = Cause::Retired;
+            fate.terminated = true;
+            return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+        }
+        let request = HeldRequest {
+            id: job.id.clone(),
+            method: job.head.method.to_string(),
+            target: job
+                .summary()
+                .split_once(' ')
+                .map_or(String::new(), |x| x.1.to_string()),
+            sent_bytes: progress.sent_bytes,
+            received_bytes: progress.received_bytes,
+            elapsed: begun.elapsed(),
+        };
+        if matches!(e, WorkerError::Stopping) {
+            if !progress.head_sent {
+                job.respond(crate::request::unavailable(
+                    &job.id,
+                    "The server is stopping.",
+                    1,
+                ));
+            }
+            if let Some(st) = exited {
+                return st;
+            }
+            transition(sh, key, Event::Stop, |_| {});
+            fate.cause = Cause::Retired;
+            fate.terminated = true;
+            return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+        }
+        if timed_out {
+            tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
+            if !progress.head_sent {
+                let why = format!(
+                    "The worker took longer than {:?}.",
+                    sh.cfg.request_timeout.unwrap_or_default()
+                );
+                job.respond(failed(StatusCode::GATEWAY_TIMEOUT, &job.id, &why));
+            }
+            transition(sh, key, Event::Stop, |_| {});
+            fate.cause = Cause::Timeout;
+            fate.terminated = true;
+            fate.held = Some(request);
+            return terminate(pid, sh.cfg.kill_grace, link, exit).await;
+        }
+        let Some(status) = exited else {
+            // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
+            tracing::error!(
+                slot, pid, id = %job.id, request = %job.summary(),
+                sent = progress.sent_bytes, received = progress.received_bytes,
+                "{e}"
+            );
+            if !progress.head_sent {
+                let why = format!("The worker failed: {e}.");
+                job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
+            }
+            transition(sh, key, Event::Done, |_| {});
+            continue;
+        };
+        // The worker died holding this request.
+        died_holding(sh, key, pid, job, &progress, &status, fate);
+        fate.held = Some(request);
+        return status;
+    }
+}
+
+/// A worker died holding `job`: feed the quarantine, then retry the request once or answer 502.
+fn died_holding(
+    sh: &Shared,
+    key: Key,
+    pid: u32,
+    mut job: Job,
+    progress: &Progress,
+    status: &std::io::Result<ExitStatus>,
+    fate: &mut Fate,
+) {
+    let slot = key.1;
+    job.deaths += 1;
+    let oom = fate.attribute(sh, status);
+    let fp = fingerprint(&job);
+    let verdict = sh.quarantine.record_death(&fp, oom);
+    if let Verdict::Quarantined { deaths, requests } = verdict {
+        let p = sh.quarantine.policy();
+        tracing::error!(
+            fingerprint = %fp,
+            "{fp} killed {deaths} workers in {requests} requests within {:?}: refusing it with 503 for {:?}",
+            p.window, p.cooldown
+        );
+    }
+    if verdict != Verdict::Off {
+        fate.quarantine = Some(verdict.to_string());
+    }
+    if progress.head_sent {
+        return;
+    }
+    // A fingerprint in quarantine now gets no retry: that would only kill one more worker.
+    let quarantined =
+        matches!(verdict, Verdict::Quarantined { .. }) || sh.quarantine.blocked(&fp).is_some();
+    if job.deaths == 1 && job.idempotent() && !job.client_gone() && !quarantined {
+        tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
+        sh.queue.requeue(job);
+    } else {
+        let why = if quarantined {
+            format!("Requests for {fp} keep killing workers; this one is not retried.")
+        } else if job.deaths > 1 {
+            tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
+            "This request killed two workers; it is not retried.".to_string()
+        } else {
+            "The worker died while serving this request.".to_string()
+        };
+        job.respond(failed(StatusCode::BAD_GATEWAY, &job.id, &why));
+    }
 }
 
 fn failed(status: StatusCode, id: &str, why: &str) -> crate::request::Reply {

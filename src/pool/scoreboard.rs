@@ -2,8 +2,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
+use super::slot::SlotState;
 use super::{lock, Death, Shared};
 
 /// What the admin listener may see of the pool.
@@ -16,23 +16,14 @@ pub struct WorkerInfo {
     pub slot: usize,
     pub generation: u64,
     pub pid: u32,
-    /// starting, idle, busy, backoff or stopping.
-    pub state: &'static str,
+    /// starting, idle, busy, stopping, exited or backoff.
+    pub state: SlotState,
     /// In this state for so long.
     pub state_ms: u64,
     pub request_id: Option<String>,
     pub request: Option<String>,
     pub served: u64,
     pub rss_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct SlotRecord {
-    pub(super) pid: u32,
-    pub(super) state: &'static str,
-    pub(super) since: Instant,
-    pub(super) request: Option<(String, String)>,
-    pub(super) served: u64,
 }
 
 impl PoolView {
@@ -43,14 +34,16 @@ impl PoolView {
 
     /// Every worker slot, with its process and what it is doing.
     pub fn scoreboard(&self) -> Vec<WorkerInfo> {
-        let board = lock(&self.0.scoreboard).clone();
-        board
-            .into_iter()
+        let rows: Vec<_> = lock(&self.0.board)
+            .rows()
+            .map(|(k, r)| (*k, r.clone()))
+            .collect();
+        rows.into_iter()
             .map(|((generation, slot), r)| WorkerInfo {
                 slot,
                 generation,
                 pid: r.pid,
-                state: r.state,
+                state: r.state(),
                 state_ms: r.since.elapsed().as_millis() as u64,
                 request_id: r.request.as_ref().map(|x| x.0.clone()),
                 request: r.request.map(|x| x.1),
@@ -62,10 +55,7 @@ impl PoolView {
 
     /// Workers that are up (idle or busy).
     pub fn up(&self) -> usize {
-        lock(&self.0.scoreboard)
-            .values()
-            .filter(|r| r.state == "idle" || r.state == "busy")
-            .count()
+        lock(&self.0.board).up()
     }
 
     pub fn busy(&self) -> usize {
@@ -74,30 +64,14 @@ impl PoolView {
 
     /// True while every slot is failing to start.
     pub fn all_failing(&self) -> bool {
-        let alive = self.0.slots_alive.load(Ordering::Relaxed);
-        alive > 0 && self.0.slots_failing.load(Ordering::Relaxed) >= alive
+        lock(&self.0.board).all_failing()
     }
-}
 
-pub(super) fn set_state(
-    sh: &Shared,
-    key: (u64, usize),
-    state: &'static str,
-    f: impl FnOnce(&mut SlotRecord),
-) {
-    let mut board = lock(&sh.scoreboard);
-    let r = board.entry(key).or_insert_with(|| SlotRecord {
-        pid: 0,
-        state,
-        since: Instant::now(),
-        request: None,
-        served: 0,
-    });
-    if r.state != state {
-        r.state = state;
-        r.since = Instant::now();
+    /// Why a request sent now would not be served, if it would not: what `/health/ready` reports.
+    pub fn not_ready(&self) -> Option<String> {
+        let queue = &self.0.queue;
+        lock(&self.0.board).not_ready(queue.len(), queue.max())
     }
-    f(r);
 }
 
 /// The worker's resident memory, from /proc.
