@@ -219,6 +219,7 @@ fn run(
         }
         // Drain the whole queue before polling again.
         loop {
+            wait_for_closing(table, &stop);
             let r = match &listener {
                 Listener::Tcp(l) => l.accept_std().map(|(s, a)| Accepted::Tcp(s, a)),
                 Listener::Unix { listener, .. } => listener.accept_std().map(Accepted::Unix),
@@ -242,6 +243,22 @@ fn run(
         }
     }
     drop(listener);
+}
+
+/// Longest the acceptor waits at the hard cap for connections the table has told to close.
+const CLOSING_WAIT: Duration = Duration::from_millis(200);
+
+/// At the table's hard cap while idle connections it closed to make room are still closing (their tasks
+/// have not run yet: a burst outpaces the runtime), waits for them rather than refuse clients there would
+/// be room for a moment later. Meanwhile new connections wait in the kernel's queue, for milliseconds.
+fn wait_for_closing(table: &Table, stop: &AtomicBool) {
+    let started = std::time::Instant::now();
+    while table.closing_at_cap()
+        && started.elapsed() < CLOSING_WAIT
+        && !stop.load(Ordering::Acquire)
+    {
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 /// This thread runs for a few microseconds at a time, but it must run the moment connections arrive, even

@@ -186,6 +186,9 @@ pub struct Table {
     in_progress: AtomicUsize,
     /// Connections told to close that have not closed yet: their descriptors are about to come back.
     closing: AtomicUsize,
+    /// Connections counted by the acceptor and not yet admitted (on their way to the runtime): each will
+    /// close an idle one if the table is full.
+    pending: AtomicUsize,
     idle: Mutex<Idle>,
     /// What the log says about this table ("client", "admin").
     name: &'static str,
@@ -230,6 +233,7 @@ impl Table {
             m,
             in_progress: AtomicUsize::new(0),
             closing: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
             idle: Mutex::default(),
             name,
         })
@@ -265,7 +269,11 @@ impl Table {
             self.refused();
             return None;
         }
-        Some(Counted(self.clone()))
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Some(Counted {
+            table: self.clone(),
+            pending: true,
+        })
     }
 
     fn refused(&self) {
@@ -280,6 +288,15 @@ impl Table {
                 "at the connection limit with no idle connection to close: new connections are refused"
             );
         }
+    }
+
+    /// At the hard cap, with connections told to close still open, or accepted ones not yet admitted (each
+    /// will close an idle one): descriptors are about to come back, so the acceptor waits for them rather
+    /// than refuse. Lock-free.
+    pub fn closing_at_cap(&self) -> bool {
+        self.open() >= self.limits.hard_cap
+            && (self.closing.load(Ordering::Relaxed) > 0
+                || self.pending.load(Ordering::Relaxed) > 0)
     }
 
     /// Open connections that stay open: those told to close are on their way out.
@@ -319,7 +336,8 @@ impl Table {
     /// Takes a counted connection into the table as idle (it has sent nothing yet), closing the oldest idle
     /// one if the table is over its limit. `Err` gives the connection back to be refused: nothing could be
     /// closed.
-    pub fn admit(self: &Arc<Self>, counted: Counted) -> Result<ConnHandle, Counted> {
+    pub fn admit(self: &Arc<Self>, mut counted: Counted) -> Result<ConnHandle, Counted> {
+        counted.admitted();
         let mut idle = lock(&self.idle);
         if self.over() && !self.close_oldest(&mut idle) {
             drop(idle);
@@ -338,11 +356,24 @@ impl Table {
 }
 
 /// One open connection, counted in the gauge until dropped.
-pub struct Counted(Arc<Table>);
+pub struct Counted {
+    table: Arc<Table>,
+    /// Not admitted yet.
+    pending: bool,
+}
+
+impl Counted {
+    fn admitted(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.table.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.m.open.dec();
+        self.admitted();
+        self.table.m.open.dec();
     }
 }
 
@@ -357,7 +388,7 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        let table = &self.counted.0;
+        let table = &self.counted.table;
         let key = self.key.load(Ordering::Relaxed);
         if key != 0 {
             lock(&table.idle).order.remove(&key);
@@ -379,14 +410,14 @@ impl ConnHandle {
     }
 
     pub fn max_connections(&self) -> usize {
-        self.0.counted.0.limits.max
+        self.0.counted.table.limits.max
     }
 
     /// A request has started on this connection (its head is in): the connection is not idle until every
     /// request it carries has ended, that is until the returned guards are dropped.
     pub fn request_started(&self) -> InProgress {
         let e = &self.0;
-        let table = &e.counted.0;
+        let table = &e.counted.table;
         let mut idle = lock(&table.idle);
         if e.requests.fetch_add(1, Ordering::Relaxed) == 0 {
             let key = e.key.swap(0, Ordering::Relaxed);
@@ -406,7 +437,7 @@ impl ConnHandle {
 
     fn request_ended(&self) {
         let e = &self.0;
-        let table = &e.counted.0;
+        let table = &e.counted.table;
         let mut idle = lock(&table.idle);
         table.in_progress.fetch_sub(1, Ordering::Relaxed);
         if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && !e.token.is_cancelled() {
@@ -510,6 +541,8 @@ mod tests {
     fn hard_cap_refuses_on_the_acceptor() {
         let t = table(1);
         let held: Vec<_> = (0..3).map(|_| t.count().unwrap()).collect();
+        // Accepted, not yet admitted: the acceptor waits for them before it refuses anyone.
+        assert!(t.closing_at_cap());
         assert!(t.count().is_none());
         assert_eq!(t.open(), 3);
         drop(held);
