@@ -270,7 +270,10 @@ fn status_shows_the_pool_and_explains_a_killed_worker() {
                 .iter()
                 .find(|r| r["state"] == "busy" && r["request_id"] == "held-by-the-victim");
             if let Some(r) = busy {
-                assert_eq!(r["request"], "GET /sleep", "paths only by default (--status-show-query)");
+                assert_eq!(
+                    r["request"], "GET /sleep",
+                    "paths only by default (--status-show-query)"
+                );
                 victim = r["pid"].as_u64().unwrap() as u32;
             }
             victim != 0

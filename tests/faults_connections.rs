@@ -871,3 +871,108 @@ fn dirs_named(base: &Path, prefix: &str) -> usize {
         .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
         .count()
 }
+
+/// One FastCGI request (GET `path`) on a raw connection.
+fn fcgi_get(id: u16, path: &str) -> Vec<u8> {
+    use anteroom::fastcgi as fcgi;
+    let mut out = bytes::BytesMut::new();
+    fcgi::BeginRequest {
+        role: fcgi::RESPONDER,
+        flags: fcgi::KEEP_CONN,
+    }
+    .encode(id, &mut out);
+    let mut pairs = Vec::new();
+    for (k, v) in [
+        ("REQUEST_METHOD", "GET"),
+        ("PATH_INFO", path.split('?').next().unwrap()),
+        ("QUERY_STRING", path.split_once('?').map_or("", |x| x.1)),
+        ("REQUEST_URI", path),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+    ] {
+        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
+    }
+    fcgi::encode_stream(fcgi::PARAMS, id, &pairs, &mut out);
+    fcgi::encode_stream_end(fcgi::PARAMS, id, &mut out);
+    fcgi::encode_stream_end(fcgi::STDIN, id, &mut out);
+    out.to_vec()
+}
+
+/// Reads records until one of `kind` arrives; its content.
+fn fcgi_until(s: &mut std::os::unix::net::UnixStream, kind: u8) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        while let Some(rec) = anteroom::fastcgi::decode_record(&mut buf).unwrap() {
+            if rec.kind == kind {
+                return rec.content.to_vec();
+            }
+        }
+        let n = s.read(&mut chunk).expect("a record");
+        assert!(n > 0, "closed before a record of type {kind}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn unix_closed_by_server(s: &mut std::os::unix::net::UnixStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn fastcgi_connections_count_and_close_only_when_idle() {
+    use anteroom::fastcgi as fcgi;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let fsock = dir.path().join("f.sock");
+    let listen = format!("unix:{}", fsock.display());
+    let server = Server::start(
+        None,
+        &[
+            "--workers",
+            "1",
+            "--max-connections",
+            "2",
+            "--listen-fastcgi",
+            &listen,
+        ],
+        &[],
+    );
+    // b has a request at the worker: never closed for room.
+    let mut b = UnixStream::connect(&fsock).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    b.write_all(&fcgi_get(1, "/sleep?ms=1500")).unwrap();
+    wait_until("b's request in progress", Duration::from_secs(10), || {
+        server.status()["connections"]["requests_in_progress"].as_u64() == Some(1)
+    });
+    let mut a = UnixStream::connect(&fsock).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let _c = UnixStream::connect(&fsock).unwrap();
+    assert!(
+        unix_closed_by_server(&mut a, Duration::from_secs(5)),
+        "a, idle, made room"
+    );
+    let end = fcgi_until(&mut b, fcgi::END_REQUEST);
+    assert_eq!(
+        fcgi::EndRequest::parse(&end).unwrap().protocol_status,
+        fcgi::REQUEST_COMPLETE
+    );
+    assert_eq!(server.status()["connections"]["open"].as_u64(), Some(2));
+    // The limit is what FCGI_MAX_CONNS says. (A new connection: c, the oldest idle one, makes room.)
+    let mut d = UnixStream::connect(&fsock).unwrap();
+    d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut q = Vec::new();
+    fcgi::encode_pair(b"FCGI_MAX_CONNS", b"", &mut q).unwrap();
+    let mut out = bytes::BytesMut::new();
+    fcgi::encode_record(fcgi::GET_VALUES, 0, &q, &mut out);
+    d.write_all(&out).unwrap();
+    let values = fcgi::decode_pairs(&fcgi_until(&mut d, fcgi::GET_VALUES_RESULT)).unwrap();
+    assert_eq!(values[0].1.as_ref(), b"2");
+}
