@@ -424,6 +424,12 @@ fn the_status_page_renders_live_data_in_a_headless_browser() {
         dom.contains(">READY<"),
         "the page does not say READY:\n{dom}"
     );
+    let conns = dom.split("id=\"t-conns\">").nth(1).unwrap_or_default();
+    assert!(
+        conns.starts_with(|c: char| c.is_ascii_digit()),
+        "no connection count on the page: {}",
+        &conns[..conns.len().min(80)]
+    );
     assert!(
         dom.contains(&w.a.addr.to_string()),
         "the public listener is not listed"

@@ -128,12 +128,13 @@ impl Limits {
         })
     }
 
-    /// Limits for a small fixed table (the admin listener's), with no descriptor weighting.
+    /// Limits for a small fixed table (the admin listener's, which admits each connection as it accepts
+    /// it: no slack for a hand-off), with no descriptor weighting.
     pub fn fixed(max: usize) -> Limits {
         Limits {
             max,
             fd_budget: usize::MAX / 4,
-            hard_cap: max + ACCEPT_SLACK,
+            hard_cap: max + max / 4 + 1,
             nofile: 0,
             reserve: 0,
         }
