@@ -565,7 +565,7 @@ fn silent_flood_at_the_fd_limit() {
         "conn-flood",
         &format!(
             "Silent-connection flood past the fd limit (RLIMIT_NOFILE {}), 2 demo workers, one SIGKILLed mid-flood",
-            nofile.map_or("default".to_string(), |n| n.to_string())
+            server.status()["connections"]["nofile"]
         ),
         &measured,
         "/ok p99 < 1 s and /health/live 200 throughout; workers respawn; gauge correct",
