@@ -165,6 +165,10 @@ pub struct ServeArgs {
     /// Longest a client may take to send a request head, in seconds; slower gets 408 [default: 30].
     #[arg(long, value_name = "SECS")]
     pub header_timeout: Option<f64>,
+    /// Most client connections open at once, across all listeners; at the limit the oldest idle ones are
+    /// closed [default: RLIMIT_NOFILE minus a reserve for workers, temp files and the admin listener, at most 65536].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
     /// A fixed FastCGI param for every request, like nginx's fastcgi_param; repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub param: Vec<NameValue>,
@@ -214,6 +218,10 @@ pub struct ServeArgs {
     /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
     #[arg(long)]
     pub access_log: bool,
+    /// Show the query strings of running and crashed requests on /status and the status page (they often
+    /// carry tokens and passwords) [default: off, paths only].
+    #[arg(long)]
+    pub status_show_query: bool,
     /// Log format: text, json or logfmt [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -398,6 +406,7 @@ struct FileConfig {
     max_body_size: Option<ByteSize>,
     max_header_size: Option<ByteSize>,
     header_timeout: Option<f64>,
+    max_connections: Option<usize>,
     param: Option<BTreeMap<String, String>>,
     env: Option<BTreeMap<String, String>>,
     admin: Option<String>,
@@ -414,6 +423,7 @@ struct FileConfig {
     crash_exit: Option<CrashExit>,
     graceful_timeout: Option<f64>,
     access_log: Option<bool>,
+    status_show_query: Option<bool>,
     log_format: Option<LogFormat>,
     command: Option<Vec<String>>,
 }
@@ -450,6 +460,8 @@ pub struct Config {
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub header_timeout: Duration,
+    /// None: from RLIMIT_NOFILE (see `front::conns::Limits::plan`).
+    pub max_connections: Option<usize>,
     /// Fixed params, in the order given; they override the computed CGI variables of the same name.
     pub params: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
@@ -471,6 +483,8 @@ pub struct Config {
     pub crash_exit: Option<CrashExit>,
     pub graceful_timeout: Duration,
     pub access_log: bool,
+    /// /status shows query strings (off: paths only).
+    pub status_show_query: bool,
     pub log_format: LogFormat,
     /// Empty means the built-in demo app.
     pub command: Vec<String>,
@@ -597,6 +611,7 @@ impl Config {
                 "header-timeout",
                 args.header_timeout.or(file.header_timeout).unwrap_or(30.0),
             )?,
+            max_connections: args.max_connections.or(file.max_connections),
             params,
             env,
             admin,
@@ -654,6 +669,7 @@ impl Config {
                     .unwrap_or(30.0),
             )?,
             access_log: args.access_log || file.access_log.unwrap_or(false),
+            status_show_query: args.status_show_query || file.status_show_query.unwrap_or(false),
             log_format: args
                 .log_format
                 .or(file.log_format)
@@ -708,6 +724,11 @@ impl Config {
             if Some(*a) == self.admin.as_ref() {
                 return Err(invalid("admin", format!("{a} is also a public listener")));
             }
+        }
+        if self.max_connections.is_some() {
+            // The same plan the server makes at start, with the limit it will raise itself to.
+            crate::front::conns::Limits::plan(self, crate::front::conns::nofile_target())
+                .map_err(|e| invalid("max-connections", e.to_string()))?;
         }
         if let Some(c) = self.command.first() {
             if c.is_empty() {
@@ -870,6 +891,24 @@ mod tests {
         assert!(parse(&["--workers", "8:2"])
             .unwrap_err()
             .starts_with("workers:"));
+    }
+
+    #[test]
+    fn connection_options() {
+        let c = parse(&["--max-connections", "100", "--status-show-query"]).unwrap();
+        assert_eq!(c.max_connections, Some(100));
+        assert!(c.status_show_query);
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_connections, None);
+        assert!(!c.status_show_query);
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.starts_with("max-connections:"), "{e}");
+        // More than any open-files limit can back (2^20 is the most anteroom raises itself to).
+        let e = parse(&["--max-connections", "2000000"]).unwrap_err();
+        assert!(
+            e.starts_with("max-connections:") && e.contains("RLIMIT_NOFILE"),
+            "{e}"
+        );
     }
 
     #[test]

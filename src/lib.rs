@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pool;
 pub mod quarantine;
 pub mod queue;
+pub mod ratelog;
 pub mod request;
 pub mod server;
 pub mod sockdiag;

@@ -61,7 +61,11 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub deaths: Family<CauseLabels, Counter>,
     pub spawns: Counter,
+    /// Every open client connection, from accept to close (the connection table's count).
     pub connections: Gauge,
+    pub connections_limit: Gauge,
+    pub connections_idle_closed: Counter,
+    pub connections_refused: Counter,
     registry: Registry,
 }
 
@@ -91,6 +95,9 @@ impl Metrics {
             deaths: Family::default(),
             spawns: Counter::default(),
             connections: Gauge::default(),
+            connections_limit: Gauge::default(),
+            connections_idle_closed: Counter::default(),
+            connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,8 +137,23 @@ impl Metrics {
         );
         registry.register(
             "client_connections",
-            "Client connections open now",
+            "Client connections open now, from accept to close, silent ones included",
             m.connections.clone(),
+        );
+        registry.register(
+            "client_connections_limit",
+            "Most client connections open at once (--max-connections, or from RLIMIT_NOFILE)",
+            m.connections_limit.clone(),
+        );
+        registry.register(
+            "client_connections_idle_closed",
+            "Idle client connections (silent, or kept alive between requests) closed to make room at the limit",
+            m.connections_idle_closed.clone(),
+        );
+        registry.register(
+            "client_connections_refused",
+            "New client connections refused at the limit because none was idle (HTTP: 503)",
+            m.connections_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
 use crate::config::Config;
+use crate::front::conns::{Limits, Table, TableMetrics};
 use crate::front::http::Front;
 use crate::front::listen::{somaxconn, BindError, Listener};
 use crate::metrics::Metrics;
@@ -78,12 +79,49 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         }
     }
 
-    prepare_fd_table(cfg.max_queue);
+    let nofile = raise_nofile();
+    let limits = match Limits::plan(&cfg, nofile) {
+        Ok(l) => l,
+        Err(e) => {
+            // Checked against the hard limit at parse time: the soft one could not be raised to it.
+            let l = Limits::plan(
+                &Config {
+                    max_connections: None,
+                    ..(*cfg).clone()
+                },
+                nofile,
+            )
+            .expect("the default always fits");
+            tracing::warn!("max-connections: {e}; using {}", l.max);
+            l
+        }
+    };
+    prepare_fd_table(
+        (limits.max + limits.reserve).max(cfg.max_queue * 2 + 1024),
+        nofile,
+    );
+    tracing::info!(
+        max_connections = limits.max,
+        nofile,
+        reserved = limits.reserve,
+        "client connections bounded"
+    );
     let dir = RuntimeDir::create()?;
     let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
     let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
     let metrics = Arc::new(Metrics::new());
     metrics.queue_limit.set(cfg.max_queue as i64);
+    metrics.connections_limit.set(limits.max as i64);
+    // One table for every public listener: --max-connections bounds them together.
+    let table = Table::new(
+        "client",
+        limits,
+        TableMetrics {
+            open: metrics.connections.clone(),
+            closed_idle: metrics.connections_idle_closed.clone(),
+            refused: metrics.connections_refused.clone(),
+        },
+    );
     let mut pool = Pool::start(
         cfg.clone(),
         queue.clone(),
@@ -121,6 +159,7 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
             queue: queue.clone(),
             pool: pool.view(),
             metrics: metrics.clone(),
+            conns: table.clone(),
             // The bound addresses (a port 0 has become a real one), to find them in the kernel's tables.
             listeners: listeners
                 .iter()
@@ -137,14 +176,14 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     for l in listeners {
         tracing::info!(listen = %l.local_addr(), "serving HTTP");
         acceptors.push(
-            crate::front::http::start(l, front.clone(), conns.clone())
+            crate::front::http::start(l, front.clone(), table.clone(), conns.clone())
                 .map_err(StartError::Accept)?,
         );
     }
     for l in fcgi_listeners {
         tracing::info!(listen = %l.local_addr(), "serving FastCGI");
         acceptors.push(
-            crate::front::fastcgi::start(l, front.clone(), conns.clone())
+            crate::front::fastcgi::start(l, front.clone(), table.clone(), conns.clone())
                 .map_err(StartError::Accept)?,
         );
     }
@@ -201,15 +240,17 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
 }
 
 /// A private (0700) directory for the workers' sockets, removed when anteroom stops.
+///
+/// It lives under `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`, private to the service and removed
+/// by systemd when it stops), else `$XDG_RUNTIME_DIR`, else the temp directory. It is named
+/// `anteroom.PID.RANDOM`; one left behind by a run that was SIGKILLed is removed at the next start.
 struct RuntimeDir(PathBuf);
 
 impl RuntimeDir {
     fn create() -> Result<RuntimeDir, StartError> {
         use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = runtime_base();
+        remove_stale(&base);
         let path = base.join(format!(
             "anteroom.{}.{:08x}",
             std::process::id(),
@@ -226,44 +267,178 @@ impl RuntimeDir {
     }
 }
 
+/// Where the worker socket directory goes. systemd gives `RUNTIME_DIRECTORY` as a colon-separated list
+/// when a unit names several; the first is ours.
+fn runtime_base() -> PathBuf {
+    let from_env = |name: &str| {
+        std::env::var_os(name)
+            .map(|v| {
+                let v = PathBuf::from(v);
+                match v.to_str().and_then(|s| s.split(':').next()) {
+                    Some(first) => PathBuf::from(first),
+                    None => v,
+                }
+            })
+            .filter(|p| p.is_absolute() && p.is_dir())
+    };
+    from_env("RUNTIME_DIRECTORY")
+        .or_else(|| from_env("XDG_RUNTIME_DIR"))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Removes the `anteroom.PID.*` directories in `base` whose anteroom is gone: its pid is not alive, and no
+/// worker socket in it answers (another pid namespace sharing the directory could hold a live one).
+fn remove_stale(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = stale_pid(&name.to_string_lossy()) else {
+            continue;
+        };
+        let path = e.path();
+        let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.is_dir() && m.uid() == uid
+        });
+        if !ours || pid == std::process::id() || pid_alive(pid) || answers(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), pid, "removed the worker socket directory of a dead anteroom")
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), "cannot remove a stale directory: {e}")
+            }
+        }
+    }
+}
+
+/// The pid in a name `anteroom.PID.HEX`, if it is one.
+fn stale_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("anteroom.")?;
+    let (pid, suffix) = rest.split_once('.')?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks; it sends nothing.
+    let r = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists, as someone else's.
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether any unix socket in `dir` accepts a connection.
+fn answers(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_type().is_ok_and(|t| t.is_socket())
+                && std::os::unix::net::UnixStream::connect(e.path()).is_ok()
+        })
+    })
+}
+
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-/// Raises the soft limit on open files to the hard one, and grows the fd table ahead of the load.
-///
-/// Every waiting request holds a client connection, so the fd count follows the queue. Linux grows a
-/// multi-threaded process's fd table by waiting for an RCU grace period (milliseconds); if that happens in
-/// the acceptor thread in the middle of a burst, the kernel's accept queue overflows meanwhile and nginx
-/// answers 502. So the table is sized at start, for the queue limit and some margin, by opening a
-/// descriptor at that number and closing it again: the table never shrinks.
-fn prepare_fd_table(max_queue: usize) {
-    // SAFETY: getrlimit/setrlimit with a struct we own; fcntl(F_DUPFD) of stderr and close of the new fd
-    // we just got, which nothing else knows about.
+/// Raises the soft limit on open files to the hard one (at most 2^20) and returns the soft limit now.
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a struct we own.
     unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return crate::front::conns::nofile_now();
+        }
+        if lim.rlim_cur < lim.rlim_max {
             let want = libc::rlimit {
                 rlim_cur: lim.rlim_max.min(1 << 20),
                 rlim_max: lim.rlim_max,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            if want.rlim_cur > lim.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim.rlim_cur = want.rlim_cur;
             }
         }
-        let target = (max_queue as u64 * 2 + 1024)
-            .min(65_536)
-            .min(lim.rlim_cur.saturating_sub(1));
-        if target > 3 {
+        lim.rlim_cur
+    }
+}
+
+/// Grows the fd table ahead of the load, to hold `want` descriptors (at most 65,536).
+///
+/// Every open connection holds a descriptor. Linux grows a multi-threaded process's fd table by waiting
+/// for an RCU grace period (milliseconds); if that happens in the acceptor thread in the middle of a burst,
+/// the kernel's accept queue overflows meanwhile and nginx answers 502. So the table is sized at start,
+/// for the connection limit and the reserve, by opening a descriptor at that number and closing it again:
+/// the table never shrinks.
+fn prepare_fd_table(want: usize, nofile: u64) {
+    let target = (want as u64).min(65_536).min(nofile.saturating_sub(1));
+    if target > 3 {
+        // SAFETY: fcntl(F_DUPFD) of stderr and close of the new fd we just got, which nothing else knows
+        // about.
+        unsafe {
             let fd = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, target as libc::c_int);
             if fd >= 0 {
                 libc::close(fd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_names() {
+        assert_eq!(stale_pid("anteroom.1234.0badf00d"), Some(1234));
+        assert_eq!(stale_pid("anteroom.1234."), None);
+        assert_eq!(stale_pid("anteroom.x.0badf00d"), None);
+        assert_eq!(stale_pid("anteroom.1234.zz"), None);
+        assert_eq!(stale_pid("other.1234.00"), None);
+    }
+
+    #[test]
+    fn only_dead_and_silent_directories_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        // A pid that has just exited.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = base.path().join(format!("anteroom.{dead}.0000abcd"));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("w0.g1.1.sock"), "").unwrap();
+        let live = base
+            .path()
+            .join(format!("anteroom.{}.0000abcd", std::process::id()));
+        // SAFETY: getppid has no preconditions.
+        let ppid = unsafe { libc::getppid() };
+        let parent = base.path().join(format!("anteroom.{ppid}.00000001"));
+        std::fs::create_dir(&live).unwrap();
+        std::fs::create_dir(&parent).unwrap();
+        // Dead pid, but a socket in it still answers: another namespace's anteroom, perhaps.
+        let answering = base.path().join("anteroom.999999999.0000beef");
+        std::fs::create_dir(&answering).unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(answering.join("w0.sock")).unwrap();
+        let unrelated = base.path().join("anteroom-notes");
+        std::fs::create_dir(&unrelated).unwrap();
+        remove_stale(base.path());
+        assert!(!stale.exists());
+        assert!(live.exists() && parent.exists() && answering.exists() && unrelated.exists());
     }
 }

@@ -270,7 +270,10 @@ fn status_shows_the_pool_and_explains_a_killed_worker() {
                 .iter()
                 .find(|r| r["state"] == "busy" && r["request_id"] == "held-by-the-victim");
             if let Some(r) = busy {
-                assert_eq!(r["request"], "GET /sleep?ms=3000");
+                assert_eq!(
+                    r["request"], "GET /sleep",
+                    "paths only by default (--status-show-query)"
+                );
                 victim = r["pid"].as_u64().unwrap() as u32;
             }
             victim != 0
@@ -292,7 +295,7 @@ fn status_shows_the_pool_and_explains_a_killed_worker() {
     );
     assert_eq!(d["request"]["id"], "held-by-the-victim", "{st}");
     assert_eq!(d["request"]["method"], "GET");
-    assert_eq!(d["request"]["target"], "/sleep?ms=3000");
+    assert_eq!(d["request"]["target"], "/sleep");
     assert!(d["at"].as_f64().unwrap() > 1.6e9);
     assert!(d["lived_ms"].as_u64().is_some());
     assert!(d["last_output"].is_array());
@@ -420,6 +423,12 @@ fn the_status_page_renders_live_data_in_a_headless_browser() {
     assert!(
         dom.contains(">READY<"),
         "the page does not say READY:\n{dom}"
+    );
+    let conns = dom.split("id=\"t-conns\">").nth(1).unwrap_or_default();
+    assert!(
+        conns.starts_with(|c: char| c.is_ascii_digit()),
+        "no connection count on the page: {}",
+        &conns[..conns.len().min(80)]
     );
     assert!(
         dom.contains(&w.a.addr.to_string()),

@@ -9,7 +9,12 @@
 //! | `GET /health/ready` | 200 when a request would be served; 503 with the reason otherwise. |
 //!
 //! Anything else is 404; a method other than GET or HEAD is 405. The admin listener is small and local:
-//! one task per connection, no limits beyond hyper's and a head-read deadline.
+//! one task per connection, a head-read deadline, and at most [`ADMIN_CONNS`] connections (the oldest idle
+//! one is closed for a new one), whose descriptors are kept back from the public listeners so that health
+//! checks and metrics answer even while clients hold every connection they may.
+//!
+//! Running and crashed requests are shown by path only: query strings often carry tokens and passwords.
+//! `--status-show-query` shows them whole.
 
 mod report;
 
@@ -29,10 +34,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ListenAddr};
+use crate::front::conns::{ConnHandle, Limits, Table, TableMetrics, ADMIN_CONNS};
 use crate::front::listen::Listener;
 use crate::metrics::Metrics;
 use crate::pool::PoolView;
 use crate::queue::Queue;
+use crate::ratelog::LogLimit;
 
 use report::Sampler;
 
@@ -42,6 +49,8 @@ pub struct AdminState {
     pub queue: Arc<Queue>,
     pub pool: PoolView,
     pub metrics: Arc<Metrics>,
+    /// The public listeners' connection table.
+    pub conns: Arc<Table>,
     /// The public listeners, whose kernel accept queues are reported.
     pub listeners: Vec<ListenAddr>,
     pub started: Instant,
@@ -84,23 +93,31 @@ pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: Cancellatio
             }
         })
     };
+    let table = Table::new("admin", Limits::fixed(ADMIN_CONNS), TableMetrics::default());
+    static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             a = accept(&listener) => a,
         };
-        match accepted {
-            Ok(Stream::Tcp(s)) => {
-                tokio::spawn(serve_conn(s, admin.clone(), stop.clone()));
-            }
-            Ok(Stream::Unix(s)) => {
-                tokio::spawn(serve_conn(s, admin.clone(), stop.clone()));
-            }
+        let stream = match accepted {
+            Ok(s) => s,
             Err(e) => {
-                tracing::warn!(admin = %listener.local_addr(), "admin accept failed: {e}");
+                if let Some(suppressed) = ACCEPT_FAILED.check() {
+                    tracing::warn!(admin = %listener.local_addr(), suppressed, "admin accept failed: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        // Beyond the bound with nothing idle to close: the connection is just closed.
+        let Some(entry) = table.count().and_then(|c| table.admit(c).ok()) else {
+            continue;
+        };
+        match stream {
+            Stream::Tcp(s) => tokio::spawn(serve_conn(s, admin.clone(), entry, stop.clone())),
+            Stream::Unix(s) => tokio::spawn(serve_conn(s, admin.clone(), entry, stop.clone())),
+        };
     }
     let _ = sampling.await;
 }
@@ -121,13 +138,20 @@ async fn accept(l: &Listener) -> std::io::Result<Stream> {
     }
 }
 
-async fn serve_conn<S>(io: S, admin: Arc<Admin>, stop: CancellationToken)
+async fn serve_conn<S>(io: S, admin: Arc<Admin>, entry: ConnHandle, stop: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let in_table = entry.clone();
     let svc = service_fn(move |req| {
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(route(req, &admin).await) }
+        // The answer is whole when the handler returns: the request ends with it.
+        let in_progress = in_table.request_started();
+        async move {
+            let r = route(req, &admin).await;
+            drop(in_progress);
+            Ok::<_, Infallible>(r)
+        }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -142,6 +166,8 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        // Closed to make room for a new admin client while idle.
+        () = entry.closed() => Ok(()),
     };
     if let Err(e) = result {
         tracing::debug!("admin connection ended: {e}");

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::config::ListenAddr;
+use crate::front::conns::TableView;
 use crate::metrics::Metrics;
 use crate::pool::{Death, SlotState, WorkerInfo};
 
@@ -225,6 +226,13 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
             .num_alive_tasks() as i64,
     );
     now.register("runtime_tasks", "Tasks alive in anteroom's runtime", tasks);
+    let idle: Gauge = Gauge::default();
+    idle.set(st.conns.view().idle as i64);
+    now.register(
+        "client_connections_idle",
+        "Client connections open with no request in progress (silent, or kept alive between requests)",
+        idle,
+    );
 
     let workers = Family::<Labels, Gauge>::default();
     for state in WORKER_STATES {
@@ -307,6 +315,8 @@ pub(super) struct Status {
     /// Newest first.
     deaths: Vec<Death>,
     listeners: Vec<ListenerQueue>,
+    /// The public listeners' connection table.
+    connections: TableView,
     kernel: KernelStatus,
 }
 
@@ -358,6 +368,19 @@ pub(super) fn status_json(
 ) -> Status {
     let mut deaths = st.pool.recent_deaths();
     deaths.reverse();
+    let mut workers = st.pool.scoreboard();
+    if !st.cfg.status_show_query {
+        for w in &mut workers {
+            if let Some(r) = &mut w.request {
+                strip_query(r);
+            }
+        }
+        for d in &mut deaths {
+            if let Some(r) = &mut d.request {
+                strip_query(&mut r.target);
+            }
+        }
+    }
     let round = |x: Option<f64>| x.map(|v| (v * 1000.0).round() / 1000.0);
     Status {
         version: env!("CARGO_PKG_VERSION"),
@@ -394,9 +417,10 @@ pub(super) fn status_json(
             refused_per_s: round(rates.refused_per_s),
             failed_per_s: round(rates.failed_per_s),
         },
-        workers: st.pool.scoreboard(),
+        workers,
         deaths,
         listeners: k.listeners.clone(),
+        connections: st.conns.view(),
         kernel: KernelStatus {
             somaxconn: k.somaxconn,
             listen_overflows: k.overflows,
@@ -405,9 +429,26 @@ pub(super) fn status_json(
     }
 }
 
+/// Cuts a request target (or "METHOD target") at its query string: queries carry tokens and passwords.
+fn strip_query(target: &mut String) {
+    if let Some(i) = target.find('?') {
+        target.truncate(i);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_strings_are_cut() {
+        let mut t = "GET /login?user=a&password=secret".to_string();
+        strip_query(&mut t);
+        assert_eq!(t, "GET /login");
+        let mut t = "/plain".to_string();
+        strip_query(&mut t);
+        assert_eq!(t, "/plain");
+    }
 
     #[test]
     fn requests_are_summed_from_the_text() {

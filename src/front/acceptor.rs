@@ -6,57 +6,115 @@
 //! during a burst, when it matters. So each listener gets a dedicated OS thread that does nothing but
 //! `poll` and `accept` until the queue is empty, and hands each connection to the runtime.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::task::TaskTracker;
 
+use super::conns::{ConnHandle, Counted, Table};
 use super::listen::Listener;
 use crate::config::ListenAddr;
+use crate::ratelog::LogLimit;
+
+/// How a front turns a connection away when the connection table has no idle connection to close for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// HTTP: `503` with `Retry-After` and `Connection: close`, then close.
+    Http503,
+    /// Close at once (FastCGI: nginx sees the connection closed and answers its client itself).
+    Close,
+}
+
+/// The whole answer to an HTTP client refused at the connection limit: it is written before the request is
+/// parsed, so it cannot depend on it.
+pub const RESPONSE_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 58\r\n\r\nThe server has too many open connections; try again soon.\n";
+
+/// Longest a refused HTTP connection is kept to read the client's request and let it read the 503 (closing
+/// with its request unread would reset the connection, and the client might never see the answer).
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Accepts on `listener` and serves each connection with `serve`, on the runtime, tracked by `conns`.
 ///
-/// The acceptor thread only pushes accepted sockets into a channel; one task on the runtime takes them
-/// out and spawns their tasks. So a burst costs the acceptor one wake-up of that task, not one runtime
-/// spawn per connection, and the acceptor never waits on a lock held by a runtime thread that the
-/// burst has pushed off its core.
-pub fn serve_each<F, Fut>(listener: Listener, conns: TaskTracker, serve: F) -> io::Result<Acceptor>
+/// Every connection is counted in `table` from the moment it is accepted. The acceptor thread only pushes
+/// accepted sockets into a channel; one task on the runtime takes them out, admits them into the table
+/// (closing the oldest idle connection if the table is full, or refusing this one as `refusal` says if
+/// nothing can be closed) and spawns their tasks. So a burst costs the acceptor one wake-up of that task,
+/// not one runtime spawn per connection, and the acceptor never waits on a lock held by a runtime thread
+/// that the burst has pushed off its core.
+pub fn serve_each<F, Fut>(
+    listener: Listener,
+    table: Arc<Table>,
+    refusal: Refusal,
+    conns: TaskTracker,
+    serve: F,
+) -> io::Result<Acceptor>
 where
-    F: Fn(Conn) -> Fut + Send + Sync + 'static,
+    F: Fn(Conn, ConnHandle) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Accepted, Counted)>();
     let handoff = conns.clone();
+    let admit = table.clone();
     tokio::spawn(async move {
-        while let Some(accepted) = rx.recv().await {
-            let serve_it = serve(match accepted {
-                // Registered with the runtime here, on a runtime thread, not on the acceptor's.
-                Accepted::Tcp(s, peer) => match tokio::net::TcpStream::from_std(s) {
-                    Ok(s) => Conn::Tcp(s, peer),
-                    Err(e) => {
-                        tracing::warn!("cannot register a connection: {e}");
-                        continue;
+        static REGISTER: LogLimit = LogLimit::per_second();
+        while let Some((accepted, counted)) = rx.recv().await {
+            // Registered with the runtime here, on a runtime thread, not on the acceptor's.
+            let conn = match accepted {
+                Accepted::Tcp(s, peer) => {
+                    tokio::net::TcpStream::from_std(s).map(|s| Conn::Tcp(s, peer))
+                }
+                Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(Conn::Unix),
+            };
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(suppressed) = REGISTER.check() {
+                        tracing::warn!(suppressed, "cannot register a connection: {e}");
                     }
-                },
-                Accepted::Unix(s) => match tokio::net::UnixStream::from_std(s) {
-                    Ok(s) => Conn::Unix(s),
-                    Err(e) => {
-                        tracing::warn!("cannot register a connection: {e}");
-                        continue;
-                    }
-                },
-            });
-            handoff.spawn(serve_it);
+                    continue;
+                }
+            };
+            match admit.admit(counted) {
+                Ok(handle) => handoff.spawn(serve(conn, handle)),
+                Err(counted) => handoff.spawn(refuse(conn, counted, refusal)),
+            };
         }
     });
-    Acceptor::start(listener, move |accepted| {
+    Acceptor::start(listener, table, refusal, move |accepted, counted| {
         // Fails only when the runtime is shutting down; the connection is then just closed.
-        let _ = tx.send(accepted);
+        let _ = tx.send((accepted, counted));
     })
+}
+
+/// Turns a connection away on the runtime; it stays counted until it is closed.
+async fn refuse(conn: Conn, counted: Counted, refusal: Refusal) {
+    match conn {
+        Conn::Tcp(s, _) => refuse_io(s, refusal).await,
+        Conn::Unix(s) => refuse_io(s, refusal).await,
+    }
+    drop(counted);
+}
+
+async fn refuse_io<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, refusal: Refusal) {
+    if refusal == Refusal::Close {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSE_LINGER, async {
+        let mut buf = [0u8; 2048];
+        // Most clients send their request with the connection: take it first, briefly.
+        let _ = tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await;
+        s.write_all(RESPONSE_503).await?;
+        s.shutdown().await?;
+        // Until the client closes, having read the answer.
+        while s.read(&mut buf).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }
 
 /// A connection ready for the runtime.
@@ -71,6 +129,25 @@ pub enum Accepted {
     Unix(std::os::unix::net::UnixStream),
 }
 
+/// Turns a connection away on the acceptor thread itself (the table's hard cap): what the client sent is
+/// read, the answer written, all without blocking; then the socket closes.
+fn refuse_now(conn: Accepted, refusal: Refusal) {
+    if refusal == Refusal::Close {
+        return;
+    }
+    let mut buf = [0u8; 2048];
+    match &conn {
+        Accepted::Tcp(s, _) => {
+            let _ = (&*s).read(&mut buf);
+            let _ = (&*s).write(RESPONSE_503);
+        }
+        Accepted::Unix(s) => {
+            let _ = (&*s).read(&mut buf);
+            let _ = (&*s).write(RESPONSE_503);
+        }
+    }
+}
+
 pub struct Acceptor {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -80,17 +157,20 @@ pub struct Acceptor {
 const STOP_POLL_MS: i32 = 100;
 
 impl Acceptor {
-    /// Starts accepting on `listener`; `on_conn` runs on the acceptor thread and must only hand off.
+    /// Starts accepting on `listener`, counting each connection in `table`; `on_conn` runs on the acceptor
+    /// thread and must only hand off. Beyond the table's hard cap a connection is refused on the thread.
     pub fn start(
         listener: Listener,
-        on_conn: impl Fn(Accepted) + Send + 'static,
+        table: Arc<Table>,
+        refusal: Refusal,
+        on_conn: impl Fn(Accepted, Counted) + Send + 'static,
     ) -> io::Result<Acceptor> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let name = listener.local_addr();
         let thread = std::thread::Builder::new()
             .name(format!("accept {name}"))
-            .spawn(move || run(listener, name, flag, on_conn))?;
+            .spawn(move || run(listener, name, flag, &table, refusal, on_conn))?;
         Ok(Acceptor {
             stop,
             thread: Some(thread),
@@ -112,13 +192,20 @@ impl Drop for Acceptor {
     }
 }
 
-fn run(listener: Listener, name: ListenAddr, stop: Arc<AtomicBool>, on_conn: impl Fn(Accepted)) {
+fn run(
+    listener: Listener,
+    name: ListenAddr,
+    stop: Arc<AtomicBool>,
+    table: &Arc<Table>,
+    refusal: Refusal,
+    on_conn: impl Fn(Accepted, Counted),
+) {
     raise_priority(&name);
     let fd = match &listener {
         Listener::Tcp(l) => l.as_raw_fd(),
         Listener::Unix { listener, .. } => listener.as_raw_fd(),
     };
-    let mut last_error_log: Option<std::time::Instant> = None;
+    static ACCEPT_FAILED: LogLimit = LogLimit::per_second();
     while !stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd,
@@ -132,19 +219,22 @@ fn run(listener: Listener, name: ListenAddr, stop: Arc<AtomicBool>, on_conn: imp
         }
         // Drain the whole queue before polling again.
         loop {
+            wait_for_closing(table, &stop);
             let r = match &listener {
                 Listener::Tcp(l) => l.accept_std().map(|(s, a)| Accepted::Tcp(s, a)),
                 Listener::Unix { listener, .. } => listener.accept_std().map(Accepted::Unix),
             };
             match r {
-                Ok(conn) => on_conn(conn),
+                Ok(conn) => match table.count() {
+                    Some(counted) => on_conn(conn, counted),
+                    None => refuse_now(conn, refusal),
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE and the like: say so (at most once a second), and give the process a moment.
-                    if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                        tracing::error!(listener = %name, "accept failed: {e}");
-                        last_error_log = Some(std::time::Instant::now());
+                    if let Some(suppressed) = ACCEPT_FAILED.check() {
+                        tracing::error!(listener = %name, suppressed, "accept failed: {e}");
                     }
                     std::thread::sleep(Duration::from_millis(10));
                     break;
@@ -153,6 +243,22 @@ fn run(listener: Listener, name: ListenAddr, stop: Arc<AtomicBool>, on_conn: imp
         }
     }
     drop(listener);
+}
+
+/// Longest the acceptor waits at the hard cap for connections the table has told to close.
+const CLOSING_WAIT: Duration = Duration::from_millis(200);
+
+/// At the table's hard cap while idle connections it closed to make room are still closing (their tasks
+/// have not run yet: a burst outpaces the runtime), waits for them rather than refuse clients there would
+/// be room for a moment later. Meanwhile new connections wait in the kernel's queue, for milliseconds.
+fn wait_for_closing(table: &Table, stop: &AtomicBool) {
+    let started = std::time::Instant::now();
+    while table.closing_at_cap()
+        && started.elapsed() < CLOSING_WAIT
+        && !stop.load(Ordering::Acquire)
+    {
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 /// This thread runs for a few microseconds at a time, but it must run the moment connections arrive, even
@@ -209,5 +315,23 @@ impl AcceptStd for tokio::net::UnixListener {
         let s: std::os::unix::net::UnixStream = s.into();
         s.set_nonblocking(true)?;
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_503_is_well_formed() {
+        let text = std::str::from_utf8(RESPONSE_503).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
     }
 }

@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::task::TaskTracker;
 
-use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn};
+use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
+use super::conns::{ConnHandle, InProgress, Table};
 use super::http::{account, dispatch, refused, Front};
 use super::listen::Listener;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
@@ -38,21 +39,30 @@ const MAX_PARAMS: usize = 1 << 20;
 /// Bytes queued towards a slow peer before request tasks wait for it.
 const WRITE_QUEUE: usize = 64;
 
-/// Serves FastCGI on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns`.
+/// Serves FastCGI on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns`
+/// and counted in `table`. At the limit, a connection with no request in flight may be closed to make room
+/// (nginx reconnects); when none can be, a new connection is closed at once.
 pub fn start(
     listener: Listener,
     front: Arc<Front>,
+    table: Arc<Table>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
-    serve_each(listener, conns, move |conn| {
-        let front = front.clone();
-        async move {
-            match conn {
-                AcceptedConn::Tcp(s, _) => serve_conn(s, front).await,
-                AcceptedConn::Unix(s) => serve_conn(s, front).await,
+    serve_each(
+        listener,
+        table,
+        Refusal::Close,
+        conns,
+        move |conn, entry| {
+            let front = front.clone();
+            async move {
+                match conn {
+                    AcceptedConn::Tcp(s, _) => serve_conn(s, front, entry).await,
+                    AcceptedConn::Unix(s) => serve_conn(s, front, entry).await,
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 type Active = Arc<std::sync::Mutex<std::collections::HashSet<u16>>>;
@@ -76,6 +86,8 @@ struct Receiving {
     stdin: BytesMut,
     /// Set when the body went over --max-body-size: read on, answer 413 at the end.
     too_large: bool,
+    /// The request counts in the connection table from BEGIN_REQUEST until its task ends.
+    in_progress: InProgress,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +102,10 @@ fn malformed(why: impl Into<String>) -> ConnError {
     ConnError::Protocol(why.into())
 }
 
-async fn serve_conn<S>(io: S, front: Arc<Front>)
+async fn serve_conn<S>(io: S, front: Arc<Front>, entry: ConnHandle)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    front.metrics.connections.inc();
     let (rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let writer = tokio::spawn(write_loop(wr, rx));
@@ -106,8 +117,14 @@ where
         active: Arc::default(),
         tasks: JoinSet::new(),
         closing: false,
+        entry: entry.clone(),
     };
-    if let Err(e) = conn.read_loop(rd).await {
+    let ended = tokio::select! {
+        r = conn.read_loop(rd) => r,
+        // Closed by the table to make room, while no request was in flight on it.
+        () = entry.closed() => Ok(()),
+    };
+    if let Err(e) = ended {
         match e {
             ConnError::Protocol(why) => {
                 tracing::warn!("FastCGI connection closed: malformed input: {why}")
@@ -119,7 +136,6 @@ where
     conn.tasks.abort_all();
     drop(conn);
     let _ = writer.await;
-    front.metrics.connections.dec();
 }
 
 struct Conn {
@@ -134,6 +150,7 @@ struct Conn {
     tasks: JoinSet<u16>,
     /// A request without KEEP_CONN was admitted: no further request is accepted on this connection.
     closing: bool,
+    entry: ConnHandle,
 }
 
 impl Conn {
@@ -217,6 +234,7 @@ impl Conn {
                         params_done: false,
                         stdin: BytesMut::new(),
                         too_large: false,
+                        in_progress: self.entry.request_started(),
                     },
                 );
                 Ok(())
@@ -265,7 +283,7 @@ impl Conn {
                 }
                 let job = job_from_params(params, r.stdin.freeze());
                 lock(&self.active).insert(id);
-                let handle = self.tasks.spawn(run_request(
+                let request = run_request(
                     self.front.clone(),
                     id,
                     job,
@@ -273,7 +291,12 @@ impl Conn {
                     r.keep_conn,
                     self.tx.clone(),
                     self.active.clone(),
-                ));
+                );
+                let in_progress = r.in_progress;
+                let handle = self.tasks.spawn(async move {
+                    let _in_progress = in_progress;
+                    request.await
+                });
                 self.running.insert(id, handle);
                 Ok(())
             }
@@ -315,8 +338,7 @@ impl Conn {
             let mut pairs = Vec::new();
             for (name, _) in asked {
                 let value = match name.as_ref() {
-                    // Connections are accepted without a fixed limit; the queue is the bound.
-                    b"FCGI_MAX_CONNS" => 65_536.to_string(),
+                    b"FCGI_MAX_CONNS" => self.entry.max_connections().to_string(),
                     b"FCGI_MAX_REQS" => self.front.cfg.max_queue.to_string(),
                     b"FCGI_MPXS_CONNS" => "1".to_string(),
                     _ => continue, // unknown variables are left out of the reply, per the spec

@@ -21,7 +21,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
-use super::acceptor::{serve_each, Acceptor, Conn};
+use super::acceptor::{serve_each, Acceptor, Conn, Refusal};
+use super::conns::{ConnHandle, Table};
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::config::Config;
@@ -40,52 +41,68 @@ pub struct Front {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns`.
+/// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns` and
+/// counted in `table` (which may close it while it is idle, to make room for a new one).
 pub fn start(
     listener: Listener,
     front: Arc<Front>,
+    table: Arc<Table>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
-    serve_each(listener, conns, move |conn| {
-        let front = front.clone();
-        async move {
-            // No buffers until the client says something: a connection opened ahead of need (browsers,
-            // pools, 10,000 idle clients) costs a socket and this small task, not hyper's 8 KiB and more.
-            // One that stays silent past the head deadline is closed, as HeadTimeoutIo would.
-            let limit = front.cfg.header_timeout;
-            match conn {
-                Conn::Tcp(s, peer) => {
-                    if !matches!(tokio::time::timeout(limit, s.readable()).await, Ok(Ok(()))) {
-                        return;
+    serve_each(
+        listener,
+        table,
+        Refusal::Http503,
+        conns,
+        move |conn, entry| {
+            let front = front.clone();
+            async move {
+                // No buffers until the client says something: a connection opened ahead of need (browsers,
+                // pools, 10,000 idle clients) costs a socket and this small task, not hyper's 8 KiB and more.
+                // One that stays silent past the head deadline is closed, as HeadTimeoutIo would; so is one the
+                // table closes to make room.
+                let limit = front.cfg.header_timeout;
+                match conn {
+                    Conn::Tcp(s, peer) => {
+                        tokio::select! {
+                            r = tokio::time::timeout(limit, s.readable()) => if !matches!(r, Ok(Ok(()))) {
+                                return;
+                            },
+                            () = entry.closed() => return,
+                        }
+                        let origin = Origin {
+                            peer: Some(peer),
+                            local: s.local_addr().ok(),
+                        };
+                        serve_conn(s, origin, front, entry).await
                     }
-                    let origin = Origin {
-                        peer: Some(peer),
-                        local: s.local_addr().ok(),
-                    };
-                    serve_conn(s, origin, front).await
-                }
-                Conn::Unix(s) => {
-                    if !matches!(tokio::time::timeout(limit, s.readable()).await, Ok(Ok(()))) {
-                        return;
+                    Conn::Unix(s) => {
+                        tokio::select! {
+                            r = tokio::time::timeout(limit, s.readable()) => if !matches!(r, Ok(Ok(()))) {
+                                return;
+                            },
+                            () = entry.closed() => return,
+                        }
+                        serve_conn(s, Origin::default(), front, entry).await
                     }
-                    serve_conn(s, Origin::default(), front).await
                 }
             }
-        }
-    })
+        },
+    )
 }
 
-async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>)
+async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>, entry: ConnHandle)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    front.metrics.connections.inc();
-    let _open = scopeguard(front.clone());
     let io = HeadTimeoutIo::new(io, front.cfg.header_timeout);
     let buf_size = front_buf_size(&front.cfg);
     let armed = io.handle();
+    let in_table = entry.clone();
     let svc = service_fn(move |req| {
         armed.disarm();
+        // Not idle from here until the response has been handed over: the table never closes it meanwhile.
+        let in_progress = in_table.request_started();
         let front = front.clone();
         let origin = origin.clone();
         let armed = armed.clone();
@@ -94,7 +111,10 @@ where
             // The next request's head is timed from the moment this response has been written.
             Ok::<_, Infallible>(r.map(|inner| {
                 ArmOnDrop {
-                    inner,
+                    inner: Holding {
+                        inner,
+                        _guard: in_progress,
+                    },
                     arming: armed,
                 }
                 .boxed_unsync()
@@ -104,20 +124,40 @@ where
     let mut builder = http1::Builder::new();
     // No hyper timer: the head deadline is HeadTimeoutIo's, which can answer 408.
     builder.keep_alive(true).max_buf_size(buf_size);
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
-        tracing::debug!("client connection ended: {e}");
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!("client connection ended: {e}");
+        },
+        // Closed by the table while idle: between requests, or before a whole head arrived.
+        () = entry.closed() => {}
     }
 }
 
-/// Counts the connection as closed however its task ends.
-fn scopeguard(front: Arc<Front>) -> impl Drop {
-    struct Open(Arc<Front>);
-    impl Drop for Open {
-        fn drop(&mut self) {
-            self.0.metrics.connections.dec();
-        }
+/// A response body that holds `_guard` until hyper has taken all of it (and dropped it).
+struct Holding<B, G> {
+    inner: B,
+    _guard: G,
+}
+
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for Holding<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
     }
-    Open(front)
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn front_buf_size(cfg: &Config) -> usize {

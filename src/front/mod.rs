@@ -2,6 +2,7 @@
 //! [`Job`](crate::request::Job)s; none of them ever talks to a worker directly.
 
 pub mod acceptor;
+pub mod conns;
 pub mod fastcgi;
 pub mod http;
 pub mod listen;

@@ -1,0 +1,568 @@
+//! The client connection table: every connection counted from accept to close, a bound on how many may be
+//! open, and which ones to close first when the bound is reached.
+//!
+//! Every client connection holds a file descriptor, and so do the things anteroom cannot do without: a new
+//! worker's socket and pipes, the admin listener's clients, the temp files that hold large request and
+//! response bodies. Without a bound, a few thousand silent connections take every descriptor up to
+//! `RLIMIT_NOFILE`; then `accept` fails, workers cannot be respawned, the admin listener cannot answer, and
+//! the kernel's accept queue overflows. So client connections (across all public listeners) are bounded by
+//! `--max-connections`, with descriptors kept back for the rest ([`Limits::plan`]).
+//!
+//! ## At the limit
+//! A new connection is still accepted (the kernel's queue stays empty) and the oldest *idle* connection is
+//! closed to make room, as nginx reuses connections. Idle means: it has not sent a complete request head yet
+//! (a client that opened ahead of need, a silent or slowloris one), or it is a keep-alive connection between
+//! requests. A connection whose request is being read, is queued, is at a worker or is being answered is
+//! never closed for this. When nothing can be closed, the new connection is refused: an HTTP client gets a
+//! 503 with `Retry-After` and a close (never a hang), a FastCGI peer a closed connection.
+//!
+//! ## Descriptors
+//! A request in progress may hold two temp files besides its connection (a spilled request body and a
+//! spilled response), so it weighs three descriptors: the table keeps
+//! `open connections + 2 x requests in progress <= fd budget`, closing idle connections as requests start if
+//! it must. Idle connections, the ones a flood is made of, weigh one.
+//!
+//! The order of idle connections is a `BTreeMap` keyed by a sequence number taken when the connection
+//! became idle: the first key is the oldest. Each connection has a `CancellationToken` that closing it
+//! cancels; its task selects on it and drops the socket.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ratelog::LogLimit;
+
+/// Descriptors anteroom needs whatever the load: stdio, the runtime's epoll and wakers, the signal pipe,
+/// netlink and /proc reads (admin page, worker readiness), the spawner's transient pipes (exec error,
+/// stdout and stderr while forking).
+const BASE_RESERVE: usize = 64;
+/// Per worker slot: its socket, the kept-alive connection to it, its stdout and stderr pipes, its pidfd and
+/// a readiness probe's connection (6), twice over for a reload, when an old and a new worker overlap.
+const PER_WORKER: usize = 12;
+/// Admin clients served at once; the admin listener closes its oldest idle one beyond this.
+pub const ADMIN_CONNS: usize = 32;
+/// Connections the acceptor thread may take beyond `--max-connections` before the runtime has closed idle
+/// ones to make room for them (they are handed off faster than they close). Past it, the acceptor thread
+/// refuses on its own.
+pub const ACCEPT_SLACK: usize = 64;
+/// Temp files a request in progress may hold: its spilled body and its spilled response.
+pub const TEMP_FILES_PER_REQUEST: usize = 2;
+/// The default is also capped here: each open connection costs memory too (its task, kernel buffers).
+pub const DEFAULT_MAX: usize = 65_536;
+
+/// What `--max-connections` works out to, and the descriptor budget behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most client connections open at once, across all public listeners.
+    pub max: usize,
+    /// Descriptors for client connections and the temp files of their requests.
+    pub fd_budget: usize,
+    /// The acceptor thread refuses at once from this many open connections on (`max` + slack).
+    pub hard_cap: usize,
+    /// RLIMIT_NOFILE the plan was made for.
+    pub nofile: u64,
+    /// Descriptors kept back from clients.
+    pub reserve: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "{asked} is more than the open-files limit allows: RLIMIT_NOFILE is {nofile} and {reserve} \
+         descriptors are kept for workers, the admin listener and anteroom itself, so at most {most} \
+         (raise the limit with `ulimit -n` or systemd's LimitNOFILE=, or ask for fewer)"
+    )]
+    AboveFdLimit {
+        asked: usize,
+        nofile: u64,
+        reserve: usize,
+        most: usize,
+    },
+    #[error("must be at least 1")]
+    Zero,
+}
+
+impl Limits {
+    /// Descriptors kept back from client connections for `cfg`.
+    pub fn reserve(cfg: &Config) -> usize {
+        let listeners = cfg.listen.len() + cfg.listen_fastcgi.len();
+        let admin = if cfg.admin.is_some() {
+            1 + ADMIN_CONNS
+        } else {
+            0
+        };
+        BASE_RESERVE + listeners + admin + PER_WORKER * cfg.workers_max + ACCEPT_SLACK
+    }
+
+    /// The limits for `cfg` with `nofile` descriptors: `--max-connections` if given (refused if the
+    /// descriptors cannot back it), else `nofile - reserve`, at most [`DEFAULT_MAX`].
+    pub fn plan(cfg: &Config, nofile: u64) -> Result<Limits, LimitError> {
+        let reserve = Self::reserve(cfg);
+        let nofile_us = usize::try_from(nofile).unwrap_or(usize::MAX);
+        // A limit too low for the reserve still serves, with a quarter of it for clients.
+        let fd_budget = nofile_us.saturating_sub(reserve).max(nofile_us / 4).max(1);
+        let max = match cfg.max_connections {
+            Some(0) => return Err(LimitError::Zero),
+            Some(asked) if asked > fd_budget => {
+                return Err(LimitError::AboveFdLimit {
+                    asked,
+                    nofile,
+                    reserve,
+                    most: fd_budget,
+                })
+            }
+            Some(asked) => asked,
+            None => fd_budget.min(DEFAULT_MAX),
+        };
+        Ok(Limits {
+            max,
+            fd_budget,
+            hard_cap: max + ACCEPT_SLACK,
+            nofile,
+            reserve,
+        })
+    }
+
+    /// Limits for a small fixed table (the admin listener's, which admits each connection as it accepts
+    /// it: no slack for a hand-off), with no descriptor weighting.
+    pub fn fixed(max: usize) -> Limits {
+        Limits {
+            max,
+            fd_budget: usize::MAX / 4,
+            hard_cap: max + max / 4 + 1,
+            nofile: 0,
+            reserve: 0,
+        }
+    }
+}
+
+/// The soft RLIMIT_NOFILE anteroom will run with: the hard limit (it raises the soft one at start, see
+/// `server::prepare_fd_table`), at most 2^20.
+pub fn nofile_target() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_max.min(1 << 20).max(lim.rlim_cur.min(1 << 20))
+}
+
+/// The soft RLIMIT_NOFILE now.
+pub fn nofile_now() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
+/// Counters the table records into (the registry's, or unregistered ones for the admin listener).
+#[derive(Clone, Default)]
+pub struct TableMetrics {
+    /// Open connections: from accept to close.
+    pub open: Gauge,
+    /// Idle connections closed to make room.
+    pub closed_idle: Counter,
+    /// New connections refused because nothing could be closed.
+    pub refused: Counter,
+}
+
+/// Every open client connection of a group of listeners.
+pub struct Table {
+    limits: Limits,
+    m: TableMetrics,
+    /// Requests in progress (head received, response not yet fully handed over).
+    in_progress: AtomicUsize,
+    /// Connections told to close that have not closed yet: their descriptors are about to come back.
+    closing: AtomicUsize,
+    /// Connections counted by the acceptor and not yet admitted (on their way to the runtime): each will
+    /// close an idle one if the table is full.
+    pending: AtomicUsize,
+    idle: Mutex<Idle>,
+    /// What the log says about this table ("client", "admin").
+    name: &'static str,
+}
+
+#[derive(Default)]
+struct Idle {
+    next: u64,
+    /// Idle connections, oldest first.
+    order: BTreeMap<u64, CancellationToken>,
+}
+
+impl Idle {
+    fn push(&mut self, token: CancellationToken) -> u64 {
+        self.next += 1;
+        self.order.insert(self.next, token);
+        self.next
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A snapshot for the status page.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TableView {
+    pub open: usize,
+    pub limit: usize,
+    pub idle: usize,
+    pub requests_in_progress: usize,
+    pub fd_budget: usize,
+    pub nofile: u64,
+    pub closed_idle: u64,
+    pub refused: u64,
+}
+
+impl Table {
+    pub fn new(name: &'static str, limits: Limits, m: TableMetrics) -> Arc<Table> {
+        Arc::new(Table {
+            limits,
+            m,
+            in_progress: AtomicUsize::new(0),
+            closing: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            idle: Mutex::default(),
+            name,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn open(&self) -> usize {
+        self.m.open.get().max(0) as usize
+    }
+
+    pub fn view(&self) -> TableView {
+        TableView {
+            open: self.open(),
+            limit: self.limits.max,
+            idle: lock(&self.idle).order.len(),
+            requests_in_progress: self.in_progress.load(Ordering::Relaxed),
+            fd_budget: self.limits.fd_budget,
+            nofile: self.limits.nofile,
+            closed_idle: self.m.closed_idle.get(),
+            refused: self.m.refused.get(),
+        }
+    }
+
+    /// Counts a connection just accepted, on the acceptor thread: lock-free, so the thread never waits on
+    /// the runtime. `None` when the hard cap is reached: the caller refuses the connection at once.
+    pub fn count(self: &Arc<Self>) -> Option<Counted> {
+        let before = self.m.open.inc();
+        if before.max(0) as usize >= self.limits.hard_cap {
+            self.m.open.dec();
+            self.refused();
+            return None;
+        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Some(Counted {
+            table: self.clone(),
+            pending: true,
+        })
+    }
+
+    fn refused(&self) {
+        self.m.refused.inc();
+        static LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
+        if let Some(suppressed) = LOG.check() {
+            tracing::warn!(
+                table = self.name,
+                open = self.open(),
+                limit = self.limits.max,
+                suppressed,
+                "at the connection limit with no idle connection to close: new connections are refused"
+            );
+        }
+    }
+
+    /// At the hard cap, with connections told to close still open, or accepted ones not yet admitted (each
+    /// will close an idle one): descriptors are about to come back, so the acceptor waits for them rather
+    /// than refuse. Lock-free.
+    pub fn closing_at_cap(&self) -> bool {
+        self.open() >= self.limits.hard_cap
+            && (self.closing.load(Ordering::Relaxed) > 0
+                || self.pending.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Open connections that stay open: those told to close are on their way out.
+    fn live(&self) -> usize {
+        self.open()
+            .saturating_sub(self.closing.load(Ordering::Relaxed))
+    }
+
+    fn over(&self) -> bool {
+        let live = self.live();
+        live > self.limits.max
+            || live
+                .saturating_add(TEMP_FILES_PER_REQUEST * self.in_progress.load(Ordering::Relaxed))
+                > self.limits.fd_budget
+    }
+
+    /// Closes the oldest idle connection; false when there is none.
+    fn close_oldest(&self, idle: &mut Idle) -> bool {
+        let Some((_, token)) = idle.order.pop_first() else {
+            return false;
+        };
+        self.closing.fetch_add(1, Ordering::Relaxed);
+        token.cancel();
+        self.m.closed_idle.inc();
+        static LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
+        if let Some(suppressed) = LOG.check() {
+            tracing::info!(
+                table = self.name,
+                limit = self.limits.max,
+                suppressed,
+                "at the connection limit: closing the oldest idle connection for a new one"
+            );
+        }
+        true
+    }
+
+    /// Takes a counted connection into the table as idle (it has sent nothing yet), closing the oldest idle
+    /// one if the table is over its limit. `Err` gives the connection back to be refused: nothing could be
+    /// closed.
+    pub fn admit(self: &Arc<Self>, mut counted: Counted) -> Result<ConnHandle, Counted> {
+        counted.admitted();
+        let mut idle = lock(&self.idle);
+        if self.over() && !self.close_oldest(&mut idle) {
+            drop(idle);
+            self.refused();
+            return Err(counted);
+        }
+        let token = CancellationToken::new();
+        let key = idle.push(token.clone());
+        Ok(ConnHandle(Arc::new(Entry {
+            counted,
+            token,
+            key: AtomicU64::new(key),
+            requests: AtomicUsize::new(0),
+        })))
+    }
+}
+
+/// One open connection, counted in the gauge until dropped.
+pub struct Counted {
+    table: Arc<Table>,
+    /// Not admitted yet.
+    pending: bool,
+}
+
+impl Counted {
+    fn admitted(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.table.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.admitted();
+        self.table.m.open.dec();
+    }
+}
+
+struct Entry {
+    counted: Counted,
+    token: CancellationToken,
+    /// The key in the idle order while idle, 0 otherwise. Changed only under the table's lock.
+    key: AtomicU64,
+    /// Requests in progress on this connection (FastCGI multiplexes; HTTP/1 has at most one).
+    requests: AtomicUsize,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let table = &self.counted.table;
+        let key = self.key.load(Ordering::Relaxed);
+        if key != 0 {
+            lock(&table.idle).order.remove(&key);
+        }
+        if self.token.is_cancelled() {
+            table.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection in the table; the connection's task and its requests hold clones.
+#[derive(Clone)]
+pub struct ConnHandle(Arc<Entry>);
+
+impl ConnHandle {
+    /// Resolves when the table closes this connection to make room: the task then drops its socket.
+    pub async fn closed(&self) {
+        self.0.token.cancelled().await
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.0.counted.table.limits.max
+    }
+
+    /// A request has started on this connection (its head is in): the connection is not idle until every
+    /// request it carries has ended, that is until the returned guards are dropped.
+    pub fn request_started(&self) -> InProgress {
+        let e = &self.0;
+        let table = &e.counted.table;
+        let mut idle = lock(&table.idle);
+        if e.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            let key = e.key.swap(0, Ordering::Relaxed);
+            if key != 0 {
+                idle.order.remove(&key);
+            }
+        }
+        table.in_progress.fetch_add(1, Ordering::Relaxed);
+        // The request may take temp files: make room for them now, while idle connections can give it.
+        for _ in 0..TEMP_FILES_PER_REQUEST {
+            if !table.over() || !table.close_oldest(&mut idle) {
+                break;
+            }
+        }
+        InProgress(self.clone())
+    }
+
+    fn request_ended(&self) {
+        let e = &self.0;
+        let table = &e.counted.table;
+        let mut idle = lock(&table.idle);
+        table.in_progress.fetch_sub(1, Ordering::Relaxed);
+        if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && !e.token.is_cancelled() {
+            let key = idle.push(e.token.clone());
+            e.key.store(key, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A request in progress; dropping it ends it (the connection may become idle).
+pub struct InProgress(ConnHandle);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At most `max` connections, and descriptors for `budget` (connections and temp files).
+    fn table_with(max: usize, budget: usize) -> Arc<Table> {
+        Table::new(
+            "test",
+            Limits {
+                max,
+                fd_budget: budget,
+                hard_cap: max + 2,
+                nofile: 0,
+                reserve: 0,
+            },
+            TableMetrics::default(),
+        )
+    }
+
+    fn table(max: usize) -> Arc<Table> {
+        table_with(max, 1000)
+    }
+
+    fn connect(t: &Arc<Table>) -> Result<ConnHandle, ()> {
+        let c = t.count().ok_or(())?;
+        t.admit(c).map_err(drop)
+    }
+
+    #[test]
+    fn oldest_idle_is_closed_first_and_busy_never() {
+        let t = table(3);
+        let a = connect(&t).unwrap();
+        let b = connect(&t).unwrap();
+        let c = connect(&t).unwrap();
+        let busy_a = a.request_started();
+        // Full: the oldest idle one (b; a is busy) makes room.
+        let d = connect(&t).unwrap();
+        assert!(b.0.token.is_cancelled());
+        assert!(!a.0.token.is_cancelled() && !c.0.token.is_cancelled());
+        assert_eq!(t.view().closed_idle, 1);
+        drop(b);
+        // a ends its request: it is idle again, and now the newest idle one.
+        drop(busy_a);
+        let _e = connect(&t).unwrap();
+        assert!(c.0.token.is_cancelled(), "c had been idle longest");
+        assert!(!a.0.token.is_cancelled() && !d.0.token.is_cancelled());
+        drop(c);
+        assert_eq!(t.open(), 3);
+    }
+
+    #[test]
+    fn refused_when_nothing_is_idle_and_gauge_follows() {
+        let t = table(2);
+        let a = connect(&t).unwrap();
+        let b = connect(&t).unwrap();
+        let _ra = a.request_started();
+        let _rb = b.request_started();
+        assert!(connect(&t).is_err());
+        assert_eq!(t.view().refused, 1);
+        assert_eq!(t.open(), 2, "the refused connection is no longer counted");
+        drop(_ra);
+        drop(a);
+        assert_eq!(t.open(), 1);
+        assert!(connect(&t).is_ok());
+    }
+
+    #[test]
+    fn requests_weigh_their_temp_files() {
+        // 10 descriptors, 10 connections at most: a request in progress takes 2 more.
+        let t = table_with(10, 10);
+        let conns: Vec<_> = (0..10).map(|_| connect(&t).unwrap()).collect();
+        let r = conns[9].request_started();
+        let closed = conns.iter().filter(|c| c.0.token.is_cancelled()).count();
+        assert_eq!(
+            closed, 2,
+            "two idle connections make room for the request's files"
+        );
+        assert!(conns[0].0.token.is_cancelled() && conns[1].0.token.is_cancelled());
+        drop(r);
+    }
+
+    #[test]
+    fn hard_cap_refuses_on_the_acceptor() {
+        let t = table(1);
+        let held: Vec<_> = (0..3).map(|_| t.count().unwrap()).collect();
+        // Accepted, not yet admitted: the acceptor waits for them before it refuses anyone.
+        assert!(t.closing_at_cap());
+        assert!(t.count().is_none());
+        assert_eq!(t.open(), 3);
+        drop(held);
+        assert_eq!(t.open(), 0);
+    }
+
+    #[test]
+    fn plan_keeps_a_reserve_and_refuses_too_much() {
+        let cfg = Config::from_args(Default::default()).unwrap();
+        let l = Limits::plan(&cfg, 1024).unwrap();
+        assert_eq!(l.reserve, Limits::reserve(&cfg));
+        assert_eq!(l.max, 1024 - l.reserve);
+        let l = Limits::plan(&cfg, 1 << 20).unwrap();
+        assert_eq!(l.max, DEFAULT_MAX);
+        let mut asked = cfg.clone();
+        asked.max_connections = Some(5000);
+        let e = Limits::plan(&asked, 1024).unwrap_err().to_string();
+        assert!(e.contains("RLIMIT_NOFILE is 1024"), "{e}");
+        asked.max_connections = Some(500);
+        assert_eq!(Limits::plan(&asked, 1024).unwrap().max, 500);
+    }
+}
