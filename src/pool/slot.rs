@@ -21,7 +21,7 @@
 //! | `Backoff` (the next start waits) | exited | backoff |
 //!
 //! **Failing** is derived, never latched: a slot is failing while it has no ready worker *and* its last
-//! start failed (`StartFailed` sets it, `Ready` clears it at once). A worker that was ready and then died
+//! [`FAILING_AFTER`] starts failed (`StartFailed` counts one, `Ready` clears the count at once). A worker that was ready and then died
 //! young still makes its slot back off before the next start (CPU protection against crash loops), but
 //! that does not make the slot failing. **The queue refuses** ("no worker can start", 503) only while every
 //! slot on the board is failing. **Ready** (`/health/ready`) is 200 unless every slot is failing, no worker
@@ -113,12 +113,19 @@ pub enum BadTransition {
     NoSuchSlot { key: Key, event: Event },
 }
 
+/// Failed starts in a row after which a slot counts as failing. One is not enough: a worker killed from
+/// outside while it starts (an operator, a chaos test, a kill meant for a busy worker) is no sign that the
+/// app cannot start, and under such kills every 200 ms a one-strike rule made every slot "failing" at once
+/// and refused healthy traffic. A real crash loop fails every start, so three cost it about 0.3 s of backoff
+/// (0.1 s, then 0.2 s) before requests are refused; until then they wait for a start that may succeed.
+pub const FAILING_AFTER: u8 = 3;
+
 /// The state machine of one slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     state: SlotState,
-    /// Its last start failed, and no worker has become ready since.
-    start_failed: bool,
+    /// Starts that failed in a row, with no worker ready since (saturating).
+    failed_starts: u8,
 }
 
 impl Default for Slot {
@@ -132,7 +139,7 @@ impl Slot {
     pub fn new() -> Slot {
         Slot {
             state: SlotState::Starting,
-            start_failed: false,
+            failed_starts: 0,
         }
     }
 
@@ -140,9 +147,9 @@ impl Slot {
         self.state
     }
 
-    /// No ready worker, and the last start failed.
+    /// No ready worker, and its last [`FAILING_AFTER`] starts failed.
     pub fn failing(&self) -> bool {
-        self.start_failed && !self.state.is_ready()
+        self.failed_starts >= FAILING_AFTER && !self.state.is_ready()
     }
 
     /// The state after `event`, or None if `event` cannot happen now.
@@ -153,11 +160,11 @@ impl Slot {
         s.state = match (self.state, event) {
             (S::Starting | S::Exited | S::Backoff, E::Start) => S::Starting,
             (S::Starting, E::Ready) => {
-                s.start_failed = false;
+                s.failed_starts = 0;
                 S::Idle
             }
             (S::Starting, E::StartFailed) => {
-                s.start_failed = true;
+                s.failed_starts = s.failed_starts.saturating_add(1);
                 S::Exited
             }
             (S::Idle, E::Take) => S::Busy,
@@ -325,6 +332,12 @@ mod tests {
         let mut b = Board::new();
         let (s, _) = b.add(1, &q);
         let k = (1, s);
+        for _ in 1..FAILING_AFTER {
+            b.apply(k, Event::StartFailed, &q).unwrap();
+            assert!(!b.all_failing(), "one failed start is not a crash loop");
+            b.apply(k, Event::Backoff, &q).unwrap();
+            b.apply(k, Event::Start, &q).unwrap();
+        }
         b.apply(k, Event::StartFailed, &q).unwrap();
         assert!(b.all_failing());
         assert!(matches!(q.push(job("/")), Err(Rejected::NoWorkers)));
