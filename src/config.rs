@@ -177,7 +177,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub body_buffer_size: Option<ByteSize>,
     /// Most of one response held in memory for a client that reads more slowly than the worker writes;
-    /// the rest goes to a temp file [default: 1m].
+    /// the rest goes to a temp file [default: 256k].
     #[arg(long, value_name = "BYTES")]
     pub response_buffer_size: Option<ByteSize>,
     /// Most request and response body bytes held in memory at once, all clients together; beyond it,
@@ -649,7 +649,7 @@ impl Config {
             response_buffer_size: args
                 .response_buffer_size
                 .or(file.response_buffer_size)
-                .map_or(1 << 20, |b| b.0),
+                .map_or(256 << 10, |b| b.0),
             max_queue_bytes: args
                 .max_queue_bytes
                 .or(file.max_queue_bytes)
@@ -943,7 +943,7 @@ mod tests {
     fn body_and_memory_options() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.body_buffer_size, 64 << 10);
-        assert_eq!(c.response_buffer_size, 1 << 20);
+        assert_eq!(c.response_buffer_size, 256 << 10);
         assert_eq!(c.max_queue_bytes, 256 << 20);
         assert_eq!(c.body_timeout, Duration::from_secs(60));
         assert_eq!(c.send_timeout, Duration::from_secs(60));

@@ -62,7 +62,7 @@ impl Conn {
     ) -> Result<(), WorkerError> {
         let out = encode_request(job, fixed)?;
         let mut stdin = job.body.stream();
-        progress.sent_bytes = out.len() as u64 + job.body.len();
+        progress.sent_bytes = (out.len() + job.body.len()) as u64;
         self.buf.clear();
 
         let (mut rd, mut wr) = self.stream.split();
