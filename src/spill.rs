@@ -477,9 +477,25 @@ pub async fn whole(settings: &'static Settings, data: Bytes) -> crate::request::
     }
     let (mut tx, mut body) = channel(settings);
     body.exact = Some(n);
-    tx.send(data).await;
-    tx.finish();
-    body.boxed_unsync()
+    match tx.spill_whole(&data).await {
+        Ok(()) => {
+            tx.finish();
+            body.boxed_unsync()
+        }
+        Err(e) => {
+            // No disk: this one response is held in memory after all (it is at most 256 KiB).
+            tracing::warn!(
+                dir = %settings.dir.display(),
+                "cannot spill a response to a temp file ({e}); holding it in memory"
+            );
+            charge.force(n);
+            Whole {
+                data: Some(data),
+                _charge: charge,
+            }
+            .boxed_unsync()
+        }
+    }
 }
 
 enum End {
@@ -636,6 +652,18 @@ impl BodySender {
                 Err(e) => self.disk_failed(&e),
             }
         }
+    }
+
+    /// All of a complete body to a new temp file, before the reader has it.
+    async fn spill_whole(&mut self, data: &Bytes) -> io::Result<()> {
+        let file = temp_file(self.shared.settings).await?;
+        let (f, d) = (file.clone(), data.clone());
+        blocking(move || f.write_all_at(&d, 0)).await?;
+        let mut st = lock(&self.shared.state);
+        st.file = Some(file);
+        st.written = data.len() as u64;
+        st.spilling = true;
+        Ok(())
     }
 
     fn disk_failed(&self, e: &io::Error) {
@@ -976,6 +1004,19 @@ mod tests {
         let small = whole(s, Bytes::from(vec![4; 50])).await;
         assert_eq!(s.budget.used(), 50);
         drop(small);
+        assert_eq!(s.budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn whole_body_without_a_disk_stays_in_memory() {
+        let s = Box::leak(Box::new(Settings {
+            budget: Budget::new(10),
+            dir: "/nonexistent/anteroom".into(),
+            body_buffer: 10,
+            response_buffer: 10,
+        }));
+        let body = whole(s, Bytes::from(vec![3; 200_000])).await;
+        assert_eq!(collect(body).await, vec![3; 200_000]);
         assert_eq!(s.budget.used(), 0);
     }
 

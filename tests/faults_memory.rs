@@ -678,3 +678,33 @@ fn spilled_bodies_arrive_intact_through_the_fastcgi_front() {
     assert_eq!(r.body.len(), 5_000_000);
     assert!(is_pattern(&r.body));
 }
+
+#[test]
+fn no_room_for_a_body_gets_503_with_retry_after() {
+    let s = serve(&["--workers", "1", "--response-buffer-size", "64k"]);
+    // The temp directory disappears: no temp file can be made, as on a full disk.
+    std::fs::remove_dir(&s.temp).unwrap();
+    let body = sample(200_000);
+    let r = upload(s.a.addr, &body, false);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "{}", r.head);
+    assert!(r.text().contains("request id"), "{}", r.text());
+    assert!(
+        s.a.log_text()
+            .contains("cannot write a request body to a temp file"),
+        "{}",
+        s.a.log_text()
+    );
+    // A small body still fits in memory and is served.
+    let small = sample(1000);
+    assert_eq!(upload(s.a.addr, &small, true).text(), fnv_sum(&small));
+    // A response that cannot spill waits for its client in memory instead, and arrives whole.
+    let r = download(s.a.addr, 3_000_000, Duration::from_millis(500));
+    assert_eq!(r.body.len(), 3_000_000);
+    assert!(is_pattern(&r.body));
+    assert!(
+        s.a.log_text().contains("cannot spill a response"),
+        "{}",
+        s.a.log_text()
+    );
+}

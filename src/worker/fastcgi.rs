@@ -137,9 +137,10 @@ impl Conn {
                         if body.len() > HOLD_BODY {
                             if let Some((status, headers, body)) = held.take() {
                                 let (mut tx, chan) = ChannelBody::new();
-                                tx.send(body.freeze()).await;
+                                // The client gets its body first: without a disk, send waits for it.
                                 job.respond(response(status, headers, chan.boxed_unsync()));
                                 progress.head_sent = true;
+                                tx.send(body.freeze()).await;
                                 body_tx = Some(tx);
                             }
                         }
