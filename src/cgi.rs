@@ -267,7 +267,7 @@ mod tests {
         j.head
             .headers
             .insert("content-type", "text/plain".parse().unwrap());
-        j.body = bytes::Bytes::from_static(b"hello");
+        j.body = bytes::Bytes::from_static(b"hello").into();
         let p = params(&j, &[("SCRIPT_FILENAME".into(), "/srv/i.php".into())]);
         assert_eq!(get(&p, "REQUEST_METHOD"), Some("GET"));
         assert_eq!(get(&p, "PATH_INFO"), Some("/a b/c"));

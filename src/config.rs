@@ -169,6 +169,28 @@ pub struct ServeArgs {
     /// closed [default: RLIMIT_NOFILE minus a reserve for workers, temp files and the admin listener, at most 65536].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Longest a client may pause between two reads of its request body, in seconds; then 408 [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub body_timeout: Option<f64>,
+    /// Longest a client may go without taking any of its response, in seconds; then the connection is
+    /// closed [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub send_timeout: Option<f64>,
+    /// A request body larger than this is written to a temp file in --temp-dir as it arrives
+    /// [default: 64k].
+    #[arg(long, value_name = "BYTES")]
+    pub body_buffer_size: Option<ByteSize>,
+    /// Most of one response held in memory for a client that reads more slowly than the worker writes;
+    /// the rest goes to a temp file [default: 256k].
+    #[arg(long, value_name = "BYTES")]
+    pub response_buffer_size: Option<ByteSize>,
+    /// Most request and response body bytes held in memory at once, all clients together; beyond it,
+    /// bodies go to temp files [default: 256m].
+    #[arg(long, value_name = "BYTES")]
+    pub max_queue_bytes: Option<ByteSize>,
+    /// Directory for the unlinked temp files of large bodies [default: $TMPDIR or /tmp].
+    #[arg(long, value_name = "DIR")]
+    pub temp_dir: Option<PathBuf>,
     /// A fixed FastCGI param for every request, like nginx's fastcgi_param; repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub param: Vec<NameValue>,
@@ -407,6 +429,12 @@ struct FileConfig {
     max_header_size: Option<ByteSize>,
     header_timeout: Option<f64>,
     max_connections: Option<usize>,
+    body_timeout: Option<f64>,
+    send_timeout: Option<f64>,
+    body_buffer_size: Option<ByteSize>,
+    response_buffer_size: Option<ByteSize>,
+    max_queue_bytes: Option<ByteSize>,
+    temp_dir: Option<PathBuf>,
     param: Option<BTreeMap<String, String>>,
     env: Option<BTreeMap<String, String>>,
     admin: Option<String>,
@@ -462,6 +490,15 @@ pub struct Config {
     pub header_timeout: Duration,
     /// None: from RLIMIT_NOFILE (see `front::conns::Limits::plan`).
     pub max_connections: Option<usize>,
+    pub body_timeout: Duration,
+    pub send_timeout: Duration,
+    /// Request bodies larger than this go to a temp file.
+    pub body_buffer_size: u64,
+    /// Most of one response held in memory; the rest goes to a temp file.
+    pub response_buffer_size: u64,
+    /// Most body bytes in memory, all requests and responses together.
+    pub max_queue_bytes: u64,
+    pub temp_dir: PathBuf,
     /// Fixed params, in the order given; they override the computed CGI variables of the same name.
     pub params: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
@@ -612,6 +649,30 @@ impl Config {
                 args.header_timeout.or(file.header_timeout).unwrap_or(30.0),
             )?,
             max_connections: args.max_connections.or(file.max_connections),
+            body_timeout: secs(
+                "body-timeout",
+                args.body_timeout.or(file.body_timeout).unwrap_or(60.0),
+            )?,
+            send_timeout: secs(
+                "send-timeout",
+                args.send_timeout.or(file.send_timeout).unwrap_or(60.0),
+            )?,
+            body_buffer_size: args
+                .body_buffer_size
+                .or(file.body_buffer_size)
+                .map_or(64 << 10, |b| b.0),
+            response_buffer_size: args
+                .response_buffer_size
+                .or(file.response_buffer_size)
+                .map_or(256 << 10, |b| b.0),
+            max_queue_bytes: args
+                .max_queue_bytes
+                .or(file.max_queue_bytes)
+                .map_or(256 << 20, |b| b.0),
+            temp_dir: args
+                .temp_dir
+                .or(file.temp_dir)
+                .unwrap_or_else(std::env::temp_dir),
             params,
             env,
             admin,
@@ -712,6 +773,12 @@ impl Config {
         if self.max_header_size < 8192 {
             // hyper cannot parse with a smaller buffer, and no real client's head fits below it anyway.
             return Err(invalid("max-header-size", "must be at least 8k"));
+        }
+        if !self.temp_dir.is_dir() {
+            return Err(invalid(
+                "temp-dir",
+                format!("{} is not a directory", self.temp_dir.display()),
+            ));
         }
         if self.listen.is_empty() && self.listen_fastcgi.is_empty() {
             return Err(invalid("listen", "at least one address is needed"));
@@ -909,6 +976,54 @@ mod tests {
             e.starts_with("max-connections:") && e.contains("RLIMIT_NOFILE"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn body_and_memory_options() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.body_buffer_size, 64 << 10);
+        assert_eq!(c.response_buffer_size, 256 << 10);
+        assert_eq!(c.max_queue_bytes, 256 << 20);
+        assert_eq!(c.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.temp_dir, std::env::temp_dir());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "body-buffer-size = \"1m\"\nmax-queue-bytes = 1024\nsend-timeout = 2\ntemp-dir = {:?}\n",
+                dir.path().display().to_string()
+            ),
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&[
+            "--config",
+            p,
+            "--response-buffer-size",
+            "8k",
+            "--body-timeout",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.body_buffer_size, 1 << 20);
+        assert_eq!(c.max_queue_bytes, 1024);
+        assert_eq!(c.response_buffer_size, 8 << 10);
+        assert_eq!(c.send_timeout, Duration::from_secs(2));
+        assert_eq!(c.body_timeout, Duration::from_secs(5));
+        assert_eq!(c.temp_dir, dir.path());
+        let e = parse(&["--temp-dir", "/nonexistent/anteroom"]).unwrap_err();
+        assert!(e.starts_with("temp-dir:"), "{e}");
+        let e = parse(&["--send-timeout", "0"]).unwrap_err();
+        assert!(e.starts_with("send-timeout:"), "{e}");
+        let e = parse(&["--body-timeout", "x"]).unwrap_err();
+        assert!(e.contains("--body-timeout"), "{e}");
+        let e = parse(&["--max-queue-bytes", "lots"]).unwrap_err();
+        assert!(e.contains("--max-queue-bytes"), "{e}");
+        std::fs::write(&path, "body-buffer-size = \"big\"\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(e.contains("body-buffer-size"), "{e}");
     }
 
     #[test]

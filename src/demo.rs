@@ -5,7 +5,9 @@
 //! accept a connection on the inherited socket, read records, answer, repeat.
 //!
 //! Pages: `/` says what anteroom is and how to serve a real app; `/sleep?ms=N` answers after N ms (at most
-//! 10 s), to watch the queue at work; `/env` lists the CGI variables the worker received.
+//! 10 s), to watch the queue at work; `/env` lists the CGI variables the worker received. For tests and
+//! load: `/bytes?n=N` answers N bytes (at most 256 MiB) of [`pattern`]; `/sum` answers the length and
+//! FNV-1a hash of the request body it received (`bytes=N fnv1a=HEX`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -118,10 +120,39 @@ fn serve_conn(mut stream: UnixStream) -> io::Result<()> {
     Ok(())
 }
 
+/// The byte at offset `i` of a `/bytes` answer: a sequence whose period (251, a prime) does not line up
+/// with any buffer size, so a lost, repeated or reordered chunk shows.
+pub fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// 64-bit FNV-1a: the hash `/sum` answers, simple enough to compute in any test.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 fn respond(vars: &BTreeMap<String, String>, body: &[u8]) -> Bytes {
     let path = vars.get("PATH_INFO").map_or("/", String::as_str);
     let query = vars.get("QUERY_STRING").map_or("", String::as_str);
     let page = match path {
+        "/bytes" => {
+            let n: u64 = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("n="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+                .min(256 << 20);
+            let mut out = b"Content-Type: application/octet-stream\r\n\r\n".to_vec();
+            out.extend((0..n).map(pattern));
+            return Bytes::from(out);
+        }
+        "/sum" => format!(
+            "Content-Type: text/plain\r\n\r\nbytes={} fnv1a={:016x}\n",
+            body.len(),
+            fnv1a(body)
+        ),
         "/sleep" => {
             let ms: u64 = query
                 .split('&')

@@ -7,8 +7,8 @@
 //! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
 //! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
 //! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
-//! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`demo`] is the
-//! built-in app.
+//! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`spill`] bounds the
+//! memory that bodies take, [`demo`] is the built-in app.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -27,4 +27,5 @@ pub mod ratelog;
 pub mod request;
 pub mod server;
 pub mod sockdiag;
+pub mod spill;
 pub mod worker;

@@ -12,7 +12,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
-    /// served (a worker answered), refused (anteroom answered on purpose), failed (a worker failed).
+    /// served (a worker answered), refused (anteroom answered on purpose), failed (a worker failed),
+    /// client_closed (the client left before its request was complete: 499).
     pub outcome: &'static str,
     pub status: u16,
 }
@@ -37,6 +38,10 @@ pub enum Rejection {
     ShuttingDown,
     BodyTooLarge,
     BadRequest,
+    /// The request body stalled past --body-timeout (408).
+    BodyTimeout,
+    /// The request body could not be written to a temp file (503).
+    TempFile,
 }
 
 impl Rejection {
@@ -49,6 +54,8 @@ impl Rejection {
             Rejection::ShuttingDown => "shutting_down",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::BadRequest => "bad_request",
+            Rejection::BodyTimeout => "body_timeout",
+            Rejection::TempFile => "temp_file",
         }
     }
 }

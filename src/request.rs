@@ -1,20 +1,19 @@
 //! The request as it travels from a front to a worker, and the answers anteroom gives on its own.
 //!
-//! A [`Job`] is a complete request (head and buffered body) plus where it came from and the channel its
-//! answer goes back on. Responses that anteroom makes itself (503, 502, 413...) are built here so that they
+//! A [`Job`] is a complete request (head and body, in memory or in a temp file: see [`crate::spill`]) plus
+//! where it came from and the channel its answer goes back on. Responses that anteroom makes itself (503, 502, 413...) are built here so that they
 //! all carry the request id and a `Retry-After` where one makes sense.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, Version};
-use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+pub use crate::spill::{BodySender, ChannelBody, RequestBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body anteroom sends to a client.
@@ -42,7 +41,7 @@ pub struct RequestHead {
 pub struct Job {
     pub id: String,
     pub head: RequestHead,
-    pub body: Bytes,
+    pub body: RequestBody,
     pub origin: Origin,
     pub enqueued: Instant,
     /// Set by the queue when the job is admitted.
@@ -59,6 +58,14 @@ pub struct Job {
 /// Marks a 502/504 that anteroom gave because a worker failed (for the metrics' outcome).
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerFailed;
+
+/// Marks the answer to a client that hung up before its request was complete (nginx's 499): its own
+/// outcome in the metrics and the access log, not a 400.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientClosed;
+
+/// Nginx's code for "client closed request"; no response with it ever reaches a client.
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// Put on every response a worker produced, for the access log.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +105,7 @@ impl Job {
                 version: Version::HTTP_11,
                 headers,
             },
-            body: Bytes::new(),
+            body: RequestBody::default(),
             origin: Origin::default(),
             enqueued: Instant::now(),
             reply: Some(reply),
@@ -133,34 +140,12 @@ impl Job {
 
 pub type Reply = Response<Body>;
 
-/// A body fed by the worker's task while the client reads it: the worker is released as soon as it has
-/// finished writing, however slowly the client reads (as nginx's proxy buffering does).
-pub struct ChannelBody {
-    rx: mpsc::UnboundedReceiver<Result<Bytes, BoxError>>,
-}
-
-pub type BodySender = mpsc::UnboundedSender<Result<Bytes, BoxError>>;
-
 impl ChannelBody {
+    /// A body fed by the worker's task while the client reads it: the worker is released as soon as it has
+    /// finished writing, however slowly the client reads (as nginx's proxy buffering does), and what the
+    /// client has not read yet stays within `--response-buffer-size` of memory (the rest is in a temp file).
     pub fn new() -> (BodySender, ChannelBody) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (tx, ChannelBody { rx })
-    }
-}
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        crate::spill::channel(crate::spill::settings())
     }
 }
 
@@ -188,6 +173,18 @@ pub fn error_response(status: StatusCode, id: &str, why: &str) -> Reply {
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(REQUEST_ID, v);
     }
+    r
+}
+
+/// The answer recorded for a client that hung up mid-request (499, as nginx logs it).
+pub fn client_closed(id: &str) -> Reply {
+    let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = error_response(
+        status,
+        id,
+        "The client closed the connection before its request was complete.",
+    );
+    r.extensions_mut().insert(ClientClosed);
     r
 }
 
@@ -253,7 +250,7 @@ pub mod tests {
                 version: Version::HTTP_11,
                 headers: HeaderMap::new(),
             },
-            body: Bytes::new(),
+            body: RequestBody::default(),
             origin: Origin::default(),
             enqueued: Instant::now(),
             reply: None,

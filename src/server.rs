@@ -56,6 +56,7 @@ pub enum StartError {
 /// Runs anteroom until it is told to stop. Must be called inside a tokio runtime.
 pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     let cfg = Arc::new(cfg);
+    crate::spill::start(&cfg);
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;

@@ -9,11 +9,16 @@
 //!
 //! Malformed input (a bad version, lengths that overrun, params that do not parse, a request id reused
 //! while in flight, a stream that stops mid-record) closes that one connection with a log line saying why.
+//!
+//! Bodies and answers are bounded as on the HTTP front: STDIN goes to memory or to a temp file
+//! ([`crate::spill`]); a peer that sends nothing for `--body-timeout` while a request is incomplete, or takes
+//! nothing of what is written to it for `--send-timeout`, is closed. A request the peer abandons before its
+//! STDIN is complete (an abort, or the connection ending) is counted as 499.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -26,11 +31,14 @@ use tokio_util::task::TaskTracker;
 
 use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
-use super::http::{account, dispatch, refused, Front};
+use super::http::{account, body_timeout, dispatch, no_temp_file, refused, Front};
 use super::listen::Listener;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 use crate::metrics::Rejection;
-use crate::request::{error_response, request_id, Job, Origin, Reply, RequestHead};
+use crate::request::{
+    client_closed, error_response, request_id, Job, Origin, Reply, RequestBody, RequestHead,
+};
+use crate::spill::BodyWriter;
 
 /// Requests one connection may have in flight at once.
 pub const MAX_REQS_PER_CONN: usize = 256;
@@ -83,11 +91,20 @@ struct Receiving {
     keep_conn: bool,
     params: Vec<u8>,
     params_done: bool,
-    stdin: BytesMut,
-    /// Set when the body went over --max-body-size: read on, answer 413 at the end.
-    too_large: bool,
+    stdin: BodyWriter,
+    /// Set when the body cannot be taken: read on, answer 413 or 503 at the end.
+    refuse: Option<Refuse>,
+    started: Instant,
     /// The request counts in the connection table from BEGIN_REQUEST until its task ends.
     in_progress: InProgress,
+}
+
+/// Why a request whose body was read to its end is refused.
+enum Refuse {
+    /// Over --max-body-size: 413.
+    TooLarge,
+    /// No temp file for it: 503.
+    TempFile(std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +113,8 @@ enum ConnError {
     Protocol(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("no record for {0:?} while a request was incomplete (body timeout)")]
+    BodyTimeout(Duration),
 }
 
 fn malformed(why: impl Into<String>) -> ConnError {
@@ -108,7 +127,7 @@ where
 {
     let (rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Out>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let writer = tokio::spawn(write_loop(wr, rx, front.cfg.send_timeout));
     let mut conn = Conn {
         front: front.clone(),
         tx,
@@ -124,13 +143,25 @@ where
         // Closed by the table to make room, while no request was in flight on it.
         () = entry.closed() => Ok(()),
     };
+    let timed_out = matches!(ended, Err(ConnError::BodyTimeout(_)));
     if let Err(e) = ended {
         match e {
             ConnError::Protocol(why) => {
                 tracing::warn!("FastCGI connection closed: malformed input: {why}")
             }
+            e @ ConnError::BodyTimeout(_) => tracing::debug!("FastCGI connection closed: {e}"),
             ConnError::Io(e) => tracing::debug!("FastCGI connection ended: {e}"),
         }
+    }
+    // Requests still incomplete never reach a worker: counted as the peer's leaving (or its timeout).
+    for (_, r) in conn.receiving.drain() {
+        let rid = format!("{:016x}", fastrand::u64(..));
+        let resp = if timed_out {
+            refused(body_timeout(&rid), Rejection::BodyTimeout)
+        } else {
+            client_closed(&rid)
+        };
+        account(&front, r.started, &resp);
     }
     // Dropping the tasks aborts every request still queued or at a worker: the peer is gone.
     conn.tasks.abort_all();
@@ -156,6 +187,9 @@ struct Conn {
 impl Conn {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
         let mut buf = BytesMut::with_capacity(16 << 10);
+        let body_timeout = self.front.cfg.body_timeout;
+        let mut last_read = tokio::time::Instant::now();
+        let writer = self.tx.clone();
         loop {
             while let Some(rec) =
                 fcgi::decode_record(&mut buf).map_err(|e| malformed(e.to_string()))?
@@ -164,6 +198,13 @@ impl Conn {
             }
             let n = tokio::select! {
                 n = rd.read_buf(&mut buf) => n?,
+                () = tokio::time::sleep_until(last_read + body_timeout), if !self.receiving.is_empty() => {
+                    return Err(ConnError::BodyTimeout(body_timeout));
+                }
+                // The writer gave up (the peer takes nothing: send timeout, or it failed): so does the reader.
+                () = writer.closed() => {
+                    return Err(ConnError::Io(std::io::ErrorKind::BrokenPipe.into()));
+                }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     if let Ok((task, id)) = done {
                         // The id may already belong to a newer request: forget only this task.
@@ -177,6 +218,7 @@ impl Conn {
                     continue;
                 }
             };
+            last_read = tokio::time::Instant::now();
             if n == 0 {
                 if !buf.is_empty() {
                     return Err(malformed(format!(
@@ -232,8 +274,9 @@ impl Conn {
                         keep_conn: begin.keep_conn(),
                         params: Vec::new(),
                         params_done: false,
-                        stdin: BytesMut::new(),
-                        too_large: false,
+                        stdin: BodyWriter::new(crate::spill::settings(), None),
+                        refuse: None,
+                        started: Instant::now(),
                         in_progress: self.entry.request_started(),
                     },
                 );
@@ -263,15 +306,22 @@ impl Conn {
                     return Ok(());
                 };
                 if !rec.content.is_empty() {
-                    if r.stdin.len() as u64 + rec.content.len() as u64 > max {
-                        r.too_large = true;
-                        r.stdin.clear();
-                    } else if !r.too_large {
-                        r.stdin.extend_from_slice(&rec.content);
+                    if r.refuse.is_some() {
+                        return Ok(());
+                    }
+                    let fresh = || BodyWriter::new(crate::spill::settings(), None);
+                    if r.stdin.len() + rec.content.len() as u64 > max {
+                        r.refuse = Some(Refuse::TooLarge);
+                        r.stdin = fresh(); // what was kept (memory, a temp file) goes now
+                    } else if let Err(e) = r.stdin.push(&rec.content).await {
+                        r.refuse = Some(Refuse::TempFile(e));
+                        r.stdin = fresh();
                     }
                     return Ok(());
                 }
-                let r = self.receiving.remove(&id).expect("present");
+                let Some(r) = self.receiving.remove(&id) else {
+                    return Ok(());
+                };
                 if !r.params_done {
                     return Err(malformed(format!(
                         "STDIN of request {id} ended before its PARAMS"
@@ -281,13 +331,21 @@ impl Conn {
                 if !r.keep_conn {
                     self.closing = true;
                 }
-                let job = job_from_params(params, r.stdin.freeze());
+                let mut refuse = r.refuse;
+                let body = match r.stdin.finish().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        refuse.get_or_insert(Refuse::TempFile(e));
+                        RequestBody::default()
+                    }
+                };
+                let job = job_from_params(params, body);
                 lock(&self.active).insert(id);
                 let request = run_request(
                     self.front.clone(),
                     id,
                     job,
-                    r.too_large,
+                    refuse,
                     r.keep_conn,
                     self.tx.clone(),
                     self.active.clone(),
@@ -301,7 +359,12 @@ impl Conn {
                 Ok(())
             }
             fcgi::ABORT_REQUEST => {
-                let known = self.receiving.remove(&id).is_some();
+                let receiving = self.receiving.remove(&id);
+                let known = receiving.is_some();
+                if let Some(r) = receiving {
+                    let rid = format!("{:016x}", fastrand::u64(..));
+                    account(&self.front, r.started, &client_closed(&rid));
+                }
                 // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a
                 // second one must not follow.
                 let running = lock(&self.active).remove(&id);
@@ -354,11 +417,16 @@ impl Conn {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Out>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Out>,
+    send_timeout: Duration,
+) {
     while let Some(out) = rx.recv().await {
         match out {
             Out::Bytes(b) => {
-                if wr.write_all(&b).await.is_err() {
+                if let Err(e) = write_timed(&mut wr, &b, send_timeout).await {
+                    tracing::debug!("FastCGI connection: {e}");
                     return;
                 }
             }
@@ -368,11 +436,34 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Out
     let _ = wr.shutdown().await;
 }
 
+/// Writes all of `buf`, failing when the peer takes nothing for `limit` (nginx's send_timeout).
+async fn write_timed<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = tokio::time::timeout(limit, wr.write(buf))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took nothing for {limit:?} (send timeout)"),
+                )
+            })??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
 async fn run_request(
     front: Arc<Front>,
     id: u16,
     job: Result<Job, String>,
-    too_large: bool,
+    refuse: Option<Refuse>,
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
     active: Active,
@@ -387,18 +478,21 @@ async fn run_request(
                 Rejection::BadRequest,
             )
         }
-        Ok(job) if too_large => refused(
-            error_response(
-                http::StatusCode::PAYLOAD_TOO_LARGE,
-                &job.id,
-                &format!(
-                    "The request body is larger than the limit of {} bytes.",
-                    front.cfg.max_body_size
+        Ok(job) => match refuse {
+            Some(Refuse::TooLarge) => refused(
+                error_response(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    &job.id,
+                    &format!(
+                        "The request body is larger than the limit of {} bytes.",
+                        front.cfg.max_body_size
+                    ),
                 ),
+                Rejection::BodyTooLarge,
             ),
-            Rejection::BodyTooLarge,
-        ),
-        Ok(job) => dispatch(&front, job).await,
+            Some(Refuse::TempFile(e)) => no_temp_file(&job.id, &e),
+            None => dispatch(&front, job).await,
+        },
     };
     account(&front, started, &resp);
     if send_response(id, resp, &tx, &active).await.is_ok() && !keep_conn {
@@ -473,7 +567,7 @@ async fn send_response(
 
 /// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
 /// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
-fn job_from_params(params: Vec<(Bytes, Bytes)>, body: Bytes) -> Result<Job, String> {
+fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, String> {
     let get = |name: &str| {
         params
             .iter()
@@ -580,7 +674,7 @@ mod tests {
                 ("REMOTE_ADDR", "10.0.0.1"),
                 ("REMOTE_PORT", "5555"),
             ]),
-            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"abc").into(),
         )
         .unwrap();
         assert_eq!(job.head.method, Method::POST);
@@ -602,11 +696,13 @@ mod tests {
                 ("PATH_INFO", "/x"),
                 ("QUERY_STRING", "q=1"),
             ]),
-            Bytes::new(),
+            RequestBody::default(),
         )
         .unwrap();
         assert_eq!(job.head.method, Method::GET);
         assert_eq!(job.head.uri, "/index.php/x?q=1");
-        assert!(job_from_params(p(&[("REQUEST_METHOD", "B A D")]), Bytes::new()).is_err());
+        assert!(
+            job_from_params(p(&[("REQUEST_METHOD", "B A D")]), RequestBody::default()).is_err()
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP/1.x front: accept every connection at once, read each request whole, queue it, relay the answer.
 //!
 //! hyper does the protocol (keep-alive, HTTP/1.0, chunked bodies, pipelining); this file adds the limits
-//! and the hand-off to the queue. The request's handler future lives as long as the client's connection: if
+//! and the hand-off to the queue. A body is read with `--body-timeout` between reads (then 408), into memory
+//! or, when large, into a temp file (see [`crate::spill`]); a client that hangs up mid-body is counted as
+//! 499, as nginx does, not as a bad request. The request's handler future lives as long as the client's connection: if
 //! the client hangs up while its request waits, hyper drops the future, the [`Ticket`] with it, and the
 //! request leaves the queue before any worker sees it.
 //!
@@ -11,9 +13,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -30,9 +32,10 @@ use crate::metrics::{Metrics, Rejection};
 use crate::quarantine::Quarantine;
 use crate::queue::{Queue, Rejected};
 use crate::request::{
-    error_response, request_id, unavailable, Job, Origin, Reply, RequestHead, Timing, WorkerFailed,
-    REQUEST_ID,
+    client_closed, error_response, request_id, unavailable, ClientClosed, Job, Origin, Reply,
+    RequestBody, RequestHead, Timing, WorkerFailed, REQUEST_ID,
 };
+use crate::spill::BodyWriter;
 
 pub struct Front {
     pub cfg: Arc<Config>,
@@ -95,7 +98,7 @@ async fn serve_conn<S>(io: S, origin: Origin, front: Arc<Front>, entry: ConnHand
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = HeadTimeoutIo::new(io, front.cfg.header_timeout);
+    let io = HeadTimeoutIo::new(io, front.cfg.header_timeout).send_timeout(front.cfg.send_timeout);
     let buf_size = front_buf_size(&front.cfg);
     let armed = io.handle();
     let in_table = entry.clone();
@@ -179,10 +182,13 @@ async fn handle(req: Request<Incoming>, front: &Front, origin: Origin) -> Reply 
     resp
 }
 
-/// Counts an answer in the metrics: served by a worker, refused by anteroom, or failed at a worker.
+/// Counts an answer in the metrics: served by a worker, refused by anteroom, failed at a worker, or never
+/// complete because the client left.
 pub fn account(front: &Front, started: Instant, resp: &Reply) {
     let ext = resp.extensions();
-    let outcome = if let Some(r) = ext.get::<Rejection>() {
+    let outcome = if ext.get::<ClientClosed>().is_some() {
+        "client_closed"
+    } else if let Some(r) = ext.get::<Rejection>() {
         front.metrics.reject(*r);
         "refused"
     } else if ext.get::<WorkerFailed>().is_some() {
@@ -211,20 +217,9 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
     if declared.is_some_and(|n| n > max) {
         return refused(too_large(id, max), Rejection::BodyTooLarge);
     }
-    let body = match Limited::new(body, max as usize).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return refused(too_large(id, max), Rejection::BodyTooLarge)
-        }
-        Err(e) => {
-            tracing::debug!(%id, "could not read the request body: {e}");
-            let r = error_response(
-                StatusCode::BAD_REQUEST,
-                id,
-                "The request body could not be read.",
-            );
-            return refused(r, Rejection::BadRequest);
-        }
+    let body = match read_body(body, declared, front, id).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
 
     let job = Job {
@@ -244,6 +239,97 @@ async fn admit(req: Request<Incoming>, front: &Front, origin: Origin, id: &str) 
         cgi_params: None,
     };
     dispatch(front, job).await
+}
+
+/// Reads the whole body, in memory or into a temp file, allowing `--body-timeout` between two reads.
+async fn read_body(
+    mut body: Incoming,
+    declared: Option<u64>,
+    front: &Front,
+    id: &str,
+) -> Result<RequestBody, Reply> {
+    let cfg = &front.cfg;
+    let mut w = BodyWriter::new(crate::spill::settings(), declared);
+    loop {
+        let frame = match tokio::time::timeout(cfg.body_timeout, body.frame()).await {
+            Err(_) => {
+                tracing::debug!(%id, received = w.len(), "no body bytes for {:?}: 408", cfg.body_timeout);
+                return Err(refused(body_timeout(id), Rejection::BodyTimeout));
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) if malformed(&e) => {
+                tracing::debug!(%id, "could not read the request body: {e}");
+                let r = error_response(
+                    StatusCode::BAD_REQUEST,
+                    id,
+                    "The request body could not be read.",
+                );
+                return Err(refused(r, Rejection::BadRequest));
+            }
+            Ok(Some(Err(e))) => {
+                tracing::debug!(%id, received = w.len(), "the client left mid-body: {e}");
+                return Err(client_closed(id));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not passed on
+        };
+        if w.len() + data.len() as u64 > cfg.max_body_size {
+            return Err(refused(
+                too_large(id, cfg.max_body_size),
+                Rejection::BodyTooLarge,
+            ));
+        }
+        if let Err(e) = w.push(&data).await {
+            return Err(no_temp_file(id, &e));
+        }
+    }
+    w.finish().await.map_err(|e| no_temp_file(id, &e))
+}
+
+/// A body error that is the client's bad encoding (400), not its leaving (499).
+fn malformed(e: &hyper::Error) -> bool {
+    if e.is_parse() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// 408 for a body that stalled past --body-timeout; the connection closes after it.
+pub fn body_timeout(id: &str) -> Reply {
+    let mut r = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        id,
+        "The request body did not arrive in time.",
+    );
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The disk is full (or out of descriptors): the body has nowhere to wait.
+pub fn no_temp_file(id: &str, e: &std::io::Error) -> Reply {
+    let dir = &crate::spill::settings().dir;
+    tracing::warn!(%id, dir = %dir.display(), "cannot write a request body to a temp file: {e}; answered 503");
+    refused(
+        unavailable(
+            id,
+            "The server has no room for the request body at the moment.",
+            5,
+        ),
+        Rejection::TempFile,
+    )
 }
 
 /// Queues a complete request and waits for its answer, or refuses it on purpose. Shared by every front.

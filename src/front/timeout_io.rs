@@ -5,6 +5,10 @@
 //! and again from the moment a response has been handed over. When it passes, a client that had started a
 //! request gets a 408 and the connection closes; an idle keep-alive connection just closes. While a request
 //! is in progress (queued, or at a worker) there is no deadline: the queue has its own.
+//!
+//! On the write side it keeps nginx's `send_timeout`: a write that the client's socket cannot take for
+//! `--send-timeout` (the client reads nothing) fails with `TimedOut`, and hyper closes the connection, which
+//! drops the response and whatever of it was waiting in memory or in a temp file.
 
 use std::future::Future;
 use std::io;
@@ -54,6 +58,10 @@ pub struct HeadTimeoutIo<S> {
     read_since_arm: bool,
     write_blocked: bool,
     fired: bool,
+    send_timeout: Option<Duration>,
+    /// Runs from the first write the socket could not take; disarmed by every write it takes.
+    send_sleep: Option<Pin<Box<Sleep>>>,
+    send_armed: bool,
 }
 
 impl<S> HeadTimeoutIo<S> {
@@ -69,6 +77,47 @@ impl<S> HeadTimeoutIo<S> {
             read_since_arm: false,
             write_blocked: false,
             fired: false,
+            send_timeout: None,
+            send_sleep: None,
+            send_armed: false,
+        }
+    }
+
+    /// Closes the connection when the client takes nothing of what is written to it for `limit`.
+    pub fn send_timeout(mut self, limit: Duration) -> Self {
+        self.send_timeout = Some(limit);
+        self
+    }
+
+    /// Keeps the send deadline after a write attempt: cleared by progress, started by a blocked write,
+    /// and an error once it has passed.
+    fn send_deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        self.write_blocked = r.is_pending();
+        if r.is_ready() {
+            self.send_armed = false;
+            return r;
+        }
+        let Some(limit) = self.send_timeout else {
+            return r;
+        };
+        let deadline = Instant::now() + limit;
+        let sleep = self
+            .send_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.send_armed {
+            self.send_armed = true;
+            sleep.as_mut().reset(deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing of its response for {limit:?} (send timeout)"),
+            ))),
         }
     }
 
@@ -124,8 +173,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadTimeoutIo<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        self.write_blocked = r.is_pending();
-        r
+        self.send_deadline(cx, r)
     }
 
     fn poll_write_vectored(
@@ -134,8 +182,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadTimeoutIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.write_blocked = r.is_pending();
-        r
+        self.send_deadline(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

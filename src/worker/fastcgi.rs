@@ -1,9 +1,14 @@
 //! The FastCGI client side: one request at a time to a worker such as php-cgi, Perl FCGI or flup.
+//!
+//! The request body goes out as STDIN records a chunk at a time, from memory or from its temp file. The
+//! response is held until it is complete or larger than 256 KiB (to send a Content-Length); a larger one
+//! streams through a [`ChannelBody`], which keeps what the client has not read within
+//! `--response-buffer-size` of memory and spills the rest to a temp file.
 
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::Response;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +18,7 @@ use tokio::sync::Notify;
 use super::{Progress, WorkerError};
 use crate::cgi;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
-use crate::request::{ChannelBody, Job};
+use crate::request::{BodySender, ChannelBody, Job};
 
 /// Requests on a connection are serial, so one id is enough; 0 is reserved for management records.
 const REQUEST_ID: u16 = 1;
@@ -57,7 +62,8 @@ impl Conn {
         progress: &mut Progress,
     ) -> Result<(), WorkerError> {
         let out = encode_request(job, fixed)?;
-        progress.sent_bytes = out.len() as u64;
+        let mut stdin = job.body.stream();
+        progress.sent_bytes = (out.len() + job.body.len()) as u64;
         self.buf.clear();
 
         let (mut rd, mut wr) = self.stream.split();
@@ -67,17 +73,20 @@ impl Conn {
         // Written while reading: a worker may answer (or fail) before it has read all of a large body.
         // Then, if the client goes away, FCGI_ABORT_REQUEST follows on the same stream.
         let write = async {
-            match wr.write_all(&out).await {
+            match send_request(&mut wr, &out, &mut stdin).await {
                 Ok(()) => {
                     abort.notified().await;
                     let mut rec = BytesMut::new();
                     fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
                     let _ = wr.write_all(&rec).await;
                 }
-                Err(e) => refused.store(e.kind() == std::io::ErrorKind::BrokenPipe, Relaxed),
+                // The body's temp file could not be read: the worker would wait for the rest forever.
+                Err(Sending::Body(e)) => return e,
+                // A failed write to the worker shows on the read side.
+                Err(Sending::Socket { refused: r }) => refused.store(r, Relaxed),
             }
-            // A failed write shows on the read side; park so that select keeps reading.
-            std::future::pending::<()>().await
+            // Park so that select keeps reading.
+            std::future::pending::<std::io::Error>().await
         };
         tokio::pin!(write);
         let mut aborted = false;
@@ -95,7 +104,7 @@ impl Conn {
                     Err(e) => return Err(WorkerError::Protocol(e.to_string())),
                 }
                 let n = tokio::select! {
-                    () = &mut write => continue,
+                    e = &mut write => return Err(WorkerError::Io(e)),
                     n = rd.read_buf(&mut self.buf) => match n {
                         Err(e) if refused.load(Relaxed) && progress.received_bytes == 0 => {
                             return Err(WorkerError::NotDelivered(e))
@@ -130,19 +139,23 @@ impl Conn {
                 fcgi::STDOUT if record.content.is_empty() => {}
                 fcgi::STDOUT => {
                     progress.received_bytes += record.content.len() as u64;
-                    if let Some(tx) = &body_tx {
-                        send_body(tx, record.content);
+                    if let Some(tx) = &mut body_tx {
+                        // A client that has gone is no reason to stop reading: the worker must finish
+                        // to be reusable (the sender drops what nobody reads).
+                        tx.send(record.content).await;
                         continue;
                     }
                     if let Some((_, _, body)) = &mut held {
                         body.extend_from_slice(&record.content);
                         if body.len() > HOLD_BODY {
-                            let (status, headers, body) = held.take().expect("held");
-                            let (tx, chan) = ChannelBody::new();
-                            send_body(&tx, body.freeze());
-                            job.respond(response(status, headers, chan.boxed_unsync()));
-                            progress.head_sent = true;
-                            body_tx = Some(tx);
+                            if let Some((status, headers, body)) = held.take() {
+                                let (mut tx, chan) = ChannelBody::new();
+                                // The client gets its body first: without a disk, send waits for it.
+                                job.respond(response(status, headers, chan.boxed_unsync()));
+                                progress.head_sent = true;
+                                tx.send(body.freeze()).await;
+                                body_tx = Some(tx);
+                            }
                         }
                         continue;
                     }
@@ -183,13 +196,13 @@ impl Conn {
                         if job.head.method != http::Method::HEAD || !body.is_empty() {
                             headers.insert(http::header::CONTENT_LENGTH, body.len().into());
                         }
-                        job.respond(response(
-                            status,
-                            headers,
-                            crate::request::full(body.freeze()),
-                        ));
+                        let body =
+                            crate::spill::whole(crate::spill::settings(), body.freeze()).await;
+                        job.respond(response(status, headers, body));
                         progress.head_sent = true;
-                    } else if body_tx.is_none() {
+                    } else if let Some(tx) = body_tx.take() {
+                        tx.finish();
+                    } else {
                         return Err(WorkerError::Protocol(if head.is_empty() {
                             "the worker ended the request without writing a response".into()
                         } else {
@@ -224,7 +237,7 @@ fn response(
 /// Resolves when the client no longer waits: its reply channel, or its body channel, was dropped.
 async fn client_gone(
     reply: &mut Option<tokio::sync::oneshot::Sender<crate::request::Reply>>,
-    body: Option<&crate::request::BodySender>,
+    body: Option<&BodySender>,
 ) {
     match (body, reply) {
         (Some(tx), _) => tx.closed().await,
@@ -233,11 +246,42 @@ async fn client_gone(
     }
 }
 
-fn send_body(tx: &crate::request::BodySender, data: Bytes) {
-    // A client that has gone is no reason to stop reading: the worker must finish to be reusable.
-    let _ = tx.send(Ok(data));
+/// Why the request could not be written to the worker.
+enum Sending {
+    /// The socket failed: the read side sees it too. `refused`: the very first write found the worker's
+    /// end closed (EPIPE), so it read nothing of this request.
+    Socket { refused: bool },
+    /// The request body could not be read from its temp file.
+    Body(std::io::Error),
 }
 
+/// BEGIN_REQUEST and PARAMS (`head`), then the body as STDIN records, chunk by chunk, then its end; a
+/// small request goes in one write.
+async fn send_request<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    head: &[u8],
+    stdin: &mut crate::spill::BodyStream,
+) -> Result<(), Sending> {
+    const BATCH: usize = 64 << 10;
+    let mut first = true;
+    let failed = |e: std::io::Error, first: bool| Sending::Socket {
+        refused: first && e.kind() == std::io::ErrorKind::BrokenPipe,
+    };
+    let mut out = BytesMut::with_capacity(head.len() + 64);
+    out.extend_from_slice(head);
+    while let Some(chunk) = stdin.next_chunk().await.map_err(Sending::Body)? {
+        fcgi::encode_stream(fcgi::STDIN, REQUEST_ID, &chunk, &mut out);
+        if out.len() >= BATCH {
+            wr.write_all(&out).await.map_err(|e| failed(e, first))?;
+            first = false;
+            out.clear();
+        }
+    }
+    fcgi::encode_stream_end(fcgi::STDIN, REQUEST_ID, &mut out);
+    wr.write_all(&out).await.map_err(|e| failed(e, first))
+}
+
+/// BEGIN_REQUEST and PARAMS; STDIN follows from [`send_request`].
 fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, WorkerError> {
     let mut pairs = Vec::with_capacity(1024);
     let mut put = |k: &[u8], v: &[u8]| {
@@ -262,7 +306,7 @@ fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, Wor
             }
         }
     }
-    let mut out = BytesMut::with_capacity(pairs.len() + job.body.len() + 64);
+    let mut out = BytesMut::with_capacity(pairs.len() + 64);
     BeginRequest {
         role: fcgi::RESPONDER,
         flags: fcgi::KEEP_CONN,
@@ -270,7 +314,5 @@ fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, Wor
     .encode(REQUEST_ID, &mut out);
     fcgi::encode_stream(fcgi::PARAMS, REQUEST_ID, &pairs, &mut out);
     fcgi::encode_stream_end(fcgi::PARAMS, REQUEST_ID, &mut out);
-    fcgi::encode_stream(fcgi::STDIN, REQUEST_ID, &job.body, &mut out);
-    fcgi::encode_stream_end(fcgi::STDIN, REQUEST_ID, &mut out);
     Ok(out)
 }

@@ -1,12 +1,15 @@
 //! The HTTP client side: one request at a time to a worker that speaks HTTP/1.1 (gunicorn and the like).
+//!
+//! The request body goes out with its length, a chunk at a time from memory or from its temp file. A large
+//! or unsized response streams through a [`ChannelBody`], which spills what the client has not read beyond
+//! `--response-buffer-size` to a temp file.
 
 use std::path::Path;
 
-use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Request, Response, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -14,12 +17,13 @@ use tokio::net::UnixStream;
 use super::{Progress, WorkerError};
 use crate::cgi::is_hop_by_hop;
 use crate::request::{ChannelBody, Job, REQUEST_ID};
+use crate::spill::BodyStream;
 
 /// Bodies up to this size, with a Content-Length, are collected before the response goes to the client.
 const SMALL_BODY: u64 = 256 << 10;
 
 pub struct Conn {
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<BodyStream>,
     /// False once the worker said it closes the connection after its response (`Connection: close`, as
     /// gunicorn's sync worker does on every one, or HTTP/1.0 without keep-alive): reusing it would race
     /// the worker's close and could lose the next request.
@@ -115,11 +119,12 @@ impl Conn {
             })?;
             let body = body.to_bytes();
             progress.received_bytes += body.len() as u64;
-            job.respond(Response::from_parts(parts, crate::request::full(body)));
+            let body = crate::spill::whole(crate::spill::settings(), body).await;
+            job.respond(Response::from_parts(parts, body));
             progress.head_sent = true;
             return Ok(());
         }
-        let (tx, body) = ChannelBody::new();
+        let (mut tx, body) = ChannelBody::new();
         job.respond(Response::from_parts(parts, body.boxed_unsync()));
         progress.head_sent = true;
         loop {
@@ -128,19 +133,23 @@ impl Conn {
                 () = tx.closed() => return Err(WorkerError::ClientGone),
             };
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| {
-                let _ = tx.send(Err("the worker's response was cut short".into()));
-                if e.is_incomplete_message() {
-                    WorkerError::Closed
-                } else {
-                    WorkerError::Protocol(e.to_string())
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    tx.fail("the worker's response was cut short");
+                    return Err(if e.is_incomplete_message() {
+                        WorkerError::Closed
+                    } else {
+                        WorkerError::Protocol(e.to_string())
+                    });
                 }
-            })?;
+            };
             if let Ok(data) = frame.into_data() {
                 progress.received_bytes += data.len() as u64;
-                let _ = tx.send(Ok(data));
+                tx.send(data).await;
             }
         }
+        tx.finish();
         Ok(())
     }
 }
@@ -175,9 +184,9 @@ fn broken_pipe(e: &hyper::Error) -> bool {
     false
 }
 
-fn build_request(job: &Job) -> Result<Request<Full<Bytes>>, WorkerError> {
+fn build_request(job: &Job) -> Result<Request<BodyStream>, WorkerError> {
     let head = &job.head;
-    let mut req = Request::new(Full::new(job.body.clone()));
+    let mut req = Request::new(job.body.stream());
     *req.method_mut() = head.method.clone();
     *req.uri_mut() = head
         .uri
