@@ -23,11 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{alive, children, free_port, read_response, signal, wait_timeout, wait_until, BIN};
-
-fn long_form() -> bool {
-    std::env::var("ANTEROOM_FAULTS").as_deref() == Ok("long")
-}
+use common::{
+    alive, children, fault_result, free_port, long_form, read_response, signal, wait_timeout,
+    wait_until, BIN,
+};
 
 /// anteroom with its admin listener, optionally with RLIMIT_NOFILE set (soft and hard) before exec.
 struct Server {
@@ -338,17 +337,6 @@ fn prober(
             thread::sleep(every.saturating_sub(took));
         }
     })
-}
-
-fn fault_result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
-    let line = serde_json::json!({
-        "case": case,
-        "what": what,
-        "measured": measured,
-        "target": target,
-        "ok": ok,
-    });
-    println!("FAULT-RESULT {line}");
 }
 
 #[test]

@@ -21,23 +21,6 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const TARGET_PEAK: u64 = 256 * MIB;
 
-fn long() -> bool {
-    std::env::var("ANTEROOM_FAULTS").is_ok_and(|v| v == "long")
-}
-
-fn fault_result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
-    println!(
-        "FAULT-RESULT {}",
-        serde_json::json!({
-            "case": case,
-            "what": what,
-            "measured": measured,
-            "target": target,
-            "ok": ok,
-        })
-    );
-}
-
 /// (VmHWM, VmRSS) of `pid`, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -178,7 +161,7 @@ fn stalled_uploads_stay_on_disk_and_complete_intact() {
     let n = 150usize;
     // The long form is the issue's: 16 MB each. The short one still holds 300 MiB of bodies, more than the
     // target, so a body held in memory fails it too.
-    let size: u64 = if long() { 16_000_000 } else { 2 * MIB };
+    let size: u64 = if long_form() { 16_000_000 } else { 2 * MIB };
     let s = serve(&["--workers", "4", "--max-body-size", "32m"]);
     let (pid, addr) = (s.a.pid(), s.a.addr);
     let stalled = Arc::new(Barrier::new(n + 1));
@@ -307,7 +290,7 @@ fn stalled_uploads_stay_on_disk_and_complete_intact() {
 fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
     let n = 100usize;
     let size: u64 = 10_000_000;
-    let send_timeout: u64 = if long() { 60 } else { 8 };
+    let send_timeout: u64 = if long_form() { 60 } else { 8 };
     let s = serve(&[
         "--workers",
         "4",
@@ -476,7 +459,7 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
 
 #[test]
 fn trickled_body_gets_408_after_body_timeout() {
-    let t: u64 = if long() { 60 } else { 2 };
+    let t: u64 = if long_form() { 60 } else { 2 };
     let a = Anteroom::start(&[
         "--workers",
         "1",

@@ -16,17 +16,6 @@ use common::*;
 
 const APP: &str = "tests/fixtures/supervised_app.py";
 
-fn long() -> bool {
-    std::env::var("ANTEROOM_FAULTS").is_ok_and(|v| v == "long")
-}
-
-fn fault_result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
-    let line = serde_json::json!({
-        "case": case, "what": what, "measured": measured, "target": target, "ok": ok,
-    });
-    println!("FAULT-RESULT {line}");
-}
-
 /// anteroom with its admin listener on a free port, running the fixture app with `env` for the workers.
 fn start(args: &[&str], worker_env: &[String], ready_path: Option<&str>) -> (Anteroom, SocketAddr) {
     require("python3");
@@ -106,7 +95,7 @@ fn early_death_after_ready_does_not_latch() {
     // --workers 1, the worker SIGKILLed when ready but before its first request (the short form once,
     // the long form every 5 s for 60 s).
     let (a, admin) = start(&["--workers", "1"], &[], Some("/health/ready"));
-    let rounds = if long() { 12 } else { 2 };
+    let rounds = if long_form() { 12 } else { 2 };
     let mut worst = Duration::ZERO;
     // The worker that answered anteroom's start-up check has served: replace it by a fresh one first.
     let mut old = children(a.pid());
@@ -124,7 +113,7 @@ fn early_death_after_ready_does_not_latch() {
             old.push(p);
             signal(p, 9);
         }
-        if long() && round + 1 < rounds {
+        if long_form() && round + 1 < rounds {
             thread::sleep(Duration::from_secs(5));
         }
     }
@@ -153,7 +142,7 @@ fn early_death_during_start_does_not_latch() {
         &[format!("START_DELAY_FILE={}", delay.display())],
         Some("/health/ready"),
     );
-    let rounds = if long() { 10 } else { 2 };
+    let rounds = if long_form() { 10 } else { 2 };
     let mut worst = Duration::ZERO;
     let mut refused = 0;
     let mut old = children(a.pid());
@@ -201,7 +190,7 @@ fn an_app_that_fails_until_its_database_is_up_serves_once_it_starts() {
         &[format!("DB_MARKER={}", marker.display())],
         None,
     );
-    let down_for = Duration::from_secs(if long() { 10 } else { 3 });
+    let down_for = Duration::from_secs(if long_form() { 10 } else { 3 });
     thread::sleep(down_for);
     let r = a.get("/sleep?ms=1");
     assert_eq!(r.status, 503, "{}", r.text());
@@ -342,7 +331,7 @@ fn chaos(a: &Anteroom, post: bool, clients: usize, run: Duration) -> (Arc<Tally>
 }
 
 fn chaos_run() -> Duration {
-    Duration::from_secs(if long() { 60 } else { 8 })
+    Duration::from_secs(if long_form() { 60 } else { 8 })
 }
 
 #[test]
@@ -469,12 +458,12 @@ fn a_url_whose_every_request_kills_its_worker_is_quarantined_after_3_deaths() {
         .collect();
     // Rounds of poison requests: the long form repeats after each cool-down would be too long (300 s), so
     // it sends more requests into the quarantine instead.
-    let poison = if long() { 50 } else { 6 };
+    let poison = if long_form() { 50 } else { 6 };
     let mut statuses = Vec::new();
     for _ in 0..poison {
         statuses.push(a.get("/crash").status);
     }
-    thread::sleep(Duration::from_secs(if long() { 10 } else { 1 }));
+    thread::sleep(Duration::from_secs(if long_form() { 10 } else { 1 }));
     done.store(true, Ordering::Relaxed);
     for l in load {
         l.join().unwrap();

@@ -16,10 +16,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn long() -> bool {
-    std::env::var("ANTEROOM_FAULTS").is_ok_and(|v| v == "long")
-}
-
 /// Runs oha and returns its status counts and error counts.
 fn oha(args: &[&str], url: &str) -> (BTreeMap<u16, u64>, BTreeMap<String, u64>) {
     require("oha");
@@ -52,17 +48,10 @@ fn oha(args: &[&str], url: &str) -> (BTreeMap<u16, u64>, BTreeMap<String, u64>) 
     (statuses, errors)
 }
 
-fn result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
-    println!(
-        "FAULT-RESULT {}",
-        serde_json::json!({"case": case, "what": what, "measured": measured, "target": target, "ok": ok})
-    );
-}
-
 #[test]
 fn gunicorn_sync_workers_lose_no_request() {
     require("gunicorn");
-    let n: u64 = if long() { 60_000 } else { 20_000 };
+    let n: u64 = if long_form() { 60_000 } else { 20_000 };
     let mut a = Anteroom::start(&[
         "--workers",
         "4",
@@ -82,7 +71,7 @@ fn gunicorn_sync_workers_lose_no_request() {
     let log = a.log_text();
     a.stop();
     let pass = ok == n && errors.is_empty();
-    result(
+    fault_result(
         "gunicorn-sync",
         &format!("{n} requests at c=50 to 4 gunicorn -w 1 HTTP workers (sync, trivial app without Content-Length)"),
         &format!("{ok} of {n} answered 200; other statuses {statuses:?}; errors {errors:?}"),
@@ -118,7 +107,7 @@ fn a_keep_alive_timeout_race_loses_no_get() {
         &[],
         Some("/ready"),
     );
-    let n = if long() { 2000 } else { 200 };
+    let n = if long_form() { 2000 } else { 200 };
     let mut ok = 0;
     for i in 0..n {
         let r = a.get(&format!("/get/{i}"));
@@ -144,7 +133,7 @@ fn a_keep_alive_timeout_race_loses_no_get() {
         .collect();
     let failed_posts = posts.iter().filter(|p| p.0 == 502).count();
     let pass = ok == n && bad_posts.is_empty() && failed_posts > 0;
-    result(
+    fault_result(
         "keepalive-race",
         "a worker that closes every kept-alive connection just as the next request arrives",
         &format!("GETs: {ok} of {n} answered 200; POSTs: {failed_posts} of 20 got a 502 naming the request id, the rest 200"),

@@ -431,3 +431,17 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
     )
     .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
+
+/// The fault tests' long form (`ANTEROOM_FAULTS=long`, which `bench/run --scenarios faults` sets): the
+/// sizes and durations of the issue that asked for them, too slow for every run of `scripts/test`.
+pub fn long_form() -> bool {
+    std::env::var("ANTEROOM_FAULTS").is_ok_and(|v| v == "long")
+}
+
+/// One `FAULT-RESULT {json}` line on stdout, which `bench/run` collects into its "Faults and abuse" table.
+pub fn fault_result(case: &str, what: &str, measured: &str, target: &str, ok: bool) {
+    let line = serde_json::json!({
+        "case": case, "what": what, "measured": measured, "target": target, "ok": ok,
+    });
+    println!("FAULT-RESULT {line}");
+}
