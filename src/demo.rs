@@ -30,58 +30,48 @@ pub fn run() -> io::Result<()> {
     }
 }
 
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One request being read on a connection: the demo answers one at a time (`FCGI_MPXS_CONNS=0`).
+#[derive(Default)]
+struct Reading {
+    current: Option<(u16, bool)>,
+    params: Vec<u8>,
+    params_done: bool,
+    stdin: Vec<u8>,
+}
+
 fn serve_conn(mut stream: UnixStream) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(8192);
-    let mut current: Option<(u16, bool)> = None;
-    let mut params = Vec::new();
-    let mut stdin = Vec::new();
-    let mut params_done = false;
+    let mut req = Reading::default();
     while let Some(rec) = fcgi::read_record(&mut stream, &mut buf)? {
+        let mut out = BytesMut::new();
         match rec.kind {
             fcgi::BEGIN_REQUEST => {
-                let begin = BeginRequest::parse(&rec.content)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                current = Some((rec.request_id, begin.keep_conn()));
-                params.clear();
-                stdin.clear();
-                params_done = false;
+                let begin = BeginRequest::parse(&rec.content).map_err(invalid)?;
+                req = Reading {
+                    current: Some((rec.request_id, begin.keep_conn())),
+                    ..Reading::default()
+                };
             }
-            fcgi::PARAMS if rec.content.is_empty() => params_done = true,
-            fcgi::PARAMS => params.extend_from_slice(&rec.content),
-            fcgi::STDIN if !rec.content.is_empty() => stdin.extend_from_slice(&rec.content),
+            fcgi::PARAMS if rec.content.is_empty() => req.params_done = true,
+            fcgi::PARAMS => req.params.extend_from_slice(&rec.content),
+            fcgi::STDIN if !rec.content.is_empty() => req.stdin.extend_from_slice(&rec.content),
             fcgi::STDIN => {
-                let Some((id, keep)) = current.take() else {
+                let Some((id, keep)) = req.current.take() else {
                     continue;
                 };
-                if !params_done {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "STDIN ended before PARAMS",
-                    ));
+                if !req.params_done {
+                    return Err(invalid("STDIN ended before PARAMS"));
                 }
-                let vars: BTreeMap<String, String> = fcgi::decode_pairs(&params)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            String::from_utf8_lossy(&k).into_owned(),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })
-                    .collect();
-                let body = respond(&vars, &stdin);
-                let mut out = BytesMut::with_capacity(body.len() + 64);
-                fcgi::encode_stream(fcgi::STDOUT, id, &body, &mut out);
-                fcgi::encode_stream_end(fcgi::STDOUT, id, &mut out);
-                EndRequest {
-                    app_status: 0,
-                    protocol_status: fcgi::REQUEST_COMPLETE,
-                }
-                .encode(id, &mut out);
+                answer(id, &req.params, &req.stdin, &mut out)?;
                 stream.write_all(&out)?;
                 if !keep {
                     return Ok(());
                 }
+                continue;
             }
             fcgi::GET_VALUES => {
                 let mut pairs = Vec::new();
@@ -92,29 +82,48 @@ fn serve_conn(mut stream: UnixStream) -> io::Result<()> {
                 ] {
                     let _ = fcgi::encode_pair(name.as_bytes(), value.as_bytes(), &mut pairs);
                 }
-                let mut out = BytesMut::new();
                 fcgi::encode_record(fcgi::GET_VALUES_RESULT, 0, &pairs, &mut out);
-                stream.write_all(&out)?;
             }
             fcgi::ABORT_REQUEST => {
-                if let Some((id, _)) = current.take() {
-                    let mut out = BytesMut::new();
+                if let Some((id, _)) = req.current.take() {
                     EndRequest {
                         app_status: 1,
                         protocol_status: fcgi::REQUEST_COMPLETE,
                     }
                     .encode(id, &mut out);
-                    stream.write_all(&out)?;
                 }
             }
-            other if rec.request_id == 0 => {
-                let mut out = BytesMut::new();
-                fcgi::encode_unknown_type(other, &mut out);
-                stream.write_all(&out)?;
-            }
+            other if rec.request_id == 0 => fcgi::encode_unknown_type(other, &mut out),
             _ => {}
         }
+        if !out.is_empty() {
+            stream.write_all(&out)?;
+        }
     }
+    Ok(())
+}
+
+/// Encodes the whole answer to request `id` (its STDOUT stream and END_REQUEST) into `out`.
+fn answer(id: u16, params: &[u8], stdin: &[u8], out: &mut BytesMut) -> io::Result<()> {
+    let vars: BTreeMap<String, String> = fcgi::decode_pairs(params)
+        .map_err(invalid)?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect();
+    let body = respond(&vars, stdin);
+    out.reserve(body.len() + 64);
+    fcgi::encode_stream(fcgi::STDOUT, id, &body, out);
+    fcgi::encode_stream_end(fcgi::STDOUT, id, out);
+    EndRequest {
+        app_status: 0,
+        protocol_status: fcgi::REQUEST_COMPLETE,
+    }
+    .encode(id, out);
     Ok(())
 }
 
