@@ -612,8 +612,10 @@ fn requests_beyond_the_per_connection_bound_are_overloaded() {
     let mut s = UnixStream::connect(&fsock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut out = BytesMut::new();
+    // Each request takes 10 ms at the one worker, so all 300 arrive long before 256 of them can finish: with
+    // `ms=0` a quick machine finished them as fast as they came and never reached the bound.
     for id in 1..=300 {
-        begin(id, "/sleep?ms=0", &mut out);
+        begin(id, "/sleep?ms=10", &mut out);
     }
     s.write_all(&out).unwrap();
     let (mut complete, mut overloaded) = (0, 0);
