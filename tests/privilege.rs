@@ -181,7 +181,12 @@ impl Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         (status.and_then(|s| s.code()), err)
     }
 }
@@ -278,7 +283,12 @@ fn worker_dir(run: &Path) -> PathBuf {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("anteroom."))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("anteroom.")
+        })
         .expect("a worker socket directory")
 }
 
@@ -464,7 +474,8 @@ fn anteroom_drops_its_privileges_and_sockets_get_their_mode() {
     }
     // And they serve.
     let mut conn = std::os::unix::net::UnixStream::connect(&http_sock).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();
     let r = common::read_response(&mut conn).unwrap();
@@ -485,11 +496,20 @@ fn refused_at_start_naming_the_key() {
     let sb = Sandbox::new();
     for (args, key) in [
         (&["--user", "no-such-user-anteroom"][..], "user: no user"),
-        (&["--user", USER, "--group", "no-such-group"][..], "group: no group"),
+        (
+            &["--user", USER, "--group", "no-such-group"][..],
+            "group: no group",
+        ),
         (&["--group", USER][..], "group: needs --user"),
         (&["--drop-privileges"][..], "drop-privileges: needs --user"),
-        (&["--listen-group", "no-such-group"][..], "listen-group: no group"),
-        (&["--listen-owner", "no-such-user"][..], "listen-owner: no user"),
+        (
+            &["--listen-group", "no-such-group"][..],
+            "listen-group: no group",
+        ),
+        (
+            &["--listen-owner", "no-such-user"][..],
+            "listen-owner: no user",
+        ),
         (&["--worker-rlimit", "files=10"][..], "--worker-rlimit"),
         (&["--worker-rlimit", "nofile=lots"][..], "--worker-rlimit"),
         (&["--worker-rlimit", "nofile=10:5"][..], "--worker-rlimit"),

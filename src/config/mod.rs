@@ -734,7 +734,10 @@ fn account(s: &Settings) -> Result<Option<Account>, ConfigError> {
             return Err(invalid("group", "needs --user"));
         }
         if s.drop_privileges {
-            return Err(invalid("drop-privileges", "needs --user, the account to become"));
+            return Err(invalid(
+                "drop-privileges",
+                "needs --user, the account to become",
+            ));
         }
         return Ok(None);
     };
@@ -1147,7 +1150,10 @@ mod tests {
     fn privilege_options() {
         let c = parse(&[]).unwrap();
         assert!(c.user.is_none() && !c.drop_privileges && !c.listen_access.is_set());
-        assert!(!c.clear_env, "without --user the environment passes, as gunicorn's does");
+        assert!(
+            !c.clear_env,
+            "without --user the environment passes, as gunicorn's does"
+        );
         assert!(c.worker_rlimits.is_empty() && c.pass_env.is_empty());
         let c = parse(&[
             "--user",
@@ -1196,13 +1202,23 @@ mod tests {
             }
         );
         assert!(parse(&["--clear-env"]).unwrap().clear_env);
-        assert!(!parse(&["--user", "root", "--clear-env=no"]).unwrap().clear_env);
+        assert!(
+            !parse(&["--user", "root", "--clear-env=no"])
+                .unwrap()
+                .clear_env
+        );
         for (args, key) in [
             (&["--user", "no-such-user-anteroom"][..], "user:"),
-            (&["--user", "root", "--group", "no-such-group-x"][..], "group:"),
+            (
+                &["--user", "root", "--group", "no-such-group-x"][..],
+                "group:",
+            ),
             (&["--group", "root"][..], "group:"),
             (&["--drop-privileges"][..], "drop-privileges:"),
-            (&["--listen-owner", "no-such-user-anteroom"][..], "listen-owner:"),
+            (
+                &["--listen-owner", "no-such-user-anteroom"][..],
+                "listen-owner:",
+            ),
             (&["--pass-env", "1X"][..], "pass-env:"),
         ] {
             let e = parse(args).unwrap_err();
@@ -1218,7 +1234,10 @@ mod tests {
             &["--clear-env=maybe"][..],
         ] {
             let e = parse(args).unwrap_err();
-            assert!(e.contains(args[0].split('=').next().unwrap()), "{args:?}: {e}");
+            assert!(
+                e.contains(args[0].split('=').next().unwrap()),
+                "{args:?}: {e}"
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.toml");

@@ -134,9 +134,7 @@ fn worker_env_from(
     vars: impl Iterator<Item = (OsString, OsString)>,
     cfg: &Config,
 ) -> Vec<(OsString, OsString)> {
-    let mut out: Vec<(OsString, OsString)> = vars
-        .filter(|(k, _)| passes(k, cfg))
-        .collect();
+    let mut out: Vec<(OsString, OsString)> = vars.filter(|(k, _)| passes(k, cfg)).collect();
     let mut set = |k: &str, v: OsString| {
         out.retain(|(o, _)| o != k);
         out.push((k.into(), v));
@@ -214,7 +212,8 @@ mod tests {
     use clap::Parser;
 
     fn cfg(args: &[&str]) -> Config {
-        let cli = Cli::try_parse_from(std::iter::once("anteroom").chain(args.iter().copied())).unwrap();
+        let cli =
+            Cli::try_parse_from(std::iter::once("anteroom").chain(args.iter().copied())).unwrap();
         assert!(matches!(cli.command, None | Some(Sub::Serve(_))));
         Config::from_args(cli.serve).unwrap()
     }
@@ -242,12 +241,28 @@ mod tests {
         // Passed, less anteroom's own variables.
         assert_eq!(
             env_of(&cfg(&["--env", "X=1"])),
-            ["DATABASE_URL=postgres://secret", "HOME=/root", "LANG=C.UTF-8", "PATH=/bin", "X=1"]
+            [
+                "DATABASE_URL=postgres://secret",
+                "HOME=/root",
+                "LANG=C.UTF-8",
+                "PATH=/bin",
+                "X=1"
+            ]
         );
         // Cleared: PATH, LANG, what is named and --env.
         assert_eq!(
-            env_of(&cfg(&["--clear-env", "--pass-env", "DATABASE_URL", "--env", "PATH=/usr/bin"])),
-            ["DATABASE_URL=postgres://secret", "LANG=C.UTF-8", "PATH=/usr/bin"]
+            env_of(&cfg(&[
+                "--clear-env",
+                "--pass-env",
+                "DATABASE_URL",
+                "--env",
+                "PATH=/usr/bin"
+            ])),
+            [
+                "DATABASE_URL=postgres://secret",
+                "LANG=C.UTF-8",
+                "PATH=/usr/bin"
+            ]
         );
         // --user: cleared by default, with the user's HOME, USER and LOGNAME.
         assert_eq!(

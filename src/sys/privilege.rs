@@ -87,10 +87,16 @@ pub fn lookup_user(user: &str) -> io::Result<Option<(String, u32, u32, PathBuf)>
             let mut pw: libc::passwd = std::mem::zeroed();
             let mut found: *mut libc::passwd = std::ptr::null_mut();
             let rc = match by_uid {
-                Some(uid) => libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found),
-                None => {
-                    libc::getpwnam_r(name.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found)
+                Some(uid) => {
+                    libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found)
                 }
+                None => libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut pw,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                ),
             };
             if rc != 0 {
                 return Err(rc);
@@ -99,7 +105,12 @@ pub fn lookup_user(user: &str) -> io::Result<Option<(String, u32, u32, PathBuf)>
                 return Ok(None);
             }
             let s = |p: *const libc::c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
-            Ok(Some((s(pw.pw_name), pw.pw_uid, pw.pw_gid, PathBuf::from(s(pw.pw_dir)))))
+            Ok(Some((
+                s(pw.pw_name),
+                pw.pw_uid,
+                pw.pw_gid,
+                PathBuf::from(s(pw.pw_dir)),
+            )))
         }
     })
 }
@@ -115,10 +126,16 @@ pub fn lookup_group(group: &str) -> io::Result<Option<u32>> {
             let mut gr: libc::group = std::mem::zeroed();
             let mut found: *mut libc::group = std::ptr::null_mut();
             let rc = match by_gid {
-                Some(gid) => libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found),
-                None => {
-                    libc::getgrnam_r(name.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found)
+                Some(gid) => {
+                    libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found)
                 }
+                None => libc::getgrnam_r(
+                    name.as_ptr(),
+                    &mut gr,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                ),
             };
             if rc != 0 {
                 return Err(rc);
@@ -187,7 +204,10 @@ pub fn confine(cmd: &mut Command, account: Option<&Account>, limits: &[WorkerLim
         (
             Uid::from_raw(a.uid),
             Gid::from_raw(a.gid),
-            a.groups.iter().map(|g| Gid::from_raw(*g)).collect::<Vec<Gid>>(),
+            a.groups
+                .iter()
+                .map(|g| Gid::from_raw(*g))
+                .collect::<Vec<Gid>>(),
         )
     });
     if limits.is_empty() && ids.is_none() {
@@ -199,7 +219,7 @@ pub fn confine(cmd: &mut Command, account: Option<&Account>, limits: &[WorkerLim
         cmd.pre_exec(move || {
             // Limits first: raising a hard limit needs the privilege that the uid change gives up.
             for (resource, lim) in &limits {
-                rustix::process::setrlimit(*resource, lim.clone())?;
+                rustix::process::setrlimit(*resource, *lim)?;
             }
             if let Some((uid, gid, groups)) = &ids {
                 if rustix::process::getuid() != *uid {
