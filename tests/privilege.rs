@@ -461,6 +461,13 @@ fn anteroom_drops_its_privileges_and_sockets_get_their_mode() {
     assert_eq!(status_field(a.pid(), "Uid:"), [uid; 4]);
     assert_eq!(status_field(a.pid(), "Gid:"), [gid; 4]);
     assert!(status_field(a.pid(), "Groups:").contains(&extra));
+    eprintln!(
+        "anteroom {}: Uid {:?} Gid {:?} Groups {:?}",
+        a.pid(),
+        status_field(a.pid(), "Uid:"),
+        status_field(a.pid(), "Gid:"),
+        status_field(a.pid(), "Groups:")
+    );
     // The worker (started through the exec-worker shim) too.
     let w = a.workers(1)[0];
     assert_eq!(status_field(w, "Uid:"), [uid; 4]);
@@ -471,6 +478,13 @@ fn anteroom_drops_its_privileges_and_sockets_get_their_mode() {
         let m = std::fs::metadata(s).unwrap();
         assert_eq!(m.mode() & 0o777, 0o660, "{}", s.display());
         assert_eq!((m.uid(), m.gid()), (0, extra), "{}", s.display());
+        eprintln!(
+            "{}: mode {:o} owner {}:{}",
+            s.display(),
+            m.mode() & 0o777,
+            m.uid(),
+            m.gid()
+        );
     }
     // And they serve.
     let mut conn = std::os::unix::net::UnixStream::connect(&http_sock).unwrap();
