@@ -538,6 +538,9 @@ fn refused_at_start_naming_the_key() {
     let (code, err) = sb.refused_as(Some(USER), &["--user", "root"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("user: anteroom runs as uid"), "{err}");
+    let (code, err) = sb.refused_as(Some(USER), &["--user", USER, "--group", "root"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("group: anteroom runs as uid"), "{err}");
     let (code, err) = sb.refused_as(Some(USER), &["--worker-rlimit", "nofile=unlimited"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("worker-rlimit: nofile"), "{err}");

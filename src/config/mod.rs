@@ -757,6 +757,15 @@ fn account(s: &Settings) -> Result<Option<Account>, ConfigError> {
             ),
         ));
     }
+    if euid != 0 && s.group.is_some() && gid != crate::sys::privilege::gid() {
+        // Already the user, not root: the workers' ids are left as they are, so a group cannot be honoured.
+        return Err(invalid(
+            "group",
+            format!(
+                "anteroom runs as uid {euid}, not as root: it cannot change the workers' group"
+            ),
+        ));
+    }
     Ok(Some(Account {
         name,
         uid,

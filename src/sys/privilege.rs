@@ -264,6 +264,11 @@ pub fn uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
+/// The real group id of this process.
+pub fn gid() -> u32 {
+    rustix::process::getgid().as_raw()
+}
+
 /// Sets the file mode creation mask, returning the old one.
 pub fn umask(mask: u32) -> u32 {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask)).as_raw_mode()
