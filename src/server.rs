@@ -50,6 +50,8 @@ pub enum StartError {
     Accept(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("drop-privileges: {0}")]
+    DropPrivileges(std::io::Error),
 }
 
 /// Runs anteroom until it is told to stop. Must be called inside a tokio runtime.
@@ -60,6 +62,7 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
 
+    let umask = crate::front::listen::PrivateUmask::hold(&cfg.listen_access);
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         listeners.push(Listener::bind(addr, cfg.backlog)?);
@@ -68,6 +71,8 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     for addr in &cfg.listen_fastcgi {
         fcgi_listeners.push(Listener::bind(addr, cfg.backlog)?);
     }
+    drop(umask);
+    crate::front::listen::set_access(listeners.iter().chain(&fcgi_listeners), &cfg.listen_access)?;
     if let Some(max) = somaxconn() {
         if cfg.backlog > max {
             tracing::warn!(
@@ -107,6 +112,10 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         "client connections bounded"
     );
     let dir = RuntimeDir::create()?;
+    crate::pool::spawn::prepare(&cfg, &dir.0).map_err(|source| StartError::RuntimeDir {
+        path: dir.0.clone(),
+        source,
+    })?;
     let queue = Queue::new(cfg.max_queue, cfg.queue_timeout, cfg.workers);
     let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
     let metrics = Arc::new(Metrics::new());
@@ -171,6 +180,8 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
         // Up until the very end, so that health and metrics answer during a graceful stop.
         tokio::spawn(crate::admin::serve(l, state, stop_admin.clone()));
     }
+    // Every listener is bound: nothing from here on needs root.
+    crate::pool::spawn::drop_privileges(&cfg).map_err(StartError::DropPrivileges)?;
     let conns = TaskTracker::new();
     let mut acceptors = Vec::new();
     for l in listeners {

@@ -29,9 +29,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Deserialize;
 
+pub use crate::sys::privilege::{Account, WorkerLimit};
 pub use units::{
-    AdminAddr, ByteSize, CrashExit, ListenAddr, LogFormat, NameValue, Seconds, WorkerCount,
-    WorkerProtocol,
+    AdminAddr, ByteSize, ClearEnv, CrashExit, FileMode, ListenAddr, LogFormat, NameValue, Seconds,
+    WorkerCount, WorkerProtocol, WorkerRlimit,
 };
 
 #[derive(Debug, Parser)]
@@ -319,6 +320,53 @@ pub struct Settings {
     #[arg(long, value_name = "NAME=VALUE")]
     #[serde(deserialize_with = "units::name_value_table")]
     pub env: Vec<NameValue>,
+    /// Workers get only PATH, LANG, --pass-env and --env: yes, no, or auto (yes with --user, no without);
+    /// `--clear-env` alone is yes. anteroom's own ANTEROOM_* variables never reach workers.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        env = "ANTEROOM_CLEAR_ENV",
+        default_value = "auto",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "yes"
+    )]
+    pub clear_env: ClearEnv,
+    /// With a cleared environment, a variable of anteroom's that workers still get; repeatable (the
+    /// variable takes NAME,NAME).
+    #[arg(long, value_name = "NAME", env = "ANTEROOM_PASS_ENV", value_delimiter = ',')]
+    pub pass_env: Vec<String>,
+    /// Run workers (and the exec-worker shim) as this user, name or uid, with its supplementary groups;
+    /// anteroom must be root, or already this user [default: as anteroom].
+    #[arg(long, value_name = "USER", env = "ANTEROOM_USER")]
+    pub user: Option<String>,
+    /// With --user, the workers' primary group, name or gid [default: the user's].
+    #[arg(long, value_name = "GROUP", env = "ANTEROOM_GROUP")]
+    pub group: Option<String>,
+    /// With --user, anteroom itself becomes that user once its listeners are bound and the worker socket
+    /// directory made: nothing after that needs root.
+    #[arg(long, env = "ANTEROOM_DROP_PRIVILEGES")]
+    pub drop_privileges: bool,
+    /// Permission mode of the unix sockets of --listen and --listen-fastcgi, in octal (0660: only their
+    /// owner and group may connect) [default: as the umask leaves it].
+    #[arg(long, value_name = "MODE", env = "ANTEROOM_LISTEN_MODE")]
+    pub listen_mode: Option<FileMode>,
+    /// Owner (user name or uid) of those unix sockets [default: anteroom's user].
+    #[arg(long, value_name = "USER", env = "ANTEROOM_LISTEN_OWNER")]
+    pub listen_owner: Option<String>,
+    /// Group (name or gid) of those unix sockets, such as nginx's [default: anteroom's group].
+    #[arg(long, value_name = "GROUP", env = "ANTEROOM_LISTEN_GROUP")]
+    pub listen_group: Option<String>,
+    /// A resource limit set in each worker before exec, as NAME=VALUE (nofile, core, as, nproc, cpu...; VALUE
+    /// N, SOFT:HARD or unlimited); repeatable (the variable takes NAME=VALUE,NAME=VALUE).
+    #[arg(
+        long,
+        value_name = "NAME=VALUE",
+        env = "ANTEROOM_WORKER_RLIMIT",
+        value_delimiter = ','
+    )]
+    #[serde(deserialize_with = "units::rlimit_table")]
+    pub worker_rlimit: Vec<WorkerRlimit>,
     /// Address of the admin listener (metrics, status, health); `off` for none.
     #[arg(long, value_name = "ADDR", env = "ANTEROOM_ADMIN", default_value = Config::DEFAULT_ADMIN)]
     pub admin: AdminAddr,
@@ -398,6 +446,21 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Who may connect to the unix sockets of `--listen` and `--listen-fastcgi`: each part None leaves what
+/// bind(2) made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: Option<u32>,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+impl SocketAccess {
+    pub fn is_set(&self) -> bool {
+        *self != SocketAccess::default()
+    }
+}
+
 /// What `anteroom serve` runs with, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -452,6 +515,16 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Empty means the built-in demo app.
     pub command: Vec<String>,
+    /// Workers run as this account (None: as anteroom).
+    pub user: Option<Account>,
+    /// anteroom becomes `user` itself after binding.
+    pub drop_privileges: bool,
+    /// Workers get only PATH, LANG, `pass_env` and `env` (`--clear-env`, `auto` resolved).
+    pub clear_env: bool,
+    pub pass_env: Vec<String>,
+    pub worker_rlimits: Vec<WorkerLimit>,
+    /// Mode, owner and group of the public unix sockets.
+    pub listen_access: SocketAccess,
     /// Every option as merged, in its unit type. An option that needs no conversion and no check against
     /// the others is read from here (`cfg.settings.name`), so adding one is a field of [`Settings`] and its
     /// README line; the fields above keep the types and checks that code already relies on.
@@ -496,6 +569,22 @@ impl Config {
     /// variable or file), for the two defaults that depend on it.
     fn from_settings(s: Settings, chosen: &BTreeSet<String>) -> Result<Config, ConfigError> {
         let settings = s.clone();
+        let user = account(&s)?;
+        let worker_rlimits = worker_rlimits(&s)?;
+        let pass_env = pass_env(&s)?;
+        let listen_access = SocketAccess {
+            mode: s.listen_mode.map(|m| m.0),
+            owner: s
+                .listen_owner
+                .as_deref()
+                .map(|u| find_user("listen-owner", u).map(|a| a.1))
+                .transpose()?,
+            group: s
+                .listen_group
+                .as_deref()
+                .map(|g| find_group("listen-group", g))
+                .transpose()?,
+        };
         let listen = if !chosen.contains("listen") && !s.listen_fastcgi.is_empty() {
             // Asked for FastCGI only: no HTTP listener unless one is named.
             Vec::new()
@@ -558,6 +647,18 @@ impl Config {
             status_show_query: s.status_show_query,
             log_format: s.log_format,
             command: s.command,
+            clear_env: match s.clear_env {
+                ClearEnv::Yes => true,
+                ClearEnv::No => false,
+                // Workers that run as another account than the one that started anteroom (typically root)
+                // are across a privilege boundary: that account's environment is not theirs.
+                ClearEnv::Auto => s.user.is_some(),
+            },
+            pass_env,
+            user,
+            drop_privileges: s.drop_privileges,
+            worker_rlimits,
+            listen_access,
             settings,
         };
         cfg.validate()?;
@@ -623,6 +724,121 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The account of `--user` (and `--group`), resolved; refused if it does not exist or anteroom cannot
+/// become it.
+fn account(s: &Settings) -> Result<Option<Account>, ConfigError> {
+    let Some(user) = s.user.as_deref() else {
+        if s.group.is_some() {
+            return Err(invalid("group", "needs --user"));
+        }
+        if s.drop_privileges {
+            return Err(invalid(
+                "drop-privileges",
+                "needs --user, the account to become",
+            ));
+        }
+        return Ok(None);
+    };
+    let (name, uid, primary, home) = find_user("user", user)?;
+    let gid = match s.group.as_deref() {
+        Some(g) => find_group("group", g)?,
+        None => primary,
+    };
+    let groups = crate::sys::privilege::group_list(&name, gid)
+        .map_err(|e| invalid("user", format!("cannot list the groups of '{name}': {e}")))?;
+    let euid = crate::sys::process::effective_uid();
+    if euid != 0 && euid != uid {
+        return Err(invalid(
+            "user",
+            format!(
+                "anteroom runs as uid {euid}, not as root: only root can run workers as '{name}' (uid {uid})"
+            ),
+        ));
+    }
+    if euid != 0 && s.group.is_some() && gid != crate::sys::privilege::gid() {
+        // Already the user, not root: the workers' ids are left as they are, so a group cannot be honoured.
+        return Err(invalid(
+            "group",
+            format!(
+                "anteroom runs as uid {euid}, not as root: it cannot change the workers' group"
+            ),
+        ));
+    }
+    Ok(Some(Account {
+        name,
+        uid,
+        gid,
+        groups,
+        home,
+    }))
+}
+
+fn find_user(key: &'static str, user: &str) -> Result<(String, u32, u32, PathBuf), ConfigError> {
+    match crate::sys::privilege::lookup_user(user) {
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => Err(invalid(key, format!("no user '{user}' on this system"))),
+        Err(e) => Err(invalid(key, format!("cannot look up user '{user}': {e}"))),
+    }
+}
+
+fn find_group(key: &'static str, group: &str) -> Result<u32, ConfigError> {
+    match crate::sys::privilege::lookup_group(group) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(invalid(key, format!("no group '{group}' on this system"))),
+        Err(e) => Err(invalid(key, format!("cannot look up group '{group}': {e}"))),
+    }
+}
+
+/// `--worker-rlimit`, checked against what the worker's parent will be allowed to set: only root raises a
+/// hard limit, and with --drop-privileges workers are started by anteroom as the user.
+fn worker_rlimits(s: &Settings) -> Result<Vec<WorkerLimit>, ConfigError> {
+    let limits: Vec<WorkerLimit> = overlay_limits(&s.worker_rlimit);
+    let unprivileged = crate::sys::process::effective_uid() != 0 || s.drop_privileges;
+    for l in &limits {
+        let Some(own) = crate::sys::privilege::hard_limit(l.name) else {
+            continue;
+        };
+        let raises = match (l.hard, own) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(want), Some(own)) => want > own,
+        };
+        if unprivileged && raises {
+            let shown = |v: Option<u64>| v.map_or("unlimited".to_string(), |v| v.to_string());
+            return Err(invalid(
+                "worker-rlimit",
+                format!(
+                    "{}: {} is above anteroom's own hard limit {}, which only root can raise",
+                    l.name,
+                    shown(l.hard),
+                    shown(own)
+                ),
+            ));
+        }
+    }
+    Ok(limits)
+}
+
+fn pass_env(s: &Settings) -> Result<Vec<String>, ConfigError> {
+    match s.pass_env.iter().find(|n| !units::valid_name(n)) {
+        Some(name) => Err(invalid(
+            "pass-env",
+            format!("'{name}' is not a valid variable name"),
+        )),
+        None => Ok(s.pass_env.clone()),
+    }
+}
+
+/// The limits in order, a later one replacing an earlier one of the same resource.
+fn overlay_limits(given: &[WorkerRlimit]) -> Vec<WorkerLimit> {
+    let mut out: Vec<WorkerLimit> = Vec::new();
+    for WorkerRlimit(l) in given {
+        out.retain(|o| o.name != l.name);
+        out.push(*l);
+    }
+    out
 }
 
 /// `base` with each of `over` added, replacing an entry of the same name.
@@ -937,6 +1153,117 @@ mod tests {
         }
         // The defaults parse (ServeArgs::default would panic otherwise) and pass validation.
         Config::from_args(ServeArgs::default()).unwrap();
+    }
+
+    #[test]
+    fn privilege_options() {
+        let c = parse(&[]).unwrap();
+        assert!(c.user.is_none() && !c.drop_privileges && !c.listen_access.is_set());
+        assert!(
+            !c.clear_env,
+            "without --user the environment passes, as gunicorn's does"
+        );
+        assert!(c.worker_rlimits.is_empty() && c.pass_env.is_empty());
+        let c = parse(&[
+            "--user",
+            "root",
+            "--worker-rlimit",
+            "nofile=1024",
+            "--worker-rlimit",
+            "core=unlimited",
+            "--worker-rlimit",
+            "nofile=512:2k",
+            "--listen-mode",
+            "0660",
+            "--listen-group",
+            "0",
+            "--pass-env",
+            "A,B",
+            "--pass-env",
+            "C",
+        ])
+        .unwrap();
+        let user = c.user.unwrap();
+        assert_eq!((user.name.as_str(), user.uid, user.gid), ("root", 0, 0));
+        assert!(c.clear_env, "auto: cleared with --user");
+        assert_eq!(c.pass_env, ["A", "B", "C"]);
+        assert_eq!(
+            c.worker_rlimits,
+            [
+                WorkerLimit {
+                    name: "core",
+                    soft: None,
+                    hard: None
+                },
+                WorkerLimit {
+                    name: "nofile",
+                    soft: Some(512),
+                    hard: Some(2048)
+                }
+            ]
+        );
+        assert_eq!(
+            c.listen_access,
+            SocketAccess {
+                mode: Some(0o660),
+                owner: None,
+                group: Some(0)
+            }
+        );
+        assert!(parse(&["--clear-env"]).unwrap().clear_env);
+        assert!(
+            !parse(&["--user", "root", "--clear-env=no"])
+                .unwrap()
+                .clear_env
+        );
+        for (args, key) in [
+            (&["--user", "no-such-user-anteroom"][..], "user:"),
+            (
+                &["--user", "root", "--group", "no-such-group-x"][..],
+                "group:",
+            ),
+            (&["--group", "root"][..], "group:"),
+            (&["--drop-privileges"][..], "drop-privileges:"),
+            (
+                &["--listen-owner", "no-such-user-anteroom"][..],
+                "listen-owner:",
+            ),
+            (&["--pass-env", "1X"][..], "pass-env:"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.starts_with(key), "{args:?}: {e}");
+        }
+        for args in [
+            &["--worker-rlimit", "files=1"][..],
+            &["--worker-rlimit", "nofile"][..],
+            &["--worker-rlimit", "nofile=2:1"][..],
+            &["--worker-rlimit", "nofile=unlimited:1"][..],
+            &["--listen-mode", "0800"][..],
+            &["--listen-mode", "1777"][..],
+            &["--clear-env=maybe"][..],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(
+                e.contains(args[0].split('=').next().unwrap()),
+                "{args:?}: {e}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "clear-env = true\npass-env = [\"X\"]\nlisten-mode = \"0600\"\nuser = \"root\"\n[worker-rlimit]\nnofile = 100\ncore = \"unlimited\"\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(c.clear_env);
+        assert_eq!(c.pass_env, ["X"]);
+        assert_eq!(c.listen_access.mode, Some(0o600));
+        assert_eq!(c.user.unwrap().uid, 0);
+        assert_eq!(c.worker_rlimits.len(), 2);
+        std::fs::write(&path, "[worker-rlimit]\nfiles = 100\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("worker-rlimit") || e.contains("files"), "{e}");
     }
 
     #[test]

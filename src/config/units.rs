@@ -26,7 +26,7 @@ macro_rules! deserialize_from_str {
     )*};
 }
 
-deserialize_from_str!(ListenAddr, AdminAddr, CrashExit);
+deserialize_from_str!(ListenAddr, AdminAddr, CrashExit, FileMode);
 
 /// Where a listener lives: a TCP address or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +258,146 @@ impl FromStr for CrashExit {
             within: Duration::from_secs_f64(secs),
         })
     }
+}
+
+/// A permission mode in octal, such as `0660` (`--listen-mode`). Written as a string in the file
+/// (`listen-mode = "0660"`): TOML has no octal integers with a leading zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl FromStr for FileMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let digits = t.strip_prefix("0o").unwrap_or(t);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if !digits.is_empty() && m <= 0o777 => Ok(FileMode(m)),
+            _ => Err(format!(
+                "'{s}' is not a permission mode in octal between 0 and 0777 (such as 0660)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for FileMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// `--clear-env`: whether workers get only `PATH`, `LANG`, `--pass-env` and `--env`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearEnv {
+    /// Cleared when workers run as another account (`--user`), passed otherwise.
+    Auto,
+    Yes,
+    No,
+}
+
+impl FromStr for ClearEnv {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(ClearEnv::Auto),
+            "yes" | "true" | "on" | "1" => Ok(ClearEnv::Yes),
+            "no" | "false" | "off" | "0" => Ok(ClearEnv::No),
+            _ => Err(format!("'{s}' is not auto, yes or no")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClearEnv {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            B(bool),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::B(true) => Ok(ClearEnv::Yes),
+            Raw::B(false) => Ok(ClearEnv::No),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `--worker-rlimit NAME=VALUE`: a resource limit set in each worker before exec. VALUE is a number (with
+/// k, m, g suffixes), `unlimited`, or `SOFT:HARD`; one number sets both, as php-fpm's `rlimit_*` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerRlimit(pub crate::sys::privilege::WorkerLimit);
+
+impl WorkerRlimit {
+    fn parse(name: &str, value: &str) -> Result<Self, String> {
+        let Some(name) = crate::sys::privilege::rlimit_name(name.trim()) else {
+            let known: Vec<&str> = crate::sys::privilege::rlimit_names().collect();
+            return Err(format!(
+                "'{name}' is not a resource limit (one of {})",
+                known.join(", ")
+            ));
+        };
+        let one = |v: &str| -> Result<Option<u64>, String> {
+            match v.trim() {
+                "unlimited" | "infinity" => Ok(None),
+                v => v.parse::<ByteSize>().map(|b| Some(b.0)).map_err(|_| {
+                    format!("'{value}' is not a limit for {name} (N, N:N or unlimited)")
+                }),
+            }
+        };
+        let (soft, hard) = match value.split_once(':') {
+            Some((s, h)) => (one(s)?, one(h)?),
+            None => (one(value)?, one(value)?),
+        };
+        let above = |s: Option<u64>, h: Option<u64>| match (s, h) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(s), Some(h)) => s > h,
+        };
+        if above(soft, hard) {
+            return Err(format!("{name}: the soft limit is above the hard one"));
+        }
+        Ok(WorkerRlimit(crate::sys::privilege::WorkerLimit {
+            name,
+            soft,
+            hard,
+        }))
+    }
+}
+
+impl FromStr for WorkerRlimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, value)) => WorkerRlimit::parse(name, value),
+            None => Err(format!("'{s}' is not NAME=VALUE (such as nofile=4096)")),
+        }
+    }
+}
+
+/// The file's `[worker-rlimit]` table: `nofile = 4096`, `core = "unlimited"`, `as = "1g"`.
+pub(super) fn rlimit_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<WorkerRlimit>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    let table = std::collections::BTreeMap::<String, Raw>::deserialize(d)?;
+    table
+        .into_iter()
+        .map(|(name, v)| {
+            let v = match v {
+                Raw::N(n) => n.to_string(),
+                Raw::S(s) => s,
+            };
+            WorkerRlimit::parse(&name, &v).map_err(serde::de::Error::custom)
+        })
+        .collect()
 }
 
 /// A `[param]` or `[env]` table of the file, in the order of its names.

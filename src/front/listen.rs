@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::ListenAddr;
+use crate::config::{ListenAddr, SocketAccess};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -21,6 +21,12 @@ pub enum BindError {
     InUse { path: PathBuf },
     #[error("unix:{}: exists and is not a socket; refusing to replace it", path.display())]
     NotASocket { path: PathBuf },
+    #[error("{key}: cannot set it on unix:{}: {source}", path.display())]
+    Access {
+        key: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 pub enum Listener {
@@ -123,6 +129,63 @@ fn clear_stale_socket(path: &Path) -> Result<(), BindError> {
             source,
         }),
     }
+}
+
+/// While it lives, sockets are created with mode 0600 at most; dropping it restores the umask. Held around
+/// the binds when `--listen-mode` is given, so that a socket is never open to more than anteroom before
+/// [`set_access`] gives it the mode asked for (bind(2) takes no mode; only the umask narrows it).
+pub struct PrivateUmask(u32);
+
+impl PrivateUmask {
+    pub fn hold(access: &SocketAccess) -> Option<PrivateUmask> {
+        access.mode.map(|_| {
+            let old = crate::sys::privilege::umask(0o177);
+            crate::sys::privilege::umask(old | 0o177);
+            PrivateUmask(old)
+        })
+    }
+}
+
+impl Drop for PrivateUmask {
+    fn drop(&mut self) {
+        crate::sys::privilege::umask(self.0);
+    }
+}
+
+/// `--listen-owner`, `--listen-group` and `--listen-mode` on the unix sockets of the public listeners (TCP
+/// ones have no such thing), so that for instance only nginx's group may connect. Owner and group first:
+/// the mode then applies to the right ones.
+pub fn set_access<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+    access: &SocketAccess,
+) -> Result<(), BindError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !access.is_set() {
+        return Ok(());
+    }
+    for l in listeners {
+        let Listener::Unix { path, .. } = l else {
+            continue;
+        };
+        let err = |key, source| BindError::Access {
+            key,
+            path: path.clone(),
+            source,
+        };
+        if access.owner.is_some() || access.group.is_some() {
+            let key = if access.owner.is_some() {
+                "listen-owner"
+            } else {
+                "listen-group"
+            };
+            std::os::unix::fs::chown(path, access.owner, access.group).map_err(|e| err(key, e))?;
+        }
+        if let Some(mode) = access.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| err("listen-mode", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The kernel's cap on listen backlogs in this network namespace, if readable.

@@ -374,7 +374,7 @@ async fn spawn_worker(
     slot: usize,
     path: &Path,
 ) -> Option<(tokio::process::Child, Option<u64>)> {
-    let listener = match worker_socket(path) {
+    let listener = match worker_socket(path, sh.cfg.user.as_ref()) {
         Ok(l) => l,
         Err(e) => {
             loop_event(
@@ -387,9 +387,11 @@ async fn spawn_worker(
     let inode = socket_inode(&listener);
     let spec = SpawnSpec {
         argv: sh.argv.clone(),
-        env: sh.cfg.env.clone(),
+        env: spawn::worker_env(&sh.cfg),
         protocol: sh.cfg.worker_protocol,
         listener,
+        user: sh.cfg.user.clone(),
+        rlimits: sh.cfg.worker_rlimits.clone(),
     };
     match sh.spawner.spawn(spec).await {
         Ok(c) => Some((c, inode)),

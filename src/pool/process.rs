@@ -59,9 +59,23 @@ pub(super) fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// The worker's private listening socket, blocking as apps expect of an inherited listener.
-pub(super) fn worker_socket(path: &Path) -> std::io::Result<OwnedFd> {
+///
+/// Mode 0600 whatever the umask, in a 0700 directory: only anteroom's account (and the worker's, `user`,
+/// to which both are handed when anteroom is root) may connect, so no other local user can send a worker
+/// requests that bypass the queue and the front's limits.
+pub(super) fn worker_socket(
+    path: &Path,
+    user: Option<&crate::config::Account>,
+) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
     let s = crate::front::listen::unix_socket(path, 64)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(a) = user {
+        if crate::sys::process::effective_uid() == 0 {
+            std::os::unix::fs::chown(path, Some(a.uid), Some(a.gid))?;
+        }
+    }
     s.set_nonblocking(false)?;
     Ok(s.into())
 }

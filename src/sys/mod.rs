@@ -12,6 +12,7 @@ pub mod exit;
 pub mod fd;
 pub mod memory;
 pub mod netlink;
+pub mod privilege;
 pub mod process;
 pub mod rlimit;
 pub mod sched;
