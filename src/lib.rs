@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod admission;
 pub mod cgi;
 pub mod config;
 pub mod demo;

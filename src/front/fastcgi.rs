@@ -14,6 +14,9 @@
 //! ([`crate::spill`]); a peer that sends nothing for `--body-timeout` while a request is incomplete, or takes
 //! nothing of what is written to it for `--send-timeout`, is closed. A request the peer abandons before its
 //! STDIN is complete (an abort, or the connection ending) is counted as 499.
+//!
+//! This file only speaks the protocol and builds the [`Job`]; [`crate::admission`] queues or refuses it and
+//! ends every request as for the HTTP front: metrics, the access-log line, the request id on the answer.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,13 +34,10 @@ use tokio_util::task::TaskTracker;
 
 use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
-use super::http::{account, body_timeout, dispatch, no_temp_file, refused, Front};
 use super::listen::Listener;
+use crate::admission::{refusal, Admission};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
-use crate::metrics::Rejection;
-use crate::request::{
-    client_closed, error_response, request_id, Job, Origin, Reply, RequestBody, RequestHead,
-};
+use crate::request::{client_closed, request_id, Job, Origin, Reply, RequestBody, RequestHead};
 use crate::spill::BodyWriter;
 
 /// Requests one connection may have in flight at once.
@@ -52,7 +52,7 @@ const WRITE_QUEUE: usize = 64;
 /// (nginx reconnects); when none can be, a new connection is closed at once.
 pub fn start(
     listener: Listener,
-    front: Arc<Front>,
+    front: Arc<Admission>,
     table: Arc<Table>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
@@ -121,7 +121,7 @@ fn malformed(why: impl Into<String>) -> ConnError {
     ConnError::Protocol(why.into())
 }
 
-async fn serve_conn<S>(io: S, front: Arc<Front>, entry: ConnHandle)
+async fn serve_conn<S>(io: S, front: Arc<Admission>, entry: ConnHandle)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -153,15 +153,9 @@ where
             ConnError::Io(e) => tracing::debug!("FastCGI connection ended: {e}"),
         }
     }
-    // Requests still incomplete never reach a worker: counted as the peer's leaving (or its timeout).
+    // Requests still incomplete never reach a worker: they end as the peer's leaving (or its timeout).
     for (_, r) in conn.receiving.drain() {
-        let rid = format!("{:016x}", fastrand::u64(..));
-        let resp = if timed_out {
-            refused(body_timeout(&rid), Rejection::BodyTimeout)
-        } else {
-            client_closed(&rid)
-        };
-        account(&front, r.started, &resp);
+        abandoned(&front, r, timed_out);
     }
     // Dropping the tasks aborts every request still queued or at a worker: the peer is gone.
     conn.tasks.abort_all();
@@ -170,7 +164,7 @@ where
 }
 
 struct Conn {
-    front: Arc<Front>,
+    front: Arc<Admission>,
     tx: mpsc::Sender<Out>,
     receiving: HashMap<u16, Receiving>,
     running: HashMap<u16, AbortHandle>,
@@ -344,8 +338,11 @@ impl Conn {
                 let request = run_request(
                     self.front.clone(),
                     id,
-                    job,
-                    refuse,
+                    Admitted {
+                        job,
+                        refuse,
+                        started: r.started,
+                    },
                     r.keep_conn,
                     self.tx.clone(),
                     self.active.clone(),
@@ -362,8 +359,7 @@ impl Conn {
                 let receiving = self.receiving.remove(&id);
                 let known = receiving.is_some();
                 if let Some(r) = receiving {
-                    let rid = format!("{:016x}", fastrand::u64(..));
-                    account(&self.front, r.started, &client_closed(&rid));
+                    abandoned(&self.front, r, false);
                 }
                 // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a
                 // second one must not follow.
@@ -459,46 +455,72 @@ async fn write_timed<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn run_request(
-    front: Arc<Front>,
-    id: u16,
+/// A request whose STDIN is complete, as its task takes it.
+struct Admitted {
+    /// Err: its params do not make an HTTP request (400).
     job: Result<Job, String>,
+    /// Its body could not be kept: answered without queueing it.
     refuse: Option<Refuse>,
+    /// Its BEGIN_REQUEST.
+    started: Instant,
+}
+
+async fn run_request(
+    front: Arc<Admission>,
+    id: u16,
+    req: Admitted,
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
     active: Active,
 ) -> u16 {
-    let started = Instant::now();
-    let resp = match job {
+    let resp = match req.job {
         Err(why) => {
-            let rid = format!("{:016x}", fastrand::u64(..));
+            let rid = new_request_id();
             tracing::debug!(id = %rid, "bad FastCGI request: {why}");
-            refused(
-                error_response(http::StatusCode::BAD_REQUEST, &rid, &why),
-                Rejection::BadRequest,
-            )
+            let outcome = front.open(req.started, None);
+            outcome.finish(&front, &rid, refusal::bad_request(&rid, &why))
         }
-        Ok(job) => match refuse {
-            Some(Refuse::TooLarge) => refused(
-                error_response(
-                    http::StatusCode::PAYLOAD_TOO_LARGE,
-                    &job.id,
-                    &format!(
-                        "The request body is larger than the limit of {} bytes.",
-                        front.cfg.max_body_size
-                    ),
-                ),
-                Rejection::BodyTooLarge,
-            ),
-            Some(Refuse::TempFile(e)) => no_temp_file(&job.id, &e),
-            None => dispatch(&front, job).await,
-        },
+        Ok(job) => {
+            let outcome = front.open(req.started, Some((&job.head, &job.origin)));
+            let rid = job.id.clone();
+            let resp = match req.refuse {
+                Some(Refuse::TooLarge) => refusal::too_large(&rid, front.cfg.max_body_size),
+                Some(Refuse::TempFile(e)) => refusal::no_temp_file(&rid, &e),
+                None => front.dispatch(job).await,
+            };
+            outcome.finish(&front, &rid, resp)
+        }
     };
-    account(&front, started, &resp);
     if send_response(id, resp, &tx, &active).await.is_ok() && !keep_conn {
         let _ = tx.send(Out::Close).await;
     }
     id
+}
+
+/// Ends a request the peer left (or let stall past `--body-timeout`) before its STDIN was complete: 499
+/// (or 408) in the metrics, and in the access log when its params had arrived.
+fn abandoned(front: &Admission, r: Receiving, timed_out: bool) {
+    let known = if r.params_done {
+        fcgi::decode_pairs(&r.params)
+            .ok()
+            .and_then(|p| http_view(&p).ok())
+    } else {
+        None
+    };
+    let rid = known.as_ref().map_or_else(new_request_id, |k| k.id.clone());
+    let outcome = front.open(r.started, known.as_ref().map(|k| (&k.head, &k.origin)));
+    let resp = if timed_out {
+        refusal::body_timeout(&rid)
+    } else {
+        client_closed(&rid)
+    };
+    // Nobody to send it to: only its account is kept.
+    drop(outcome.finish(front, &rid, resp));
+}
+
+/// An id for a request whose params say none (or never came).
+fn new_request_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
 }
 
 /// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
@@ -568,6 +590,18 @@ async fn send_response(
 /// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
 /// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
 fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, String> {
+    let view = http_view(&params)?;
+    Ok(Job::new(view.id, view.head, body, view.origin).with_cgi_params(params))
+}
+
+/// What the params say as HTTP: the request id, head and origin.
+struct HttpView {
+    id: String,
+    head: RequestHead,
+    origin: Origin,
+}
+
+fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, String> {
     let get = |name: &str| {
         params
             .iter()
@@ -595,7 +629,7 @@ fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job
         _ => Version::HTTP_11,
     };
     let mut headers = HeaderMap::new();
-    for (k, v) in &params {
+    for (k, v) in params {
         let name = match k.as_ref() {
             b"CONTENT_TYPE" => Some("content-type".to_string()),
             b"CONTENT_LENGTH" => Some("content-length".to_string()),
@@ -629,22 +663,15 @@ fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job
         peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
         local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
     };
-    let id = request_id(&headers);
-    Ok(Job {
-        id,
+    Ok(HttpView {
+        id: request_id(&headers),
         head: RequestHead {
             method,
             uri,
             version,
             headers,
         },
-        body,
         origin,
-        enqueued: Instant::now(),
-        reply: None,
-        deaths: 0,
-        dispatched: None,
-        cgi_params: Some(params),
     })
 }
 
