@@ -11,8 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::os::fd::FromRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,9 +20,8 @@ use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 
 /// Serves FastCGI on fd 0 until the socket fails.
 pub fn run() -> io::Result<()> {
-    // SAFETY: anteroom's pool gives every FastCGI worker its listening socket as fd 0; nothing else here
-    // owns fd 0.
-    let listener = unsafe { UnixListener::from_raw_fd(0) };
+    let listener = crate::sys::fd::take_fastcgi_listener()
+        .ok_or_else(|| io::Error::other("fd 0 is already taken"))?;
     loop {
         let (stream, _) = listener.accept()?;
         if let Err(e) = serve_conn(stream) {

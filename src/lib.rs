@@ -8,8 +8,11 @@
 //! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
 //! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
 //! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`spill`] bounds the
-//! memory that bodies take, [`demo`] is the built-in app.
+//! memory that bodies take, [`demo`] is the built-in app. Below them all, `sys` holds every raw call to the
+//! OS and is the only module allowed `unsafe`.
 
+// Unsafe code lives in `sys` only, behind safe functions; everything else is checked by the compiler.
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
@@ -29,4 +32,6 @@ pub mod request;
 pub mod server;
 pub mod sockdiag;
 pub mod spill;
+#[allow(unsafe_code)]
+pub(crate) mod sys;
 pub mod worker;

@@ -3,13 +3,12 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 
 use anteroom::config::{Cli, Command, Config, ConfigError, LogFormat};
 use anteroom::server::Stopped;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_env_aware();
     match cli.command {
         Some(Command::DemoWorker) => match anteroom::demo::run() {
             Ok(()) => ExitCode::SUCCESS,

@@ -23,9 +23,8 @@ use crate::pool::Pool;
 use crate::quarantine::Quarantine;
 use crate::queue::Queue;
 
-/// The exit code when --crash-exit's limit is reached: distinct, so that systemd or an operator can tell
-/// a crash loop of the app from a failure of anteroom itself (1) or a bad command line (2).
-pub const EXIT_CRASH_LOOP: u8 = 3;
+/// The exit code when --crash-exit's limit is reached (defined below the pool and the server, in `sys`).
+pub use crate::sys::exit::CRASH_LOOP as EXIT_CRASH_LOOP;
 
 /// How anteroom came to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,8 +292,7 @@ fn remove_stale(base: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = crate::sys::process::effective_uid();
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(pid) = stale_pid(&name.to_string_lossy()) else {
@@ -305,7 +303,7 @@ fn remove_stale(base: &std::path::Path) {
             use std::os::unix::fs::MetadataExt;
             m.is_dir() && m.uid() == uid
         });
-        if !ours || pid == std::process::id() || pid_alive(pid) || answers(&path) {
+        if !ours || pid == std::process::id() || crate::sys::process::alive(pid) || answers(&path) {
             continue;
         }
         match std::fs::remove_dir_all(&path) {
@@ -329,16 +327,6 @@ fn stale_pid(name: &str) -> Option<u32> {
     pid.parse().ok().filter(|p| *p > 0)
 }
 
-fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill with signal 0 only checks; it sends nothing.
-    let r = unsafe { libc::kill(pid, 0) };
-    // EPERM: it exists, as someone else's.
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// Whether any unix socket in `dir` accepts a connection.
 fn answers(dir: &std::path::Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
@@ -358,26 +346,18 @@ impl Drop for RuntimeDir {
 
 /// Raises the soft limit on open files to the hard one (at most 2^20) and returns the soft limit now.
 fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a struct we own.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+    use crate::sys::rlimit::{nofile, set_nofile, Nofile};
+    let lim = nofile();
+    if lim.soft < lim.hard {
+        let want = Nofile {
+            soft: lim.hard.min(1 << 20),
+            hard: lim.hard,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return crate::front::conns::nofile_now();
+        if want.soft > lim.soft && set_nofile(want).is_ok() {
+            return want.soft;
         }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max.min(1 << 20),
-                rlim_max: lim.rlim_max,
-            };
-            if want.rlim_cur > lim.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim.rlim_cur = want.rlim_cur;
-            }
-        }
-        lim.rlim_cur
     }
+    lim.soft
 }
 
 /// Grows the fd table ahead of the load, to hold `want` descriptors (at most 65,536).
@@ -390,14 +370,8 @@ fn raise_nofile() -> u64 {
 fn prepare_fd_table(want: usize, nofile: u64) {
     let target = (want as u64).min(65_536).min(nofile.saturating_sub(1));
     if target > 3 {
-        // SAFETY: fcntl(F_DUPFD) of stderr and close of the new fd we just got, which nothing else knows
-        // about.
-        unsafe {
-            let fd = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, target as libc::c_int);
-            if fd >= 0 {
-                libc::close(fd);
-            }
-        }
+        // Best effort: a table that stays small only costs time later.
+        let _ = crate::sys::fd::grow_fd_table(target as i32);
     }
 }
 
@@ -427,8 +401,7 @@ mod tests {
         let live = base
             .path()
             .join(format!("anteroom.{}.0000abcd", std::process::id()));
-        // SAFETY: getppid has no preconditions.
-        let ppid = unsafe { libc::getppid() };
+        let ppid = crate::sys::process::parent_pid();
         let parent = base.path().join(format!("anteroom.{ppid}.00000001"));
         std::fs::create_dir(&live).unwrap();
         std::fs::create_dir(&parent).unwrap();

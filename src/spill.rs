@@ -180,8 +180,7 @@ fn start_trimmer() {
             tokio::time::sleep(TRIM_EVERY).await;
             let _ = tokio::task::spawn_blocking(|| {
                 let t = std::time::Instant::now();
-                // SAFETY: malloc_trim only walks and trims glibc's own arenas; it takes their locks itself.
-                if unsafe { libc::malloc_trim(0) } == 1 {
+                if crate::sys::memory::trim_heap() {
                     tracing::debug!("returned freed memory to the kernel in {:?}", t.elapsed());
                 }
             })

@@ -422,6 +422,61 @@ fn bad_configuration_is_refused_with_its_name() {
     assert!(err.contains("max-qeueu"), "{err}");
 }
 
+/// Every option is also `ANTEROOM_<NAME>`: a flag wins over it, it wins over the file, and a bad value names
+/// the variable.
+#[test]
+fn environment_variables_sit_between_flags_and_file() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        err
+    };
+    let err = run(&[], &[("ANTEROOM_WORKERS", "lots")]);
+    assert!(
+        err.contains("ANTEROOM_WORKERS") && err.contains("lots"),
+        "{err}"
+    );
+    let err = run(&[], &[("ANTEROOM_LOG_FORMAT", "xml")]);
+    assert!(err.contains("ANTEROOM_LOG_FORMAT"), "{err}");
+    let err = run(&[], &[("ANTEROOM_MAX_QUEUE", "0")]);
+    assert!(err.contains("max-queue:"), "{err}");
+    // The flag wins: the variable's bad value is never read, and the next check fails instead.
+    let err = run(
+        &["--workers", "2", "--temp-dir", "/nonexistent/anteroom"],
+        &[("ANTEROOM_WORKERS", "lots")],
+    );
+    assert!(err.contains("temp-dir:"), "{err}");
+    // Also under the serve subcommand (and a subcommand's top level does not read the variables at all:
+    // workers inherit them).
+    let err = run(
+        &[
+            "serve",
+            "--workers",
+            "2",
+            "--temp-dir",
+            "/nonexistent/anteroom",
+        ],
+        &[("ANTEROOM_WORKERS", "lots")],
+    );
+    assert!(err.contains("temp-dir:"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.toml");
+    std::fs::write(&file, "max-queue = 10\n").unwrap();
+    let config = file.to_str().unwrap();
+    // The variable wins over the file.
+    let err = run(&["--config", config], &[("ANTEROOM_MAX_QUEUE", "0")]);
+    assert!(err.contains("max-queue:"), "{err}");
+    // The file is named by a variable too.
+    std::fs::write(&file, "max-queue = 0\n").unwrap();
+    let err = run(&[], &[("ANTEROOM_CONFIG", config)]);
+    assert!(err.contains("max-queue:"), "{err}");
+}
+
 #[test]
 fn access_log_in_json_and_logfmt() {
     let mut a = Anteroom::start(&["--workers", "1", "--access-log", "--log-format", "json"]);

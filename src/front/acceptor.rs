@@ -7,7 +7,7 @@
 //! `poll` and `accept` until the queue is empty, and hands each connection to the runtime.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -154,7 +154,7 @@ pub struct Acceptor {
 }
 
 /// How often the thread looks at the stop flag when no connection comes.
-const STOP_POLL_MS: i32 = 100;
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 impl Acceptor {
     /// Starts accepting on `listener`, counting each connection in `table`; `on_conn` runs on the acceptor
@@ -202,19 +202,13 @@ fn run(
 ) {
     raise_priority(&name);
     let fd = match &listener {
-        Listener::Tcp(l) => l.as_raw_fd(),
-        Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        Listener::Tcp(l) => l.as_fd(),
+        Listener::Unix { listener, .. } => listener.as_fd(),
     };
     static ACCEPT_FAILED: LogLimit = LogLimit::per_second();
     while !stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call's duration; the listener outlives the loop.
-        let n = unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) };
-        if n <= 0 {
+        // Timed out, or interrupted: look at the stop flag and poll again.
+        if !matches!(crate::sys::fd::wait_readable(fd, STOP_POLL), Ok(true)) {
             continue;
         }
         // Drain the whole queue before polling again.
@@ -266,21 +260,8 @@ fn wait_for_closing(table: &Table, stop: &AtomicBool) {
 /// priority (SCHED_FIFO 1: it preempts ordinary threads, and it always sleeps in `poll` again at once), or
 /// failing that (no CAP_SYS_NICE, or a container without a real-time budget) a lower nice value.
 fn raise_priority(name: &ListenAddr) {
-    // SAFETY: sched_setscheduler on the calling thread (0) with a valid param struct; setpriority and
-    // gettid have no memory-safety preconditions.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 1 };
-        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
-            return;
-        }
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, -10) != 0 {
-            tracing::debug!(
-                listener = %name,
-                "acceptor thread keeps normal priority: {}",
-                io::Error::last_os_error()
-            );
-        }
+    if let Err(e) = crate::sys::sched::raise_thread_priority() {
+        tracing::debug!(listener = %name, "acceptor thread keeps normal priority: {e}");
     }
 }
 

@@ -142,30 +142,10 @@ impl Limits {
 }
 
 /// The soft RLIMIT_NOFILE anteroom will run with: the hard limit (it raises the soft one at start, see
-/// `server::prepare_fd_table`), at most 2^20.
+/// `server::raise_nofile`), at most 2^20.
 pub fn nofile_target() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into a struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_max.min(1 << 20).max(lim.rlim_cur.min(1 << 20))
-}
-
-/// The soft RLIMIT_NOFILE now.
-pub fn nofile_now() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into a struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur
+    let lim = crate::sys::rlimit::nofile();
+    lim.hard.min(1 << 20).max(lim.soft.min(1 << 20))
 }
 
 /// Counters the table records into (the registry's, or unregistered ones for the admin listener).

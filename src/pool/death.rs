@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{lock, Shared, YOUNG};
 use crate::metrics::CauseLabels;
+pub use crate::sys::process::signal_name;
 
 /// Recent deaths kept for the status page.
 const RECENT_DEATHS: usize = 50;
@@ -173,7 +174,7 @@ pub(super) fn record_death(sh: &Shared, d: &Death) {
                     "{} unexpected worker deaths within {:?} (--crash-exit): exiting with code {}",
                     times.len(),
                     limit.within,
-                    crate::server::EXIT_CRASH_LOOP
+                    crate::sys::exit::CRASH_LOOP
                 );
                 sh.fatal.cancel();
             }
@@ -221,30 +222,6 @@ pub fn describe(st: ExitStatus) -> String {
             }
         }
         None => "unknown".into(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGSYS => "SIGSYS",
-        _ => "?",
     }
 }
 

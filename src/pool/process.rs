@@ -9,17 +9,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
+use crate::sys::process::Signal;
 use crate::worker::Link;
 
 /// How many of a worker's last output lines are kept for its crash report.
 pub(super) const TAIL_LINES: usize = 20;
 
 pub(super) fn socket_inode(fd: &OwnedFd) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fstat writes into the zeroed struct we own; the fd is open for the call's duration.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
-    (r == 0).then_some(st.st_ino)
+    crate::sys::fd::inode(fd)
 }
 
 /// SIGTERM, then SIGKILL if the worker has not exited within the grace period.
@@ -47,22 +44,17 @@ pub(super) async fn terminate(
 }
 
 /// Signals the process group the worker leads (it was made its own group at spawn).
+/// The group id is the worker's pid, which the kernel does not reuse while the group has members.
 pub(super) fn signal_group(pid: u32, sig: libc::c_int) {
-    if pid > 1 {
-        // SAFETY: kill(2) has no memory-safety preconditions. The group id is the worker's pid, which the
-        // kernel does not reuse while the group has members.
-        unsafe {
-            libc::kill(-(pid as libc::pid_t), sig);
-        }
+    if let Some(sig) = Signal::from_named_raw(sig) {
+        let _ = crate::sys::process::kill_group(pid, sig);
     }
 }
 
+/// Signals the worker itself: our own unreaped child, so its pid cannot have been reused.
 pub(super) fn signal(pid: u32, sig: libc::c_int) {
-    if pid > 0 {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own unreaped child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
+    if let Some(sig) = Signal::from_named_raw(sig) {
+        let _ = crate::sys::process::kill(pid, sig);
     }
 }
 

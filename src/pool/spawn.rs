@@ -10,7 +10,7 @@
 //! is only known after fork, so the child first runs `anteroom exec-worker`, which sets it and execs the app.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::mpsc as std_mpsc;
 
@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use crate::config::WorkerProtocol;
+use crate::sys;
 
 pub struct SpawnSpec {
     pub argv: Vec<String>,
@@ -61,9 +62,7 @@ impl Spawner {
 }
 
 fn spawn(spec: SpawnSpec) -> io::Result<Child> {
-    let parent = std::process::id() as libc::pid_t;
     let mut cmd;
-    let fd = spec.listener.as_raw_fd();
     match spec.protocol {
         WorkerProtocol::Fastcgi => {
             cmd = Command::new(&spec.argv[0]);
@@ -76,40 +75,16 @@ fn spawn(spec: SpawnSpec) -> io::Result<Child> {
             cmd.stdin(Stdio::null());
             cmd.env("LISTEN_FDS", "1");
             cmd.env_remove("LISTEN_FDNAMES");
-            // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == 3 {
-                        // Already in place; dup2 would keep close-on-exec set.
-                        if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(fd, 3) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // Between fork and exec, with async-signal-safe calls only (see `sys::process`).
+            sys::process::inherit_as_fd3(&mut cmd, spec.listener);
         }
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: prctl, getppid and setpgid are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // anteroom died between fork and prctl: nobody would ever stop this worker.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            // Its own process group: a Ctrl-C in the terminal reaches anteroom, which stops workers in order.
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
-    // For HTTP workers pre_exec only borrowed the socket; the parent's copy closes on return either way.
+    // Between fork and exec, with async-signal-safe calls only: PR_SET_PDEATHSIG (SIGKILL), exit if
+    // anteroom is already gone, and a process group of its own (see `sys::process`).
+    sys::process::die_with_parent_in_own_group(&mut cmd, std::process::id());
+    // For HTTP workers the pre-exec step holds the socket; the parent's copy closes on return either way.
     cmd.spawn()
 }
 

@@ -4,12 +4,10 @@
 //! Requests are built and replies parsed as plain bytes rather than through `#[repr(C)]` structs: the
 //! layouts are fixed by the kernel's ABI (`linux/inet_diag.h`, `linux/unix_diag.h`), and reading fields at
 //! known offsets with bounds checks means no reply, however short or odd, can make us read past a buffer
-//! or panic. The only unsafe code is the four system calls.
+//! or panic. The system calls themselves are in `sys::netlink`.
 
 use std::io;
-use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::{Kind, ListenSocket, SockDiagError};
 
@@ -57,41 +55,16 @@ impl Family {
 const UNIX_WHAT: &str = "unix";
 
 pub(crate) struct DiagSocket {
-    fd: OwnedFd,
+    sock: crate::sys::netlink::SockDiagSocket,
 }
 
 impl DiagSocket {
     pub(crate) fn open() -> Result<DiagSocket, SockDiagError> {
-        // SAFETY: socket(2) takes no pointers; a non-negative result is a new descriptor that only we own.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(SockDiagError::Open(io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // The kernel always answers a dump; a timeout only guards `--watch` against a kernel bug hanging
         // it forever.
-        let timeout = libc::timeval {
-            tv_sec: 10,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value points to a timeval that lives across the call, with its exact size.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
-        Ok(DiagSocket { fd })
+        let sock = crate::sys::netlink::SockDiagSocket::open(std::time::Duration::from_secs(10))
+            .map_err(SockDiagError::Open)?;
+        Ok(DiagSocket { sock })
     }
 
     pub(crate) fn dump_tcp(
@@ -148,68 +121,13 @@ impl DiagSocket {
     }
 
     fn send(&self, request: &[u8]) -> io::Result<()> {
-        let dest = kernel_addr();
-        loop {
-            // SAFETY: request and dest are valid for reads of the lengths given, for the whole call.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    request.as_ptr().cast(),
-                    request.len(),
-                    0,
-                    (&dest as *const libc::sockaddr_nl).cast(),
-                    mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            };
-            if n >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        self.sock.send(request)
     }
 
     /// One datagram from the kernel; returns its full length, which exceeds `buf.len()` if it was cut.
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut from = kernel_addr();
-            let mut from_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            // SAFETY: buf and from are valid for writes of the lengths given, for the whole call; MSG_TRUNC
-            // only changes the return value, never how much is written.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                    (&mut from as *mut libc::sockaddr_nl).cast(),
-                    &mut from_len,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            // Any process may send to our netlink port; only the kernel (port 0) speaks for the sockets.
-            if from.nl_pid != 0 {
-                continue;
-            }
-            return Ok(n as usize);
-        }
+        self.sock.recv(buf)
     }
-}
-
-fn kernel_addr() -> libc::sockaddr_nl {
-    // SAFETY: sockaddr_nl is plain integers, for which all zeroes is a valid value (and port 0 is the
-    // kernel); its padding field is private, so it cannot be built field by field.
-    let mut a: libc::sockaddr_nl = unsafe { mem::zeroed() };
-    a.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    a
 }
 
 fn malformed(what: &'static str, detail: impl Into<String>) -> SockDiagError {

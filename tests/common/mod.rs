@@ -28,12 +28,23 @@ pub fn require(cmd: &str) {
     );
 }
 
+/// A port nothing listens on now, and never handed out before by this test process: the kernel may give
+/// the same ephemeral port to two `bind(0)`s in a row once the first is closed, and a test that asked for
+/// two ports (a listener and an admin address) then got one twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct Anteroom {

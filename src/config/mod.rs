@@ -1,0 +1,960 @@
+//! Configuration: flags, `ANTEROOM_*` environment variables and an optional TOML file, merged and validated
+//! once at start.
+//!
+//! Each option is declared once, as a field of [`Settings`]: its doc comment is its help, its field name gives
+//! the flag (`--max-queue`), the file key (`max-queue = 100`) and the variable (`ANTEROOM_MAX_QUEUE`), and its
+//! `default_value` is the one default, which `--help` shows and which is parsed like any value a person
+//! types. A flag wins over a variable, which wins over the file, which wins over the default. The file has
+//! `[param]` and `[env]` tables for the repeatable `NAME=VALUE` options. Unknown keys and bad values are
+//! refused with a message that names the key (or the variable), so a typo never silently leaves a default in
+//! place. [`Config`] is what the rest of anteroom reads: the same options, checked together and in the types
+//! the code uses (`Duration`, bytes).
+//!
+//! As in pingora's `ServerConf`, the file is read by serde with a struct-level default; unlike it, that
+//! default is not a hand-written `impl Default` beside the flags but clap's own defaults
+//! ([`ServeArgs::default`]), because `--help` must show each default and clap reads it from `default_value`:
+//! one literal serves both. Each value is parsed from text by the same `FromStr` wherever it comes from (a
+//! flag, a variable or the default), and from TOML by a `Deserialize` of the same unit type (`units`). The
+//! file overrides only the keys it has (see [`Settings::take_from_file`]).
+
+mod units;
+
+use std::collections::BTreeSet;
+use std::error::Error as _;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::Deserialize;
+
+pub use units::{
+    AdminAddr, ByteSize, CrashExit, ListenAddr, LogFormat, NameValue, Seconds, WorkerCount,
+    WorkerProtocol,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "anteroom",
+    version,
+    about = "An application server: every connection accepted at once, waiting requests held in a bounded, visible queue until a worker is idle.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP through a pool of workers (the default when no subcommand is given).
+    Serve(Box<ServeArgs>),
+    /// The built-in demo app, as a FastCGI worker on fd 0 (what anteroom runs when no COMMAND is given).
+    #[command(hide = true)]
+    DemoWorker,
+    /// Sets LISTEN_PID to its own pid, then execs the worker command: LISTEN_PID can only be known after fork.
+    #[command(hide = true)]
+    ExecWorker {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+    /// Show every listening socket's kernel accept queue (TCP and unix), for any server on this machine.
+    Sockets(crate::sockdiag::SocketsArgs),
+}
+
+impl Cli {
+    /// `Cli::parse()`, except that a bad value read from an `ANTEROOM_*` variable is reported under the
+    /// variable's name: clap's own message names only the flag, which the user never typed.
+    pub fn parse_env_aware() -> Cli {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let mut cmd = Cli::command();
+        if argv
+            .get(1)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| cmd.find_subcommand(a).is_some())
+        {
+            // A subcommand does not use the top-level copy of the serve flags, so their variables must not be
+            // read there: a worker inherits them, and `anteroom serve --workers 2` overrides a bad
+            // ANTEROOM_WORKERS only in the subcommand's copy.
+            cmd = cmd.mut_args(|a| a.env(None::<&'static str>));
+        }
+        cmd.try_get_matches_from(&argv)
+            .and_then(|mut m| Cli::from_arg_matches_mut(&mut m))
+            .unwrap_or_else(|e| blame_variable(e, &argv).exit())
+    }
+}
+
+/// If `e` is about a value that came from an `ANTEROOM_*` variable (the flag is not on the command line and
+/// the variable is set), the same error under the variable's name; otherwise `e`.
+fn blame_variable(e: clap::Error, argv: &[OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return e;
+    }
+    let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let mut cmd = Cli::command();
+    let named = flag.split(' ').next().and_then(|f| f.strip_prefix("--"));
+    let arg = cmd
+        .get_arguments()
+        .find(|a| named.is_some_and(|n| a.get_long() == Some(n)));
+    let (Some(long), Some(var)) = (
+        arg.and_then(|a| a.get_long()),
+        arg.and_then(|a| a.get_env()),
+    ) else {
+        return e;
+    };
+    let on_command_line = argv.iter().filter_map(|a| a.to_str()).any(|a| {
+        a.strip_prefix("--")
+            .and_then(|a| a.strip_prefix(long))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    });
+    let Some(value) = std::env::var_os(var) else {
+        return e;
+    };
+    if on_command_line {
+        return e;
+    }
+    let reason = match (e.source(), e.get(ContextKind::ValidValue)) {
+        (Some(source), _) => source.to_string(),
+        (None, Some(valid)) => format!("possible values: {valid}"),
+        (None, None) => "not a valid value".into(),
+    };
+    let message = format!(
+        "{}: invalid value {value:?}: {reason}\n",
+        var.to_string_lossy()
+    );
+    clap::Error::raw(e.kind(), message).format(&mut cmd)
+}
+
+/// Flags of `anteroom serve`, and which of them were given: what the file may not override.
+#[derive(Debug, Clone)]
+pub struct ServeArgs {
+    pub settings: Settings,
+    /// Ids of the options given by a flag or an `ANTEROOM_*` variable.
+    given: BTreeSet<String>,
+}
+
+impl Default for ServeArgs {
+    /// Every option at its default, as `anteroom` with no flag and no `ANTEROOM_*` variable.
+    fn default() -> Self {
+        let cmd = Settings::augment_args(clap::Command::new("anteroom"))
+            .mut_args(|a| a.env(None::<&'static str>));
+        let m = cmd
+            .try_get_matches_from(["anteroom"])
+            .expect("every default parses");
+        ServeArgs::from_arg_matches(&m).expect("every default parses")
+    }
+}
+
+impl FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut m.clone())
+    }
+
+    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
+        // Read where each value came from before `Settings` takes the values out of `m`.
+        let given = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        Ok(ServeArgs {
+            settings: Settings::from_arg_matches_mut(m)?,
+            given,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        Settings::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Settings::augment_args_for_update(cmd)
+    }
+}
+
+/// Passes a struct through unchanged and adds [`Settings::take_from_file`], which must name every field:
+/// generating it from the declaration is what keeps an option to one declaration.
+macro_rules! one_declaration_per_option {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_attr:meta])*
+                pub $field:ident: $ty:ty,
+            )*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $(
+                $(#[$field_attr])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl $name {
+            /// Takes each option the file sets (`in_file`, by key) unless a flag or variable gave it (`given`,
+            /// by id), and adds it to `given`: afterwards `given` holds every option that was chosen at all.
+            fn take_from_file(
+                &mut self,
+                file: $name,
+                in_file: &BTreeSet<String>,
+                given: &mut BTreeSet<String>,
+            ) {
+                $(
+                    let id = stringify!($field);
+                    if !given.contains(id) && in_file.contains(&id.replace('_', "-")) {
+                        self.$field = file.$field;
+                        given.insert(id.to_owned());
+                    }
+                )*
+            }
+        }
+    };
+}
+
+one_declaration_per_option! {
+/// Every option of `anteroom serve`, declared once: the doc is the help, the field name gives the flag, the
+/// file key and (explicitly, as `env`) the `ANTEROOM_*` variable, `default_value` is the default.
+///
+/// Repeatable `NAME=VALUE` options and the worker command have no variable: a list in one variable would need
+/// a separator that values may contain.
+#[derive(Debug, Clone, Args, Deserialize)]
+#[serde(
+    default = "Settings::defaults",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+pub struct Settings {
+    /// TOML file with any of the options below (flags and variables win over it).
+    #[arg(long, value_name = "FILE", env = "ANTEROOM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to serve HTTP on: HOST:PORT or unix:PATH; repeatable. None when only --listen-fastcgi is
+    /// given.
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN", default_value = Config::DEFAULT_LISTEN)]
+    pub listen: Vec<ListenAddr>,
+    /// Address to serve FastCGI on (for nginx's fastcgi_pass): HOST:PORT or unix:PATH; repeatable.
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN_FASTCGI")]
+    pub listen_fastcgi: Vec<ListenAddr>,
+    /// Number of worker processes, or MIN:MAX for a pool that grows while requests wait and shrinks when
+    /// workers idle.
+    #[arg(long, value_name = "N|MIN:MAX", env = "ANTEROOM_WORKERS", default_value = "4")]
+    pub workers: WorkerCount,
+    /// With --workers MIN:MAX, a worker idle this long is stopped (down to MIN), in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_IDLE_TIMEOUT", default_value = "10")]
+    pub idle_timeout: f64,
+    /// How workers are spoken to.
+    #[arg(long, value_name = "PROTOCOL", env = "ANTEROOM_WORKER_PROTOCOL", default_value = "fastcgi")]
+    pub worker_protocol: WorkerProtocol,
+    /// Most requests that may wait for a worker; beyond it, 503 at once.
+    #[arg(long, value_name = "N", env = "ANTEROOM_MAX_QUEUE", default_value = "4096")]
+    pub max_queue: usize,
+    /// Longest a request may wait for a worker before it gets a 503, in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TIMEOUT", default_value = "30")]
+    pub queue_timeout: f64,
+    /// Listen backlog asked of the kernel (clamped by net.core.somaxconn).
+    #[arg(long, value_name = "N", env = "ANTEROOM_BACKLOG", default_value = "1024")]
+    pub backlog: u32,
+    /// Largest request body accepted, in bytes (k, m, g suffixes allowed); larger gets 413.
+    #[arg(long, value_name = "BYTES", env = "ANTEROOM_MAX_BODY_SIZE", default_value = "16m")]
+    pub max_body_size: ByteSize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    #[arg(long, value_name = "BYTES", env = "ANTEROOM_MAX_HEADER_SIZE", default_value = "16k")]
+    pub max_header_size: ByteSize,
+    /// Longest a client may take to send a request head, in seconds; slower gets 408.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_HEADER_TIMEOUT", default_value = "30")]
+    pub header_timeout: f64,
+    /// Most client connections open at once, across all listeners; at the limit the oldest idle ones are
+    /// closed [default: RLIMIT_NOFILE minus a reserve for workers, temp files and the admin listener, at most 65536].
+    #[arg(long, value_name = "N", env = "ANTEROOM_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Longest a client may pause between two reads of its request body, in seconds; then 408.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_BODY_TIMEOUT", default_value = "60")]
+    pub body_timeout: f64,
+    /// Longest a client may go without taking any of its response, in seconds; then the connection is
+    /// closed.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_SEND_TIMEOUT", default_value = "60")]
+    pub send_timeout: f64,
+    /// A request body larger than this is written to a temp file in --temp-dir as it arrives.
+    #[arg(long, value_name = "BYTES", env = "ANTEROOM_BODY_BUFFER_SIZE", default_value = "64k")]
+    pub body_buffer_size: ByteSize,
+    /// Most of one response held in memory for a client that reads more slowly than the worker writes;
+    /// the rest goes to a temp file.
+    #[arg(long, value_name = "BYTES", env = "ANTEROOM_RESPONSE_BUFFER_SIZE", default_value = "256k")]
+    pub response_buffer_size: ByteSize,
+    /// Most request and response body bytes held in memory at once, all clients together; beyond it,
+    /// bodies go to temp files.
+    #[arg(long, value_name = "BYTES", env = "ANTEROOM_MAX_QUEUE_BYTES", default_value = "256m")]
+    pub max_queue_bytes: ByteSize,
+    /// Directory for the unlinked temp files of large bodies [default: $TMPDIR or /tmp].
+    #[arg(long, value_name = "DIR", env = "ANTEROOM_TEMP_DIR")]
+    pub temp_dir: Option<PathBuf>,
+    /// A fixed FastCGI param for every request, like nginx's fastcgi_param; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    #[serde(deserialize_with = "units::name_value_table")]
+    pub param: Vec<NameValue>,
+    /// An environment variable for the workers; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    #[serde(deserialize_with = "units::name_value_table")]
+    pub env: Vec<NameValue>,
+    /// Address of the admin listener (metrics, status, health); `off` for none.
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_ADMIN", default_value = Config::DEFAULT_ADMIN)]
+    pub admin: AdminAddr,
+    /// A path (such as /health) requested from each new worker; it gets traffic only after a 2xx answer.
+    /// Without it, a worker is ready once it has accepted a connection.
+    #[arg(long, value_name = "PATH", env = "ANTEROOM_READY_PROBE")]
+    pub ready_probe: Option<String>,
+    /// Longest a new worker may take to become ready, in seconds; then it is killed and counts as a failed start.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_SPAWN_TIMEOUT", default_value = "30")]
+    pub spawn_timeout: f64,
+    /// Longest a worker may hold one request, in seconds; then it is stopped and the client gets 504; 0 = no limit.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_REQUEST_TIMEOUT", default_value = "60")]
+    pub request_timeout: f64,
+    /// Time between SIGTERM and SIGKILL when a worker is stopped, in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_KILL_GRACE", default_value = "5")]
+    pub kill_grace: f64,
+    /// Replace a worker after it has served this many requests; 0 = never.
+    #[arg(long, value_name = "N", env = "ANTEROOM_MAX_REQUESTS", default_value = "0")]
+    pub max_requests: u64,
+    /// Add a random 0..=N to each worker's --max-requests, so that workers do not all recycle at once.
+    #[arg(long, value_name = "N", env = "ANTEROOM_MAX_REQUESTS_JITTER", default_value = "0")]
+    pub max_requests_jitter: u64,
+    /// Replace a worker whose resident memory exceeds this many MiB, checked between requests.
+    #[arg(long, value_name = "MIB", env = "ANTEROOM_MAX_RSS")]
+    pub max_rss: Option<u64>,
+    /// Quarantine a request fingerprint (method and path) after it killed this many workers within the window, in at most twice as many of its requests (OOM kills and widespread deaths do not count); 0 = off.
+    #[arg(long, value_name = "N", env = "ANTEROOM_QUARANTINE_AFTER", default_value = "3")]
+    pub quarantine_after: u32,
+    /// The window in which those deaths are counted, in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUARANTINE_WINDOW", default_value = "60")]
+    pub quarantine_window: f64,
+    /// How long a quarantined fingerprint is refused with 503, in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUARANTINE_FOR", default_value = "300")]
+    pub quarantine_for: f64,
+    /// Exit with code 3 after N unexpected worker deaths within SECS, for systemd's Restart= [default: off].
+    #[arg(long, value_name = "N/SECS", env = "ANTEROOM_CRASH_EXIT")]
+    pub crash_exit: Option<CrashExit>,
+    /// On SIGTERM, how long to finish queued and running requests before stopping workers, in seconds.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_GRACEFUL_TIMEOUT", default_value = "30")]
+    pub graceful_timeout: f64,
+    /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
+    #[arg(long, env = "ANTEROOM_ACCESS_LOG")]
+    pub access_log: bool,
+    /// Show the query strings of running and crashed requests on /status and the status page (they often
+    /// carry tokens and passwords) [default: off, paths only].
+    #[arg(long, env = "ANTEROOM_STATUS_SHOW_QUERY")]
+    pub status_show_query: bool,
+    /// Log format: text, json or logfmt.
+    #[arg(long, value_name = "FORMAT", env = "ANTEROOM_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// The worker command and its arguments; without it, the built-in demo app.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+}
+
+impl Settings {
+    /// What the file deserializes a missing key to. Never read: [`Settings::take_from_file`] takes only the
+    /// keys the file has.
+    fn defaults() -> Settings {
+        ServeArgs::default().settings
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("config file {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// What `anteroom serve` runs with, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    pub listen_fastcgi: Vec<ListenAddr>,
+    /// Workers at start and at the least.
+    pub workers: usize,
+    /// Workers at the most (equal to `workers` for a fixed pool).
+    pub workers_max: usize,
+    pub idle_timeout: Duration,
+    pub worker_protocol: WorkerProtocol,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub backlog: u32,
+    pub max_body_size: u64,
+    pub max_header_size: usize,
+    pub header_timeout: Duration,
+    /// None: from RLIMIT_NOFILE (see `front::conns::Limits::plan`).
+    pub max_connections: Option<usize>,
+    pub body_timeout: Duration,
+    pub send_timeout: Duration,
+    /// Request bodies larger than this go to a temp file.
+    pub body_buffer_size: u64,
+    /// Most of one response held in memory; the rest goes to a temp file.
+    pub response_buffer_size: u64,
+    /// Most body bytes in memory, all requests and responses together.
+    pub max_queue_bytes: u64,
+    pub temp_dir: PathBuf,
+    /// Fixed params, in the order given; they override the computed CGI variables of the same name.
+    pub params: Vec<(String, String)>,
+    pub env: Vec<(String, String)>,
+    /// None: no admin listener.
+    pub admin: Option<ListenAddr>,
+    /// The admin address was not chosen: if it is taken, anteroom runs without it.
+    pub admin_is_default: bool,
+    pub ready_probe: Option<String>,
+    pub spawn_timeout: Duration,
+    /// None: no limit.
+    pub request_timeout: Option<Duration>,
+    pub kill_grace: Duration,
+    /// 0: never.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// In bytes.
+    pub max_rss: Option<u64>,
+    pub quarantine: crate::quarantine::Policy,
+    pub crash_exit: Option<CrashExit>,
+    pub graceful_timeout: Duration,
+    pub access_log: bool,
+    /// /status shows query strings (off: paths only).
+    pub status_show_query: bool,
+    pub log_format: LogFormat,
+    /// Empty means the built-in demo app.
+    pub command: Vec<String>,
+    /// Every option as merged, in its unit type. An option that needs no conversion and no check against
+    /// the others is read from here (`cfg.settings.name`), so adding one is a field of [`Settings`] and its
+    /// README line; the fields above keep the types and checks that code already relies on.
+    pub settings: Settings,
+}
+
+impl Config {
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:8000";
+    pub const DEFAULT_ADMIN: &'static str = "127.0.0.1:8001";
+
+    /// Merges flags and variables over the file (if any) over the defaults, and checks the result.
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let ServeArgs {
+            settings: mut s,
+            mut given,
+        } = args;
+        if let Some(path) = s.config.clone() {
+            let (mut file, in_file) = read_file(&path)?;
+            let file_err = |reason: String| ConfigError::File {
+                path: path.clone(),
+                reason,
+            };
+            // The repeatable NAME=VALUE options add up: the file's names, then the flags', a flag replacing
+            // the file's value for the same name.
+            for (key, flags, table) in [
+                ("param", &mut s.param, std::mem::take(&mut file.param)),
+                ("env", &mut s.env, std::mem::take(&mut file.env)),
+            ] {
+                if let Some(NameValue(name, _)) = table.iter().find(|nv| !units::valid_name(&nv.0))
+                {
+                    return Err(file_err(format!("{key}: '{name}' is not a valid name")));
+                }
+                *flags = overlay(table, std::mem::take(flags));
+                given.insert(key.to_owned());
+            }
+            s.take_from_file(file, &in_file, &mut given);
+        }
+        Self::from_settings(s, &given)
+    }
+
+    /// The validated configuration of merged settings; `chosen` names the options given at all (by flag,
+    /// variable or file), for the two defaults that depend on it.
+    fn from_settings(s: Settings, chosen: &BTreeSet<String>) -> Result<Config, ConfigError> {
+        let settings = s.clone();
+        let listen = if !chosen.contains("listen") && !s.listen_fastcgi.is_empty() {
+            // Asked for FastCGI only: no HTTP listener unless one is named.
+            Vec::new()
+        } else {
+            s.listen
+        };
+        let cfg = Config {
+            listen,
+            listen_fastcgi: s.listen_fastcgi,
+            workers: s.workers.min,
+            workers_max: s.workers.max,
+            idle_timeout: secs("idle-timeout", s.idle_timeout)?,
+            worker_protocol: s.worker_protocol,
+            max_queue: s.max_queue,
+            queue_timeout: secs("queue-timeout", s.queue_timeout)?,
+            backlog: s.backlog,
+            max_body_size: s.max_body_size.0,
+            max_header_size: usize::try_from(s.max_header_size.0).unwrap_or(usize::MAX),
+            header_timeout: secs("header-timeout", s.header_timeout)?,
+            max_connections: s.max_connections,
+            body_timeout: secs("body-timeout", s.body_timeout)?,
+            send_timeout: secs("send-timeout", s.send_timeout)?,
+            body_buffer_size: s.body_buffer_size.0,
+            response_buffer_size: s.response_buffer_size.0,
+            max_queue_bytes: s.max_queue_bytes.0,
+            temp_dir: s.temp_dir.unwrap_or_else(std::env::temp_dir),
+            params: s.param.into_iter().map(|NameValue(n, v)| (n, v)).collect(),
+            env: s.env.into_iter().map(|NameValue(n, v)| (n, v)).collect(),
+            admin: match s.admin {
+                AdminAddr::Off => None,
+                AdminAddr::At(a) => Some(a),
+            },
+            admin_is_default: !chosen.contains("admin"),
+            ready_probe: match s.ready_probe {
+                Some(p) if !p.starts_with('/') || p.parse::<http::Uri>().is_err() => {
+                    return Err(invalid(
+                        "ready-probe",
+                        format!("{p:?} is not a path such as /health"),
+                    ))
+                }
+                p => p,
+            },
+            spawn_timeout: secs("spawn-timeout", s.spawn_timeout)?,
+            request_timeout: secs_or_off("request-timeout", s.request_timeout)?,
+            kill_grace: secs("kill-grace", s.kill_grace)?,
+            max_requests: s.max_requests,
+            max_requests_jitter: s.max_requests_jitter,
+            max_rss: match s.max_rss {
+                Some(0) => return Err(invalid("max-rss", "must be at least 1 MiB")),
+                m => m.map(|m| m.saturating_mul(1 << 20)),
+            },
+            quarantine: crate::quarantine::Policy {
+                after: s.quarantine_after,
+                window: secs("quarantine-window", s.quarantine_window)?,
+                cooldown: secs("quarantine-for", s.quarantine_for)?,
+            },
+            crash_exit: s.crash_exit,
+            graceful_timeout: secs("graceful-timeout", s.graceful_timeout)?,
+            access_log: s.access_log,
+            status_show_query: s.status_show_query,
+            log_format: s.log_format,
+            command: s.command,
+            settings,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers_max < self.workers {
+            return Err(invalid(
+                "workers",
+                format!(
+                    "MIN:MAX with MAX {} below MIN {}",
+                    self.workers_max, self.workers
+                ),
+            ));
+        }
+        if self.workers == 0 || self.workers_max > 4096 {
+            return Err(invalid(
+                "workers",
+                format!("{} is not between 1 and 4096", self.workers),
+            ));
+        }
+        if self.max_queue == 0 {
+            return Err(invalid("max-queue", "must be at least 1"));
+        }
+        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
+            return Err(invalid(
+                "backlog",
+                format!("{} is out of range", self.backlog),
+            ));
+        }
+        if self.max_header_size < 8192 {
+            // hyper cannot parse with a smaller buffer, and no real client's head fits below it anyway.
+            return Err(invalid("max-header-size", "must be at least 8k"));
+        }
+        if !self.temp_dir.is_dir() {
+            return Err(invalid(
+                "temp-dir",
+                format!("{} is not a directory", self.temp_dir.display()),
+            ));
+        }
+        if self.listen.is_empty() && self.listen_fastcgi.is_empty() {
+            return Err(invalid("listen", "at least one address is needed"));
+        }
+        let all: Vec<&ListenAddr> = self.listen.iter().chain(&self.listen_fastcgi).collect();
+        for (i, a) in all.iter().enumerate() {
+            if all[..i].contains(a) {
+                return Err(invalid("listen", format!("{a} is given twice")));
+            }
+            if Some(*a) == self.admin.as_ref() {
+                return Err(invalid("admin", format!("{a} is also a public listener")));
+            }
+        }
+        if self.max_connections.is_some() {
+            // The same plan the server makes at start, with the limit it will raise itself to.
+            crate::front::conns::Limits::plan(self, crate::front::conns::nofile_target())
+                .map_err(|e| invalid("max-connections", e.to_string()))?;
+        }
+        if let Some(c) = self.command.first() {
+            if c.is_empty() {
+                return Err(invalid("command", "the worker command is an empty string"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `base` with each of `over` added, replacing an entry of the same name.
+fn overlay(mut base: Vec<NameValue>, over: Vec<NameValue>) -> Vec<NameValue> {
+    for nv in over {
+        base.retain(|b| b.0 != nv.0);
+        base.push(nv);
+    }
+    base
+}
+
+fn secs(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(invalid(
+            key,
+            format!("{v} is not a positive number of seconds"),
+        ))
+    }
+}
+
+/// 0 means no limit.
+fn secs_or_off(key: &'static str, v: f64) -> Result<Option<Duration>, ConfigError> {
+    if v == 0.0 {
+        Ok(None)
+    } else {
+        secs(key, v).map(Some)
+    }
+}
+
+/// The file's settings, and the keys it sets (only those override a default).
+fn read_file(path: &Path) -> Result<(Settings, BTreeSet<String>), ConfigError> {
+    let file_err = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason: reason.trim_end().replace('\n', " "),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    // Parsed twice, once for the keys: the typed parse's errors point at the line.
+    let settings: Settings = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+    Ok((settings, table.keys().cloned().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("anteroom").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let serve = match cli.command {
+            Some(Command::Serve(s)) => *s,
+            None => cli.serve,
+            Some(other) => panic!("unexpected {other:?}"),
+        };
+        Config::from_args(serve).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.worker_protocol, WorkerProtocol::Fastcgi);
+        assert_eq!(c.max_queue, 4096);
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.backlog, 1024);
+        assert!(c.command.is_empty());
+    }
+
+    #[test]
+    fn flags_and_command() {
+        let c = parse(&[
+            "serve",
+            "--listen",
+            "unix:/tmp/a.sock",
+            "--listen",
+            "[::1]:9000",
+            "--workers",
+            "5",
+            "--worker-protocol",
+            "http",
+            "--param",
+            "SCRIPT_FILENAME=/srv/index.php",
+            "--max-body-size",
+            "2m",
+            "--",
+            "php-cgi",
+            "-d",
+            "x=1",
+        ])
+        .unwrap();
+        assert_eq!(c.listen[0], ListenAddr::Unix("/tmp/a.sock".into()));
+        assert_eq!(c.workers, 5);
+        assert_eq!(c.worker_protocol, WorkerProtocol::Http);
+        assert_eq!(
+            c.params,
+            vec![("SCRIPT_FILENAME".into(), "/srv/index.php".into())]
+        );
+        assert_eq!(c.max_body_size, 2 << 20);
+        assert_eq!(c.command, ["php-cgi", "-d", "x=1"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--workers", "many"]).unwrap_err();
+        assert!(e.contains("--workers"), "{e}");
+        let e = parse(&["--workers", "0"]).unwrap_err();
+        assert!(e.starts_with("workers:"), "{e}");
+        let e = parse(&["--listen", "nowhere"]).unwrap_err();
+        assert!(e.contains("--listen"), "{e}");
+        let e = parse(&["--param", "1X=y"]).unwrap_err();
+        assert!(e.contains("--param"), "{e}");
+        let e = parse(&["--queue-timeout=-1"]).unwrap_err();
+        assert!(e.starts_with("queue-timeout:"), "{e}");
+    }
+
+    #[test]
+    fn file_is_merged_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "workers = 7\nmax-queue = 10\ncommand = [\"php-cgi\"]\n[param]\nSCRIPT_FILENAME = \"/a.php\"\nX = \"1\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--workers", "2", "--param", "X=2"]).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.max_queue, 10);
+        assert_eq!(c.command, ["php-cgi"]);
+        assert_eq!(
+            c.params,
+            vec![
+                ("SCRIPT_FILENAME".into(), "/a.php".into()),
+                ("X".into(), "2".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "workerz = 7\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("workerz"), "{e}");
+        std::fs::write(&path, "workers = \"x\"\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("workers"), "{e}");
+    }
+
+    #[test]
+    fn supervision_options() {
+        let c = parse(&[
+            "--request-timeout",
+            "0",
+            "--crash-exit",
+            "10/90",
+            "--max-rss",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(c.request_timeout, None);
+        assert_eq!(c.crash_exit.unwrap().deaths, 10);
+        assert_eq!(c.crash_exit.unwrap().within, Duration::from_secs(90));
+        assert_eq!(c.max_rss, Some(2 << 20));
+        assert_eq!(
+            parse(&[]).unwrap().request_timeout,
+            Some(Duration::from_secs(60))
+        );
+        let e = parse(&["--crash-exit", "10"]).unwrap_err();
+        assert!(e.contains("--crash-exit"), "{e}");
+    }
+
+    #[test]
+    fn dynamic_pool() {
+        let c = parse(&["--workers", "2:8"]).unwrap();
+        assert_eq!((c.workers, c.workers_max), (2, 8));
+        let c = parse(&["--workers", "3"]).unwrap();
+        assert_eq!((c.workers, c.workers_max), (3, 3));
+        assert!(parse(&["--workers", "8:2"])
+            .unwrap_err()
+            .starts_with("workers:"));
+    }
+
+    #[test]
+    fn connection_options() {
+        let c = parse(&["--max-connections", "100", "--status-show-query"]).unwrap();
+        assert_eq!(c.max_connections, Some(100));
+        assert!(c.status_show_query);
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_connections, None);
+        assert!(!c.status_show_query);
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.starts_with("max-connections:"), "{e}");
+        // More than any open-files limit can back (2^20 is the most anteroom raises itself to).
+        let e = parse(&["--max-connections", "2000000"]).unwrap_err();
+        assert!(
+            e.starts_with("max-connections:") && e.contains("RLIMIT_NOFILE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn body_and_memory_options() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.body_buffer_size, 64 << 10);
+        assert_eq!(c.response_buffer_size, 256 << 10);
+        assert_eq!(c.max_queue_bytes, 256 << 20);
+        assert_eq!(c.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.temp_dir, std::env::temp_dir());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "body-buffer-size = \"1m\"\nmax-queue-bytes = 1024\nsend-timeout = 2\ntemp-dir = {:?}\n",
+                dir.path().display().to_string()
+            ),
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&[
+            "--config",
+            p,
+            "--response-buffer-size",
+            "8k",
+            "--body-timeout",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.body_buffer_size, 1 << 20);
+        assert_eq!(c.max_queue_bytes, 1024);
+        assert_eq!(c.response_buffer_size, 8 << 10);
+        assert_eq!(c.send_timeout, Duration::from_secs(2));
+        assert_eq!(c.body_timeout, Duration::from_secs(5));
+        assert_eq!(c.temp_dir, dir.path());
+        let e = parse(&["--temp-dir", "/nonexistent/anteroom"]).unwrap_err();
+        assert!(e.starts_with("temp-dir:"), "{e}");
+        let e = parse(&["--send-timeout", "0"]).unwrap_err();
+        assert!(e.starts_with("send-timeout:"), "{e}");
+        let e = parse(&["--body-timeout", "x"]).unwrap_err();
+        assert!(e.contains("--body-timeout"), "{e}");
+        let e = parse(&["--max-queue-bytes", "lots"]).unwrap_err();
+        assert!(e.contains("--max-queue-bytes"), "{e}");
+        std::fs::write(&path, "body-buffer-size = \"big\"\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(e.contains("body-buffer-size"), "{e}");
+    }
+
+    #[test]
+    fn file_choices_count_as_chosen() {
+        let c = parse(&[]).unwrap();
+        assert!(c.admin_is_default);
+        let c = parse(&["--listen-fastcgi", "127.0.0.1:9000"]).unwrap();
+        assert!(c.listen.is_empty(), "FastCGI only: no HTTP listener");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "admin = \"off\"\nlisten-fastcgi = [\"127.0.0.1:9000\"]\naccess-log = true\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.admin, None);
+        assert!(!c.admin_is_default);
+        assert!(c.listen.is_empty());
+        assert!(c.access_log);
+        std::fs::write(
+            &path,
+            "listen = [\"127.0.0.1:9001\"]\nlisten-fastcgi = [\"127.0.0.1:9000\"]\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:9001".parse().unwrap()]);
+        std::fs::write(&path, "[env]\n1X = \"y\"\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("env: '1X'"), "{e}");
+        std::fs::write(&path, "config = \"b.toml\"\n").unwrap();
+        assert!(parse(&["--config", path.to_str().unwrap()]).is_err());
+    }
+
+    /// One declaration gives the flag, the key and the variable: the variable's name is checked here, as it is
+    /// the one part written out by hand; and every default is shown by --help and parses.
+    #[test]
+    fn each_option_has_its_variable_and_shows_its_default() {
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            if matches!(long, "param" | "env") {
+                assert_eq!(env, None, "--{long}");
+            } else {
+                let want = format!("ANTEROOM_{}", long.to_uppercase().replace('-', "_"));
+                assert_eq!(env.as_deref(), Some(want.as_str()), "--{long}");
+            }
+        }
+        let help = cmd.clone().render_help().to_string();
+        for shown in [
+            "[default: 4]",
+            "[default: 16m]",
+            "[default: 127.0.0.1:8001]",
+            "[env: ANTEROOM_WORKERS",
+        ] {
+            assert!(help.contains(shown), "{shown} not in {help}");
+        }
+        // The defaults parse (ServeArgs::default would panic otherwise) and pass validation.
+        Config::from_args(ServeArgs::default()).unwrap();
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(
+            "1.5".parse::<Seconds>().unwrap().0,
+            Duration::from_millis(1500)
+        );
+        assert!("0".parse::<Seconds>().is_err());
+        assert!("-1".parse::<Seconds>().is_err());
+        assert!("soon".parse::<Seconds>().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("512k".parse::<ByteSize>().unwrap().0, 512 * 1024);
+        assert_eq!("10".parse::<ByteSize>().unwrap().0, 10);
+        assert!("x".parse::<ByteSize>().is_err());
+        assert!("99999999999g".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! The value types of options: what a flag, an `ANTEROOM_*` variable or a file key is parsed into.
+//!
+//! Each type parses from the text a person types (`FromStr`, which clap uses) and from a TOML value
+//! (`Deserialize`, which the file uses), with one message for a bad value whichever way it came, so that a
+//! flag and a key never disagree on what they accept.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+/// `Deserialize` through `FromStr`, for values that are always strings in the file.
+macro_rules! deserialize_from_str {
+    ($($ty:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+deserialize_from_str!(ListenAddr, AdminAddr, CrashExit);
+
+/// Where a listener lives: a TCP address or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, as in unix:/run/anteroom.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        // "localhost:8000" is what people type; resolve it here rather than fail on it.
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        if let Some(port) = s.strip_prefix("localhost:") {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("'{port}' is not a port number"))?;
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        if let Some(port) = s.strip_prefix(':') {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("'{port}' is not a port number"))?;
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        Err(format!(
+            "'{s}' is neither HOST:PORT (an IP address and a port) nor unix:PATH"
+        ))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines with key=value fields.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// logfmt: key=value pairs only, one line per event.
+    Logfmt,
+}
+
+/// How anteroom talks to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerProtocol {
+    /// The listening socket is the worker's fd 0, as with spawn-fcgi (php-cgi, Perl FCGI, flup).
+    Fastcgi,
+    /// The listening socket is fd 3 with LISTEN_FDS=1 (systemd socket activation, e.g. gunicorn).
+    Http,
+}
+
+impl fmt::Display for WorkerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerProtocol::Fastcgi => "fastcgi",
+            WorkerProtocol::Http => "http",
+        })
+    }
+}
+
+/// `--admin`: an address, or `off`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    Off,
+    At(ListenAddr),
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" || s == "none" {
+            Ok(AdminAddr::Off)
+        } else {
+            s.parse().map(AdminAddr::At)
+        }
+    }
+}
+
+/// `N` or `MIN:MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCount {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl FromStr for WorkerCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{s}' is not N or MIN:MAX (such as 4 or 2:16)"))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => Ok(WorkerCount {
+                min: num(a)?,
+                max: num(b)?,
+            }),
+            None => {
+                let n = num(s)?;
+                Ok(WorkerCount { min: n, max: n })
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(usize),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(WorkerCount { min: n, max: n }),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `NAME=VALUE`, for `--param` and `--env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameValue(pub String, pub String);
+
+impl FromStr for NameValue {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, value)) if valid_name(name) => {
+                Ok(NameValue(name.to_string(), value.to_string()))
+            }
+            Some((name, _)) => Err(format!(
+                "'{name}' is not a valid name (letters, digits and _, not starting with a digit)"
+            )),
+            None => Err(format!("'{s}' is not NAME=VALUE")),
+        }
+    }
+}
+
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A size in bytes, with an optional k/m/g (binary) suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (digits, mult) = match t.char_indices().last() {
+            Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+            Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+            Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+            _ => (t, 1),
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is not a size in bytes (such as 1048576, 512k or 16m)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `N/SECS`: so many unexpected worker deaths within so many seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrashExit {
+    pub deaths: u32,
+    pub within: Duration,
+}
+
+impl FromStr for CrashExit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not N/SECS (such as 10/90: ten deaths within 90 seconds)");
+        let (n, secs) = s.split_once('/').ok_or_else(bad)?;
+        let deaths: u32 = n.trim().parse().map_err(|_| bad())?;
+        let secs: f64 = secs.trim().parse().map_err(|_| bad())?;
+        if deaths == 0 || !(secs > 0.0 && secs < 1e9) {
+            return Err(bad());
+        }
+        Ok(CrashExit {
+            deaths,
+            within: Duration::from_secs_f64(secs),
+        })
+    }
+}
+
+/// A `[param]` or `[env]` table of the file, in the order of its names.
+pub(super) fn name_value_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<NameValue>, D::Error> {
+    let table = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    Ok(table.into_iter().map(|(n, v)| NameValue(n, v)).collect())
+}
+
+/// A positive number of seconds below 10^9 (fractions allowed), as a `Duration`: an option of this type needs
+/// no conversion or check in `Config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    fn from_f64(v: f64) -> Result<Self, String> {
+        if v.is_finite() && v > 0.0 && v < 1e9 {
+            Ok(Seconds(Duration::from_secs_f64(v)))
+        } else {
+            Err(format!("{v} is not a positive number of seconds"))
+        }
+    }
+}
+
+impl FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+        Seconds::from_f64(v)
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Seconds::from_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}

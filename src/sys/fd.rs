@@ -1,0 +1,43 @@
+//! File descriptors: the demo worker's inherited listener, readiness, inodes, and the size of the fd table.
+
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Whether fd 0 has been taken as the FastCGI listener.
+static FD0_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The listening socket a FastCGI worker inherits as fd 0 (FCGI_LISTENSOCK_FILENO), the first time it
+/// is asked for; `None` after that, since the first listener owns (and will close) fd 0.
+pub fn take_fastcgi_listener() -> Option<UnixListener> {
+    if FD0_TAKEN.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    // SAFETY: anteroom's pool gives every FastCGI worker its listening socket as fd 0, and nothing else in
+    // the process owns fd 0 (the worker never reads stdin); the flag above makes this the only owner.
+    Some(unsafe { UnixListener::from_raw_fd(0) })
+}
+
+/// Waits at most `timeout` for `fd` to become readable (for a listener: a connection to accept).
+/// `Ok(false)` when the time ran out.
+pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let timeout = Timespec::try_from(timeout).ok();
+    Ok(poll(&mut fds, timeout.as_ref())? > 0)
+}
+
+/// The inode of the file or socket behind `fd`.
+pub fn inode(fd: impl AsFd) -> Option<u64> {
+    rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
+}
+
+/// Makes the process's fd table hold descriptor number `n`: the kernel grows the table to fit a duplicate
+/// of stderr at `n` or above, which is closed again at once (the table never shrinks).
+pub fn grow_fd_table(n: RawFd) -> io::Result<()> {
+    let dup = rustix::io::fcntl_dupfd_cloexec(io::stderr(), n)?;
+    drop(dup);
+    Ok(())
+}
