@@ -6,7 +6,7 @@ use std::fmt;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 pub struct Logfmt;
@@ -18,7 +18,7 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -36,6 +36,17 @@ where
         )?;
         let mut v = Fields { out: String::new() };
         event.record(&mut v);
+        // The fields of the spans the event happened in (a request's `request_id`), outermost first: as
+        // the span's formatter wrote them, `key=value` separated by spaces.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(f) = ext.get::<FormattedFields<N>>().filter(|f| !f.is_empty()) {
+                    v.out.push(' ');
+                    v.out.push_str(f);
+                }
+            }
+        }
         writeln!(w, "{}", v.out)
     }
 }

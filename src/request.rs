@@ -1,8 +1,9 @@
 //! The request as it travels from a front to a worker, and the answers anteroom gives on its own.
 //!
 //! A [`Job`] is a complete request (head and body, in memory or in a temp file: see [`crate::spill`]) plus
-//! where it came from and the channel its answer goes back on. Responses that anteroom makes itself (503, 502, 413...) are built
-//! with [`error_response`] and [`unavailable`] so that they all carry the request id and a `Retry-After` where
+//! where it came from and the channel its answer goes back on; a front makes it with [`Job::new`] once the
+//! request is whole. Responses that anteroom makes itself (503, 502, 413...) are built with
+//! [`error_response`] and [`unavailable`] so that they all carry the request id and a `Retry-After` where
 //! one makes sense; the refusals at admission are in [`crate::admission::refusal`].
 
 use std::convert::Infallible;
@@ -234,6 +235,11 @@ pub fn request_id(headers: &HeaderMap) -> String {
             return v.to_string();
         }
     }
+    new_request_id()
+}
+
+/// A fresh request id, for a request that brought none (or none that can be trusted).
+pub fn new_request_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::front::conns::{Limits, Table, TableMetrics};
-use crate::admission::Admission;
 use crate::front::listen::{somaxconn, BindError, Listener};
 use crate::metrics::Metrics;
 use crate::pool::Pool;

@@ -17,7 +17,7 @@ pub mod refusal;
 use std::sync::Arc;
 
 pub use outcome::Outcome;
-pub use refusal::refused;
+use refusal::refused;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Rejection};
@@ -48,7 +48,8 @@ impl Admission {
         }
     }
 
-    /// Queues a complete request and waits for its answer, or refuses it on purpose.
+    /// Queues a complete request and waits for its answer, or refuses it on purpose. Run in the request's
+    /// span ([`Outcome::span`]): what it logs names the request by that.
     pub async fn dispatch(&self, job: Job) -> Reply {
         let id = job.id.clone();
         let id = id.as_str();
@@ -69,7 +70,7 @@ impl Admission {
             r = &mut ticket.reply => r,
             () = tokio::time::sleep(queue.timeout()) => {
                 if ticket.withdraw() {
-                    tracing::debug!(%id, "waited {:?} in the queue: refused with 503", queue.timeout());
+                    tracing::debug!("waited {:?} in the queue: refused with 503", queue.timeout());
                     return self.waited_too_long(id);
                 }
                 // A worker took it just now: its answer is coming.
@@ -85,7 +86,7 @@ impl Admission {
         let queue = &self.queue;
         match why {
             Rejected::Full => {
-                tracing::debug!(%id, limit = queue.max(), "queue full: refused with 503");
+                tracing::debug!(limit = queue.max(), "queue full: refused with 503");
                 let r = unavailable(
                     id,
                     "All workers are busy and the queue is full.",

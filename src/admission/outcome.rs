@@ -1,20 +1,30 @@
 //! The one place where a request ends: counted in the metrics, written to the access log, and its
 //! response named with its request id, whichever front it came through.
+//!
+//! The account is opened as soon as a front sees a request, not when it is queued, so that a request that
+//! never gets that far (too large, too slow, its client gone) is counted and logged the same way. It also
+//! carries the request's span (`request_id`), so that every line logged on the request's behalf, by its
+//! front, here or in the queue, names it the same way without each call passing the id.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, REFERER, USER_AGENT};
+use tracing::Span;
 
 use super::Admission;
-use crate::metrics::Rejection;
+use crate::metrics::{Metrics, Rejection};
 use crate::request::{ClientClosed, Origin, Reply, RequestHead, Timing, WorkerFailed, REQUEST_ID};
 
 /// One request's account, opened by its front as soon as the request is seen ([`Admission::open`]) and
 /// closed exactly once by [`Outcome::finish`]; consuming it there means it cannot be closed twice.
 #[must_use = "a request's outcome is recorded only by finish()"]
 pub struct Outcome {
+    id: String,
     started: Instant,
     line: Option<AccessLine>,
+    span: Span,
+    metrics: Arc<Metrics>,
 }
 
 /// How a request ended, for the metrics' `outcome` label.
@@ -55,35 +65,55 @@ impl Ending {
 }
 
 impl Admission {
-    /// Opens the account of a request its front began to receive at `started`. `head` is what the access
-    /// log shows of it; None when the request never became readable (it is then counted, not logged).
-    pub fn open(&self, started: Instant, head: Option<(&RequestHead, &Origin)>) -> Outcome {
+    /// Opens the account of request `id`, which its front began to receive at `started`. `head` is what the
+    /// access log shows of it; None when the request never became readable (it is then counted, not
+    /// logged).
+    pub fn open(
+        &self,
+        started: Instant,
+        id: String,
+        head: Option<(&RequestHead, &Origin)>,
+    ) -> Outcome {
         Outcome {
+            span: tracing::info_span!("request", request_id = %id),
+            id,
             started,
             line: head
                 .filter(|_| self.cfg.access_log)
                 .map(|(head, origin)| AccessLine::new(head, origin)),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
 impl Outcome {
+    /// The request id: the client's `X-Request-Id` when it sent a sane one, else a new one.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The request's span: the front runs the request in it, so that what is logged names `request_id`.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
     /// Ends the request with `resp`: counts it (served, refused and why, failed, or the client gone),
-    /// writes its access-log line, and names request `id` on the response, which it hands back to be sent.
-    pub fn finish(self, adm: &Admission, id: &str, mut resp: Reply) -> Reply {
+    /// writes its access-log line, and names its request id on the response, which it hands back to be
+    /// sent (or dropped, when nobody is left to take it).
+    pub fn finish(self, mut resp: Reply) -> Reply {
         let ending = Ending::of(&resp);
         if let Ending::Refused(why) = ending {
-            adm.metrics.reject(why);
+            self.metrics.reject(why);
         }
-        adm.metrics.answered(
+        self.metrics.answered(
             ending.label(),
             resp.status().as_u16(),
             self.started.elapsed(),
         );
         if let Some(line) = self.line {
-            line.log(id, &resp);
+            line.log(&self.id, &resp);
         }
-        if let Ok(v) = HeaderValue::from_str(id) {
+        if let Ok(v) = HeaderValue::from_str(&self.id) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
         resp
@@ -127,7 +157,9 @@ impl AccessLine {
 
     fn log(self, id: &str, resp: &Reply) {
         let line = self.render(id, resp, std::time::SystemTime::now());
-        tracing::info!(target: "access", "{line}");
+        // Outside the request's span: the line carries its id already, and its format is the combined log
+        // format whatever spans the log format would add.
+        tracing::info!(target: "access", parent: None, "{line}");
     }
 
     fn render(&self, id: &str, resp: &Reply, now: std::time::SystemTime) -> String {
@@ -171,10 +203,7 @@ mod tests {
         assert_eq!(Ending::of(&ok), Ending::Served);
         assert_eq!(Ending::of(&client_closed("a")).label(), "client_closed");
         let r = crate::admission::refusal::too_large("a", 10);
-        assert_eq!(
-            Ending::of(&r),
-            Ending::Refused(Rejection::BodyTooLarge)
-        );
+        assert_eq!(Ending::of(&r), Ending::Refused(Rejection::BodyTooLarge));
         let mut failed = error_response(StatusCode::BAD_GATEWAY, "a", "x");
         failed.extensions_mut().insert(WorkerFailed);
         assert_eq!(Ending::of(&failed).label(), "failed");
@@ -210,8 +239,18 @@ mod tests {
             line,
             "10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] \"GET /a?b=c HTTP/1.1\" 200 5 \"-\" \"curl \\\"8\\\"\" id=r1 queue_ms=1.5 worker_ms=20.0"
         );
-        let unix = AccessLine::new(&head, &Origin::default()).render("r2", &client_closed("r2"), UNIX_EPOCH);
-        assert!(unix.starts_with("unix - - [01/Jan/1970:00:00:00 +0000] "), "{unix}");
-        assert!(unix.contains("\" 499 - ") && unix.ends_with("queue_ms=- worker_ms=-"), "{unix}");
+        let unix = AccessLine::new(&head, &Origin::default()).render(
+            "r2",
+            &client_closed("r2"),
+            UNIX_EPOCH,
+        );
+        assert!(
+            unix.starts_with("unix - - [01/Jan/1970:00:00:00 +0000] "),
+            "{unix}"
+        );
+        assert!(
+            unix.contains("\" 499 - ") && unix.ends_with("queue_ms=- worker_ms=-"),
+            "{unix}"
+        );
     }
 }

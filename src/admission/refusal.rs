@@ -45,10 +45,10 @@ pub fn bad_request(id: &str, why: &str) -> Reply {
     )
 }
 
-/// The disk is full (or out of descriptors): the body has nowhere to wait.
+/// The disk is full (or out of descriptors): the body has nowhere to wait. Logged in the request's span.
 pub fn no_temp_file(id: &str, e: &std::io::Error) -> Reply {
     let dir = &crate::spill::settings().dir;
-    tracing::warn!(%id, dir = %dir.display(), "cannot write a request body to a temp file: {e}; answered 503");
+    tracing::warn!(dir = %dir.display(), "cannot write a request body to a temp file: {e}; answered 503");
     refused(
         unavailable(
             id,

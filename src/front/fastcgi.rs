@@ -31,13 +31,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
 use super::listen::Listener;
-use crate::admission::{refusal, Admission};
+use crate::admission::{refusal, Admission, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
-use crate::request::{client_closed, request_id, Job, Origin, Reply, RequestBody, RequestHead};
+use crate::request::{
+    client_closed, new_request_id, request_id, Job, Origin, Reply, RequestBody, RequestHead,
+};
 use crate::spill::BodyWriter;
 
 /// Requests one connection may have in flight at once.
@@ -97,6 +100,25 @@ struct Receiving {
     started: Instant,
     /// The request counts in the connection table from BEGIN_REQUEST until its task ends.
     in_progress: InProgress,
+}
+
+impl Receiving {
+    /// Keeps a chunk of STDIN. Past `max`, or with no temp file for it, what was kept goes at once and the
+    /// request is marked to be refused when its STDIN ends: the peer sends the rest anyway, and it is read
+    /// and dropped.
+    async fn keep_stdin(&mut self, chunk: &[u8], max: u64) {
+        if self.refuse.is_some() {
+            return;
+        }
+        let fresh = || BodyWriter::new(crate::spill::settings(), None);
+        if self.stdin.len() + chunk.len() as u64 > max {
+            self.refuse = Some(Refuse::TooLarge);
+            self.stdin = fresh(); // what was kept (memory, a temp file) goes now
+        } else if let Err(e) = self.stdin.push(chunk).await {
+            self.refuse = Some(Refuse::TempFile(e));
+            self.stdin = fresh();
+        }
+    }
 }
 
 /// Why a request whose body was read to its end is refused.
@@ -238,149 +260,18 @@ impl Conn {
             return self.on_management(rec).await;
         }
         match rec.kind {
-            fcgi::BEGIN_REQUEST => {
-                let begin =
-                    BeginRequest::parse(&rec.content).map_err(|e| malformed(e.to_string()))?;
-                if self.receiving.contains_key(&id) || lock(&self.active).contains(&id) {
-                    return Err(malformed(format!("request id {id} reused while in flight")));
-                }
-                let refuse = if begin.role != fcgi::RESPONDER {
-                    Some(fcgi::UNKNOWN_ROLE)
-                } else if self.closing
-                    || self.receiving.len() + lock(&self.active).len() >= MAX_REQS_PER_CONN
-                {
-                    Some(fcgi::OVERLOADED)
-                } else {
-                    None
-                };
-                if let Some(status) = refuse {
-                    let mut out = BytesMut::new();
-                    EndRequest {
-                        app_status: 0,
-                        protocol_status: status,
-                    }
-                    .encode(id, &mut out);
-                    return self.send(out).await;
-                }
-                self.receiving.insert(
-                    id,
-                    Receiving {
-                        keep_conn: begin.keep_conn(),
-                        params: Vec::new(),
-                        params_done: false,
-                        stdin: BodyWriter::new(crate::spill::settings(), None),
-                        refuse: None,
-                        started: Instant::now(),
-                        in_progress: self.entry.request_started(),
-                    },
-                );
-                Ok(())
-            }
-            fcgi::PARAMS => {
-                let Some(r) = self.receiving.get_mut(&id) else {
-                    return Ok(()); // for an aborted or refused request: ignored, as the spec allows
-                };
-                if r.params_done {
-                    return Err(malformed(format!("PARAMS for request {id} after its end")));
-                }
-                if rec.content.is_empty() {
-                    r.params_done = true;
-                } else if r.params.len() + rec.content.len() > MAX_PARAMS {
-                    return Err(malformed(format!(
-                        "request {id} sent over {MAX_PARAMS} bytes of params"
-                    )));
-                } else {
-                    r.params.extend_from_slice(&rec.content);
-                }
-                Ok(())
-            }
+            fcgi::BEGIN_REQUEST => self.on_begin(id, &rec.content).await,
+            fcgi::PARAMS => self.on_params(id, &rec.content),
+            fcgi::STDIN if rec.content.is_empty() => self.on_stdin_end(id).await,
             fcgi::STDIN => {
                 let max = self.front.cfg.max_body_size;
-                let Some(r) = self.receiving.get_mut(&id) else {
-                    return Ok(());
-                };
-                if !rec.content.is_empty() {
-                    if r.refuse.is_some() {
-                        return Ok(());
-                    }
-                    let fresh = || BodyWriter::new(crate::spill::settings(), None);
-                    if r.stdin.len() + rec.content.len() as u64 > max {
-                        r.refuse = Some(Refuse::TooLarge);
-                        r.stdin = fresh(); // what was kept (memory, a temp file) goes now
-                    } else if let Err(e) = r.stdin.push(&rec.content).await {
-                        r.refuse = Some(Refuse::TempFile(e));
-                        r.stdin = fresh();
-                    }
-                    return Ok(());
+                if let Some(r) = self.receiving.get_mut(&id) {
+                    r.keep_stdin(&rec.content, max).await;
                 }
-                let Some(r) = self.receiving.remove(&id) else {
-                    return Ok(());
-                };
-                if !r.params_done {
-                    return Err(malformed(format!(
-                        "STDIN of request {id} ended before its PARAMS"
-                    )));
-                }
-                let params = fcgi::decode_pairs(&r.params).map_err(|e| malformed(e.to_string()))?;
-                if !r.keep_conn {
-                    self.closing = true;
-                }
-                let mut refuse = r.refuse;
-                let body = match r.stdin.finish().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        refuse.get_or_insert(Refuse::TempFile(e));
-                        RequestBody::default()
-                    }
-                };
-                let job = job_from_params(params, body);
-                lock(&self.active).insert(id);
-                let request = run_request(
-                    self.front.clone(),
-                    id,
-                    Admitted {
-                        job,
-                        refuse,
-                        started: r.started,
-                    },
-                    r.keep_conn,
-                    self.tx.clone(),
-                    self.active.clone(),
-                );
-                let in_progress = r.in_progress;
-                let handle = self.tasks.spawn(async move {
-                    let _in_progress = in_progress;
-                    request.await
-                });
-                self.running.insert(id, handle);
+                // else for an aborted or refused request: ignored, as the spec allows
                 Ok(())
             }
-            fcgi::ABORT_REQUEST => {
-                let receiving = self.receiving.remove(&id);
-                let known = receiving.is_some();
-                if let Some(r) = receiving {
-                    abandoned(&self.front, r, false);
-                }
-                // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a
-                // second one must not follow.
-                let running = lock(&self.active).remove(&id);
-                if running {
-                    if let Some(h) = self.running.remove(&id) {
-                        // The task owns the ticket or the reply channel: aborting it frees both.
-                        h.abort();
-                    }
-                }
-                if known || running {
-                    let mut out = BytesMut::new();
-                    EndRequest {
-                        app_status: 0,
-                        protocol_status: fcgi::REQUEST_COMPLETE,
-                    }
-                    .encode(id, &mut out);
-                    self.send(out).await?;
-                }
-                Ok(())
-            }
+            fcgi::ABORT_REQUEST => self.on_abort(id).await,
             fcgi::DATA => Ok(()), // only for the filter role, which is refused at BEGIN_REQUEST
             other => {
                 let mut out = BytesMut::new();
@@ -388,6 +279,140 @@ impl Conn {
                 self.send(out).await
             }
         }
+    }
+
+    /// Queues END_REQUEST for request `id` with `status`.
+    async fn end_request(&self, id: u16, status: u8) -> Result<(), ConnError> {
+        let mut out = BytesMut::new();
+        EndRequest {
+            app_status: 0,
+            protocol_status: status,
+        }
+        .encode(id, &mut out);
+        self.send(out).await
+    }
+
+    async fn on_begin(&mut self, id: u16, content: &[u8]) -> Result<(), ConnError> {
+        let begin = BeginRequest::parse(content).map_err(|e| malformed(e.to_string()))?;
+        if self.receiving.contains_key(&id) || lock(&self.active).contains(&id) {
+            return Err(malformed(format!("request id {id} reused while in flight")));
+        }
+        if begin.role != fcgi::RESPONDER {
+            return self.end_request(id, fcgi::UNKNOWN_ROLE).await;
+        }
+        if self.closing || self.receiving.len() + lock(&self.active).len() >= MAX_REQS_PER_CONN {
+            return self.end_request(id, fcgi::OVERLOADED).await;
+        }
+        self.receiving.insert(
+            id,
+            Receiving {
+                keep_conn: begin.keep_conn(),
+                params: Vec::new(),
+                params_done: false,
+                stdin: BodyWriter::new(crate::spill::settings(), None),
+                refuse: None,
+                started: Instant::now(),
+                in_progress: self.entry.request_started(),
+            },
+        );
+        Ok(())
+    }
+
+    fn on_params(&mut self, id: u16, content: &[u8]) -> Result<(), ConnError> {
+        let Some(r) = self.receiving.get_mut(&id) else {
+            return Ok(()); // for an aborted or refused request: ignored, as the spec allows
+        };
+        if r.params_done {
+            return Err(malformed(format!("PARAMS for request {id} after its end")));
+        }
+        if content.is_empty() {
+            r.params_done = true;
+        } else if r.params.len() + content.len() > MAX_PARAMS {
+            return Err(malformed(format!(
+                "request {id} sent over {MAX_PARAMS} bytes of params"
+            )));
+        } else {
+            r.params.extend_from_slice(content);
+        }
+        Ok(())
+    }
+
+    /// The request's STDIN is complete: it becomes a task of its own, which admits it and sends its answer.
+    async fn on_stdin_end(&mut self, id: u16) -> Result<(), ConnError> {
+        let Some(r) = self.receiving.remove(&id) else {
+            return Ok(());
+        };
+        if !r.params_done {
+            return Err(malformed(format!(
+                "STDIN of request {id} ended before its PARAMS"
+            )));
+        }
+        let params = fcgi::decode_pairs(&r.params).map_err(|e| malformed(e.to_string()))?;
+        if !r.keep_conn {
+            self.closing = true;
+        }
+        let mut refuse = r.refuse;
+        let body = match r.stdin.finish().await {
+            Ok(b) => b,
+            Err(e) => {
+                refuse.get_or_insert(Refuse::TempFile(e));
+                RequestBody::default()
+            }
+        };
+        let job = job_from_params(params, body);
+        // The account opens at BEGIN_REQUEST's time, with the id and head the params give.
+        let outcome = match &job {
+            Ok(job) => {
+                let view = Some((&job.head, &job.origin));
+                self.front.open(r.started, job.id.clone(), view)
+            }
+            Err(_) => self.front.open(r.started, new_request_id(), None),
+        };
+        let span = outcome.span().clone();
+        lock(&self.active).insert(id);
+        let request = run_request(
+            self.front.clone(),
+            Admitted {
+                outcome,
+                job,
+                refuse,
+            },
+            Answer {
+                id,
+                keep_conn: r.keep_conn,
+                tx: self.tx.clone(),
+                active: self.active.clone(),
+            },
+        )
+        .instrument(span);
+        let in_progress = r.in_progress;
+        let handle = self.tasks.spawn(async move {
+            let _in_progress = in_progress;
+            request.await
+        });
+        self.running.insert(id, handle);
+        Ok(())
+    }
+
+    async fn on_abort(&mut self, id: u16) -> Result<(), ConnError> {
+        let receiving = self.receiving.remove(&id);
+        let known = receiving.is_some();
+        if let Some(r) = receiving {
+            abandoned(&self.front, r, false);
+        }
+        // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a second one
+        // must not follow.
+        let running = lock(&self.active).remove(&id);
+        if running {
+            if let Some(h) = self.running.remove(&id) {
+                // The task owns the ticket or the reply channel: aborting it frees both.
+                h.abort();
+            }
+        }
+        if known || running {
+            self.end_request(id, fcgi::REQUEST_COMPLETE).await?;
+        }
+        Ok(())
     }
 
     async fn on_management(&mut self, rec: fcgi::Record) -> Result<(), ConnError> {
@@ -457,70 +482,66 @@ async fn write_timed<W: AsyncWrite + Unpin>(
 
 /// A request whose STDIN is complete, as its task takes it.
 struct Admitted {
+    /// Its account, opened with the time of its BEGIN_REQUEST.
+    outcome: Outcome,
     /// Err: its params do not make an HTTP request (400).
-    job: Result<Job, String>,
+    job: Result<Job, BadParams>,
     /// Its body could not be kept: answered without queueing it.
     refuse: Option<Refuse>,
-    /// Its BEGIN_REQUEST.
-    started: Instant,
 }
 
-async fn run_request(
-    front: Arc<Admission>,
+/// Where a request's answer goes: its id on the connection, and the connection's writer.
+struct Answer {
     id: u16,
-    req: Admitted,
+    /// False: the connection closes after this answer.
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
     active: Active,
-) -> u16 {
-    let resp = match req.job {
-        Err(why) => {
-            let rid = new_request_id();
-            tracing::debug!(id = %rid, "bad FastCGI request: {why}");
-            let outcome = front.open(req.started, None);
-            outcome.finish(&front, &rid, refusal::bad_request(&rid, &why))
+}
+
+/// One request's task, run in its span: admits it (or refuses it), ends it, and sends the answer back.
+async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
+    let Admitted {
+        outcome,
+        job,
+        refuse,
+    } = req;
+    let rid = outcome.id();
+    let resp = match (job, refuse) {
+        (Err(why), _) => {
+            tracing::debug!("bad FastCGI request: {why}");
+            refusal::bad_request(rid, &why.to_string())
         }
-        Ok(job) => {
-            let outcome = front.open(req.started, Some((&job.head, &job.origin)));
-            let rid = job.id.clone();
-            let resp = match req.refuse {
-                Some(Refuse::TooLarge) => refusal::too_large(&rid, front.cfg.max_body_size),
-                Some(Refuse::TempFile(e)) => refusal::no_temp_file(&rid, &e),
-                None => front.dispatch(job).await,
-            };
-            outcome.finish(&front, &rid, resp)
-        }
+        (Ok(_), Some(Refuse::TooLarge)) => refusal::too_large(rid, front.cfg.max_body_size),
+        (Ok(_), Some(Refuse::TempFile(e))) => refusal::no_temp_file(rid, &e),
+        (Ok(job), None) => front.dispatch(job).await,
     };
-    if send_response(id, resp, &tx, &active).await.is_ok() && !keep_conn {
-        let _ = tx.send(Out::Close).await;
+    let resp = outcome.finish(resp);
+    if send_response(to.id, resp, &to.tx, &to.active).await.is_ok() && !to.keep_conn {
+        let _ = to.tx.send(Out::Close).await;
     }
-    id
+    to.id
 }
 
 /// Ends a request the peer left (or let stall past `--body-timeout`) before its STDIN was complete: 499
 /// (or 408) in the metrics, and in the access log when its params had arrived.
 fn abandoned(front: &Admission, r: Receiving, timed_out: bool) {
-    let known = if r.params_done {
+    let view = if r.params_done {
         fcgi::decode_pairs(&r.params)
             .ok()
             .and_then(|p| http_view(&p).ok())
     } else {
         None
     };
-    let rid = known.as_ref().map_or_else(new_request_id, |k| k.id.clone());
-    let outcome = front.open(r.started, known.as_ref().map(|k| (&k.head, &k.origin)));
+    let rid = view.as_ref().map_or_else(new_request_id, |v| v.id.clone());
+    let outcome = front.open(r.started, rid, view.as_ref().map(|v| (&v.head, &v.origin)));
     let resp = if timed_out {
-        refusal::body_timeout(&rid)
+        refusal::body_timeout(outcome.id())
     } else {
-        client_closed(&rid)
+        client_closed(outcome.id())
     };
     // Nobody to send it to: only its account is kept.
-    drop(outcome.finish(front, &rid, resp));
-}
-
-/// An id for a request whose params say none (or never came).
-fn new_request_id() -> String {
-    format!("{:016x}", fastrand::u64(..))
+    drop(outcome.finish(resp));
 }
 
 /// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
@@ -559,7 +580,7 @@ async fn send_response(
             }
             Err(e) => {
                 // The worker's answer broke off after its head: say so on STDERR, the peer logs it.
-                tracing::warn!(request = id, "response body cut short: {e}");
+                tracing::warn!("response body cut short: {e}");
                 let mut out = BytesMut::new();
                 fcgi::encode_stream(
                     fcgi::STDERR,
@@ -587,9 +608,16 @@ async fn send_response(
     send(out).await
 }
 
+/// Params that do not make an HTTP request: answered 400.
+#[derive(Debug, thiserror::Error)]
+enum BadParams {
+    #[error("REQUEST_METHOD {0:?} is not an HTTP method")]
+    Method(String),
+}
+
 /// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
 /// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
-fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, String> {
+fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, BadParams> {
     let view = http_view(&params)?;
     Ok(Job::new(view.id, view.head, body, view.origin).with_cgi_params(params))
 }
@@ -601,17 +629,19 @@ struct HttpView {
     origin: Origin,
 }
 
-fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, String> {
-    let get = |name: &str| {
-        params
-            .iter()
-            .rev()
-            .find(|(k, _)| k.as_ref() == name.as_bytes())
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
+/// The last value the peer gave `name`, if any (a later param overrides an earlier one, as in nginx).
+fn param(params: &[(Bytes, Bytes)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_ref() == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, BadParams> {
+    let get = |name: &str| param(params, name);
     let method = get("REQUEST_METHOD").unwrap_or_else(|| "GET".into());
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|_| format!("REQUEST_METHOD {method:?} is not an HTTP method"))?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| BadParams::Method(method))?;
     let target = get("REQUEST_URI").unwrap_or_else(|| {
         let mut t = get("SCRIPT_NAME").unwrap_or_default() + &get("PATH_INFO").unwrap_or_default();
         if t.is_empty() {
@@ -628,30 +658,7 @@ fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, String> {
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::new();
-    for (k, v) in params {
-        let name = match k.as_ref() {
-            b"CONTENT_TYPE" => Some("content-type".to_string()),
-            b"CONTENT_LENGTH" => Some("content-length".to_string()),
-            k => k
-                .strip_prefix(b"HTTP_")
-                .filter(|n| *n != b"PROXY")
-                .map(|n| {
-                    String::from_utf8_lossy(n)
-                        .to_ascii_lowercase()
-                        .replace('_', "-")
-                }),
-        };
-        let Some(name) = name else { continue };
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            if !v.is_empty() || n != http::header::CONTENT_TYPE {
-                headers.append(n, v);
-            }
-        }
-    }
+    let headers = headers_from_params(params);
     let ip = |a: Option<String>, p: Option<String>| -> Option<SocketAddr> {
         let ip: IpAddr = a?.parse().ok()?;
         Some(SocketAddr::new(
@@ -673,6 +680,37 @@ fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, String> {
         },
         origin,
     })
+}
+
+/// The request's headers back from their CGI names (`HTTP_USER_AGENT`, `CONTENT_TYPE`...), less the
+/// `Proxy` header (httpoxy), which no worker should see.
+fn headers_from_params(params: &[(Bytes, Bytes)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (k, v) in params {
+        let name = match k.as_ref() {
+            b"CONTENT_TYPE" => Some("content-type".to_string()),
+            b"CONTENT_LENGTH" => Some("content-length".to_string()),
+            k => k
+                .strip_prefix(b"HTTP_")
+                .filter(|n| *n != b"PROXY")
+                .map(|n| {
+                    String::from_utf8_lossy(n)
+                        .to_ascii_lowercase()
+                        .replace('_', "-")
+                }),
+        };
+        let Some(name) = name else { continue };
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            // nginx sends an empty CONTENT_TYPE for a request without one: not a header.
+            if !v.is_empty() || n != http::header::CONTENT_TYPE {
+                headers.append(n, v);
+            }
+        }
+    }
+    headers
 }
 
 #[cfg(test)]

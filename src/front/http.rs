@@ -1,12 +1,12 @@
 //! The HTTP/1.x front: accept every connection at once, read each request whole, queue it, relay the answer.
 //!
 //! hyper does the protocol (keep-alive, HTTP/1.0, chunked bodies, pipelining); this file adds the limits
-//! and builds the [`Job`]; [`crate::admission`] queues it, refuses it, and ends every request (metrics,
-//! access log, request id) as it does for the other fronts. A body is read with `--body-timeout` between reads (then 408), into memory
-//! or, when large, into a temp file (see [`crate::spill`]); a client that hangs up mid-body is counted as
-//! 499, as nginx does, not as a bad request. The request's handler future lives as long as the client's connection: if
-//! the client hangs up while its request waits, hyper drops the future, the [`Ticket`] with it, and the
-//! request leaves the queue before any worker sees it.
+//! and builds the [`Job`]; [`crate::admission`] queues it or refuses it, and ends every request (metrics,
+//! access log, request id) as it does for the other fronts. A body is read with `--body-timeout` between
+//! reads (then 408), into memory or, when large, into a temp file (see [`crate::spill`]); a client that hangs
+//! up mid-body is counted as 499, as nginx does, not as a bad request. The request's handler future lives
+//! as long as the client's connection: if the client hangs up while its request waits, hyper drops the
+//! future, the [`Ticket`] with it, and the request leaves the queue before any worker sees it.
 //!
 //! [`Ticket`]: crate::queue::Ticket
 
@@ -23,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::acceptor::{serve_each, Acceptor, Conn, Refusal};
 use super::conns::{ConnHandle, Table};
@@ -30,9 +31,7 @@ use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::admission::{refusal, Admission};
 use crate::config::Config;
-use crate::request::{
-    client_closed, request_id, Job, Origin, Reply, RequestBody, RequestHead,
-};
+use crate::request::{client_closed, request_id, Job, Origin, Reply, RequestBody, RequestHead};
 use crate::spill::BodyWriter;
 
 /// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns` and
@@ -162,10 +161,11 @@ async fn handle(req: Request<Incoming>, front: &Admission, origin: Origin) -> Re
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let head = RequestHead::from(parts);
-    let id = request_id(&head.headers);
-    let outcome = front.open(started, Some((&head, &origin)));
-    let resp = admit(head, body, front, origin, &id).await;
-    outcome.finish(front, &id, resp)
+    let outcome = front.open(started, request_id(&head.headers), Some((&head, &origin)));
+    let resp = admit(head, body, front, origin, outcome.id())
+        .instrument(outcome.span().clone())
+        .await;
+    outcome.finish(resp)
 }
 
 async fn admit(
@@ -205,20 +205,24 @@ async fn read_body(
     loop {
         let frame = match tokio::time::timeout(cfg.body_timeout, body.frame()).await {
             Err(_) => {
-                tracing::debug!(%id, received = w.len(), "no body bytes for {:?}: 408", cfg.body_timeout);
+                tracing::debug!(
+                    received = w.len(),
+                    "no body bytes for {:?}: 408",
+                    cfg.body_timeout
+                );
                 return Err(refusal::body_timeout(id));
             }
             Ok(None) => break,
             Ok(Some(Ok(f))) => f,
             Ok(Some(Err(e))) if malformed(&e) => {
-                tracing::debug!(%id, "could not read the request body: {e}");
+                tracing::debug!("could not read the request body: {e}");
                 return Err(refusal::bad_request(
                     id,
                     "The request body could not be read.",
                 ));
             }
             Ok(Some(Err(e))) => {
-                tracing::debug!(%id, received = w.len(), "the client left mid-body: {e}");
+                tracing::debug!(received = w.len(), "the client left mid-body: {e}");
                 return Err(client_closed(id));
             }
         };
