@@ -210,6 +210,28 @@ mod tests {
     }
 
     #[test]
+    fn finish_counts_once_and_names_the_request() {
+        let metrics = Arc::new(Metrics::new());
+        let outcome = |id: &str| Outcome {
+            id: id.to_string(),
+            started: Instant::now(),
+            line: None,
+            span: Span::none(),
+            metrics: metrics.clone(),
+        };
+        let served = outcome("r-1").finish(Reply::new(full("hi")));
+        assert_eq!(served.headers()[REQUEST_ID], "r-1");
+        let refused = outcome("r-2").finish(crate::admission::refusal::too_large("r-2", 1));
+        assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, metrics.registry()).unwrap();
+        let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(count(r#"outcome="served",status="200"} 1"#), 1, "{text}");
+        assert_eq!(count(r#"outcome="refused",status="413"} 1"#), 1, "{text}");
+        assert_eq!(count(r#"reason="body_too_large"} 1"#), 1, "{text}");
+    }
+
+    #[test]
     fn access_line_format() {
         let mut headers = HeaderMap::new();
         headers.insert(USER_AGENT, HeaderValue::from_static("curl \"8\""));
