@@ -3,7 +3,8 @@
 //! speak FastCGI or HTTP.
 //!
 //! The path of a request, one room each (see `docs/ARCHITECTURE.md`):
-//! [`front`] accepts and reads it whole, [`queue`] admits or refuses it, [`pool`] owns the worker processes,
+//! [`front`] accepts and reads it whole, [`admission`] queues it in [`queue`] or refuses it (and ends every
+//! request the same way, whatever its front), [`pool`] owns the worker processes,
 //! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
 //! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
 //! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
@@ -16,6 +17,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod admission;
 pub mod cgi;
 pub mod config;
 pub mod demo;

@@ -6,7 +6,7 @@ use std::fmt;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 pub struct Logfmt;
@@ -18,7 +18,7 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -36,6 +36,17 @@ where
         )?;
         let mut v = Fields { out: String::new() };
         event.record(&mut v);
+        // The fields of the spans the event happened in (a request's `request_id`), outermost first: as
+        // the span's formatter wrote them, `key=value` separated by spaces.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(f) = ext.get::<FormattedFields<N>>().filter(|f| !f.is_empty()) {
+                    v.out.push(' ');
+                    v.out.push_str(f);
+                }
+            }
+        }
         writeln!(w, "{}", v.out)
     }
 }
@@ -88,7 +99,45 @@ fn quote(out: &mut String, v: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use std::sync::{Arc, Mutex};
+
+    use super::{quote, Logfmt};
+
+    #[test]
+    fn span_fields_follow_the_event_fields() {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || SharedBuf(sink.clone()))
+            .event_format(Logfmt)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = %"r-1");
+            let _in = span.enter();
+            tracing::info!(limit = 3, "queue full");
+            tracing::info!(parent: None, "outside");
+        });
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].ends_with(r#" msg="queue full" limit=3 request_id=r-1"#),
+            "{text}"
+        );
+        assert!(lines[1].ends_with(" msg=outside"), "{text}");
+    }
+
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     #[test]
     fn quoting() {

@@ -60,7 +60,11 @@ fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => fmt.json().init(),
-        LogFormat::Logfmt => fmt.event_format(anteroom::logfmt::Logfmt).init(),
+        // No colours: they would be written into the span fields that logfmt lines carry.
+        LogFormat::Logfmt => fmt
+            .with_ansi(false)
+            .event_format(anteroom::logfmt::Logfmt)
+            .init(),
         LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),

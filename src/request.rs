@@ -1,8 +1,10 @@
 //! The request as it travels from a front to a worker, and the answers anteroom gives on its own.
 //!
 //! A [`Job`] is a complete request (head and body, in memory or in a temp file: see [`crate::spill`]) plus
-//! where it came from and the channel its answer goes back on. Responses that anteroom makes itself (503, 502, 413...) are built here so that they
-//! all carry the request id and a `Retry-After` where one makes sense.
+//! where it came from and the channel its answer goes back on; a front makes it with [`Job::new`] once the
+//! request is whole. Responses that anteroom makes itself (503, 502, 413...) are built with
+//! [`error_response`] and [`unavailable`] so that they all carry the request id and a `Retry-After` where
+//! one makes sense; the refusals at admission are in [`crate::admission::refusal`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +38,17 @@ pub struct RequestHead {
     pub uri: Uri,
     pub version: Version,
     pub headers: HeaderMap,
+}
+
+impl From<http::request::Parts> for RequestHead {
+    fn from(p: http::request::Parts) -> RequestHead {
+        RequestHead {
+            method: p.method,
+            uri: p.uri,
+            version: p.version,
+            headers: p.headers,
+        }
+    }
 }
 
 pub struct Job {
@@ -75,6 +88,27 @@ pub struct Timing {
 }
 
 impl Job {
+    /// A complete request as a front received it, not yet queued: enqueued now, no worker has seen it.
+    pub fn new(id: String, head: RequestHead, body: RequestBody, origin: Origin) -> Job {
+        Job {
+            id,
+            head,
+            body,
+            origin,
+            enqueued: Instant::now(),
+            reply: None,
+            deaths: 0,
+            dispatched: None,
+            cgi_params: None,
+        }
+    }
+
+    /// The params of a request that came in over FastCGI, to go to FastCGI workers as they came.
+    pub fn with_cgi_params(mut self, params: Vec<(Bytes, Bytes)>) -> Job {
+        self.cgi_params = Some(params);
+        self
+    }
+
     /// Sends the answer to the waiting client; false if it has gone.
     pub fn respond(&mut self, mut reply: Reply) -> bool {
         if let Some(d) = self.dispatched {
@@ -97,22 +131,16 @@ impl Job {
             http::header::USER_AGENT,
             HeaderValue::from_static("anteroom-ready-probe"),
         );
-        Ok(Job {
-            id: format!("ready-probe-{:08x}", fastrand::u32(..)),
-            head: RequestHead {
-                method: Method::GET,
-                uri: path.parse()?,
-                version: Version::HTTP_11,
-                headers,
-            },
-            body: RequestBody::default(),
-            origin: Origin::default(),
-            enqueued: Instant::now(),
-            reply: Some(reply),
-            deaths: 0,
-            dispatched: None,
-            cgi_params: None,
-        })
+        let head = RequestHead {
+            method: Method::GET,
+            uri: path.parse()?,
+            version: Version::HTTP_11,
+            headers,
+        };
+        let id = format!("ready-probe-{:08x}", fastrand::u32(..));
+        let mut job = Job::new(id, head, RequestBody::default(), Origin::default());
+        job.reply = Some(reply);
+        Ok(job)
     }
 
     /// Safe to send again after a worker died on it (RFC 9110 9.2.2).
@@ -128,13 +156,14 @@ impl Job {
         self.reply.as_ref().is_none_or(|r| r.is_closed())
     }
 
+    /// The request target, path and query (`/path?query`): for log lines and the status page.
+    pub fn target(&self) -> &str {
+        self.head.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+
     /// `GET /path?query`, for log lines.
     pub fn summary(&self) -> String {
-        format!(
-            "{} {}",
-            self.head.method,
-            self.head.uri.path_and_query().map_or("/", |p| p.as_str())
-        )
+        format!("{} {}", self.head.method, self.target())
     }
 }
 
@@ -206,6 +235,11 @@ pub fn request_id(headers: &HeaderMap) -> String {
             return v.to_string();
         }
     }
+    new_request_id()
+}
+
+/// A fresh request id, for a request that brought none (or none that can be trusted).
+pub fn new_request_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
@@ -242,22 +276,13 @@ pub mod tests {
     use super::*;
 
     pub fn job(path: &str) -> Job {
-        Job {
-            id: "t".into(),
-            head: RequestHead {
-                method: Method::GET,
-                uri: path.parse().unwrap(),
-                version: Version::HTTP_11,
-                headers: HeaderMap::new(),
-            },
-            body: RequestBody::default(),
-            origin: Origin::default(),
-            enqueued: Instant::now(),
-            reply: None,
-            deaths: 0,
-            dispatched: None,
-            cgi_params: None,
-        }
+        let head = RequestHead {
+            method: Method::GET,
+            uri: path.parse().unwrap(),
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+        };
+        Job::new("t".into(), head, RequestBody::default(), Origin::default())
     }
 
     #[test]

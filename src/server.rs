@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::front::conns::{Limits, Table, TableMetrics};
-use crate::front::http::Front;
 use crate::front::listen::{somaxconn, BindError, Listener};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -141,12 +141,12 @@ pub async fn run(cfg: Config) -> Result<Stopped, StartError> {
     .map_err(StartError::Pool)?;
     let fatal = pool.fatal();
 
-    let front = Arc::new(Front {
-        cfg: cfg.clone(),
-        queue: queue.clone(),
+    let front = Arc::new(Admission::new(
+        cfg.clone(),
+        queue.clone(),
         quarantine,
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+    ));
     let stop_accepting = CancellationToken::new();
     let stop_admin = CancellationToken::new();
     let admin = match &cfg.admin {

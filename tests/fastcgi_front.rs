@@ -643,3 +643,81 @@ fn requests_beyond_the_per_connection_bound_are_overloaded() {
         "complete {complete}, overloaded {overloaded}"
     );
 }
+
+/// An access line with what varies from request to request (time, id, sizes, timings) blanked out.
+fn access_shape(line: &str) -> Vec<String> {
+    let from = line.find(" - - [").expect("a combined-format line");
+    let remote_at = line[..from].rfind(' ').map_or(0, |i| i + 1);
+    let after_time = line[from..].find("] ").expect("a time") + from + 2;
+    let mut shape = vec![line[remote_at..from].to_string(), "- - [time]".to_string()];
+    let mut after_request_line = 0;
+    for token in line[after_time..].split_whitespace() {
+        after_request_line += usize::from(after_request_line > 0 || token.ends_with('"'));
+        shape.push(match token.split_once('=') {
+            Some((k @ ("id" | "queue_ms" | "worker_ms"), v)) => {
+                let kind = if v.parse::<f64>().is_ok() { "N" } else { v };
+                format!("{k}={}", if k == "id" { "ID" } else { kind })
+            }
+            // The size of the answer, which differs with its front's params.
+            _ if after_request_line == 3 && token.parse::<u64>().is_ok() => "N".into(),
+            _ => token.to_string(),
+        });
+    }
+    shape
+}
+
+#[test]
+fn access_log_covers_the_fastcgi_front_as_the_http_one() {
+    require("cgi-fcgi");
+    let dir = tempfile::tempdir().unwrap();
+    let fsock = sock(dir.path(), "a.sock");
+    let mut a = anteroom_fcgi(&fsock, &["--workers", "1", "--access-log"]);
+    let out = Command::new("cgi-fcgi")
+        .args(["-bind", "-connect", fsock.to_str().unwrap()])
+        .env_clear()
+        .env("REQUEST_METHOD", "GET")
+        .env("REQUEST_URI", "/env?x=1")
+        .env("QUERY_STRING", "x=1")
+        .env("PATH_INFO", "/env")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("REMOTE_PORT", "40000")
+        .env("HTTP_USER_AGENT", "log-test")
+        .env("HTTP_X_REQUEST_ID", "fcgi-log-1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("Status: 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-request-id: fcgi-log-1"),
+        "the answer names its request id: {text}"
+    );
+    let r = a.raw(
+        b"GET /env?x=1 HTTP/1.1\r\nHost: t\r\nUser-Agent: log-test\r\nX-Request-Id: http-log-1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    a.stop();
+    let log = a.log_text();
+    let lines = |id: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(&format!("id={id} ")))
+            .map(str::to_string)
+            .collect()
+    };
+    let (fcgi_lines, http_lines) = (lines("fcgi-log-1"), lines("http-log-1"));
+    assert_eq!(fcgi_lines.len(), 1, "one access line per request:\n{log}");
+    assert_eq!(http_lines.len(), 1, "{log}");
+    let line = &fcgi_lines[0];
+    assert!(line.contains(r#""GET /env?x=1 HTTP/1.1" 200 "#), "{line}");
+    assert!(
+        line.contains("queue_ms=") && line.contains("worker_ms=") && !line.contains("_ms=-"),
+        "{line}"
+    );
+    assert_eq!(
+        access_shape(line),
+        access_shape(&http_lines[0]),
+        "the same format on both fronts:\n{line}\n{}",
+        http_lines[0]
+    );
+}

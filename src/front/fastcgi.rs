@@ -14,6 +14,9 @@
 //! ([`crate::spill`]); a peer that sends nothing for `--body-timeout` while a request is incomplete, or takes
 //! nothing of what is written to it for `--send-timeout`, is closed. A request the peer abandons before its
 //! STDIN is complete (an abort, or the connection ending) is counted as 499.
+//!
+//! This file only speaks the protocol and builds the [`Job`]; [`crate::admission`] queues or refuses it and
+//! ends every request as for the HTTP front: metrics, the access-log line, the request id on the answer.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,15 +31,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
-use super::http::{account, body_timeout, dispatch, no_temp_file, refused, Front};
 use super::listen::Listener;
+use crate::admission::{refusal, Admission, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
-use crate::metrics::Rejection;
 use crate::request::{
-    client_closed, error_response, request_id, Job, Origin, Reply, RequestBody, RequestHead,
+    client_closed, new_request_id, request_id, Job, Origin, Reply, RequestBody, RequestHead,
 };
 use crate::spill::BodyWriter;
 
@@ -52,7 +55,7 @@ const WRITE_QUEUE: usize = 64;
 /// (nginx reconnects); when none can be, a new connection is closed at once.
 pub fn start(
     listener: Listener,
-    front: Arc<Front>,
+    front: Arc<Admission>,
     table: Arc<Table>,
     conns: TaskTracker,
 ) -> std::io::Result<Acceptor> {
@@ -99,6 +102,25 @@ struct Receiving {
     in_progress: InProgress,
 }
 
+impl Receiving {
+    /// Keeps a chunk of STDIN. Past `max`, or with no temp file for it, what was kept goes at once and the
+    /// request is marked to be refused when its STDIN ends: the peer sends the rest anyway, and it is read
+    /// and dropped.
+    async fn keep_stdin(&mut self, chunk: &[u8], max: u64) {
+        if self.refuse.is_some() {
+            return;
+        }
+        let fresh = || BodyWriter::new(crate::spill::settings(), None);
+        if self.stdin.len() + chunk.len() as u64 > max {
+            self.refuse = Some(Refuse::TooLarge);
+            self.stdin = fresh(); // what was kept (memory, a temp file) goes now
+        } else if let Err(e) = self.stdin.push(chunk).await {
+            self.refuse = Some(Refuse::TempFile(e));
+            self.stdin = fresh();
+        }
+    }
+}
+
 /// Why a request whose body was read to its end is refused.
 enum Refuse {
     /// Over --max-body-size: 413.
@@ -121,7 +143,7 @@ fn malformed(why: impl Into<String>) -> ConnError {
     ConnError::Protocol(why.into())
 }
 
-async fn serve_conn<S>(io: S, front: Arc<Front>, entry: ConnHandle)
+async fn serve_conn<S>(io: S, front: Arc<Admission>, entry: ConnHandle)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -153,15 +175,9 @@ where
             ConnError::Io(e) => tracing::debug!("FastCGI connection ended: {e}"),
         }
     }
-    // Requests still incomplete never reach a worker: counted as the peer's leaving (or its timeout).
+    // Requests still incomplete never reach a worker: they end as the peer's leaving (or its timeout).
     for (_, r) in conn.receiving.drain() {
-        let rid = format!("{:016x}", fastrand::u64(..));
-        let resp = if timed_out {
-            refused(body_timeout(&rid), Rejection::BodyTimeout)
-        } else {
-            client_closed(&rid)
-        };
-        account(&front, r.started, &resp);
+        abandoned(&front, r, timed_out);
     }
     // Dropping the tasks aborts every request still queued or at a worker: the peer is gone.
     conn.tasks.abort_all();
@@ -170,7 +186,7 @@ where
 }
 
 struct Conn {
-    front: Arc<Front>,
+    front: Arc<Admission>,
     tx: mpsc::Sender<Out>,
     receiving: HashMap<u16, Receiving>,
     running: HashMap<u16, AbortHandle>,
@@ -244,147 +260,18 @@ impl Conn {
             return self.on_management(rec).await;
         }
         match rec.kind {
-            fcgi::BEGIN_REQUEST => {
-                let begin =
-                    BeginRequest::parse(&rec.content).map_err(|e| malformed(e.to_string()))?;
-                if self.receiving.contains_key(&id) || lock(&self.active).contains(&id) {
-                    return Err(malformed(format!("request id {id} reused while in flight")));
-                }
-                let refuse = if begin.role != fcgi::RESPONDER {
-                    Some(fcgi::UNKNOWN_ROLE)
-                } else if self.closing
-                    || self.receiving.len() + lock(&self.active).len() >= MAX_REQS_PER_CONN
-                {
-                    Some(fcgi::OVERLOADED)
-                } else {
-                    None
-                };
-                if let Some(status) = refuse {
-                    let mut out = BytesMut::new();
-                    EndRequest {
-                        app_status: 0,
-                        protocol_status: status,
-                    }
-                    .encode(id, &mut out);
-                    return self.send(out).await;
-                }
-                self.receiving.insert(
-                    id,
-                    Receiving {
-                        keep_conn: begin.keep_conn(),
-                        params: Vec::new(),
-                        params_done: false,
-                        stdin: BodyWriter::new(crate::spill::settings(), None),
-                        refuse: None,
-                        started: Instant::now(),
-                        in_progress: self.entry.request_started(),
-                    },
-                );
-                Ok(())
-            }
-            fcgi::PARAMS => {
-                let Some(r) = self.receiving.get_mut(&id) else {
-                    return Ok(()); // for an aborted or refused request: ignored, as the spec allows
-                };
-                if r.params_done {
-                    return Err(malformed(format!("PARAMS for request {id} after its end")));
-                }
-                if rec.content.is_empty() {
-                    r.params_done = true;
-                } else if r.params.len() + rec.content.len() > MAX_PARAMS {
-                    return Err(malformed(format!(
-                        "request {id} sent over {MAX_PARAMS} bytes of params"
-                    )));
-                } else {
-                    r.params.extend_from_slice(&rec.content);
-                }
-                Ok(())
-            }
+            fcgi::BEGIN_REQUEST => self.on_begin(id, &rec.content).await,
+            fcgi::PARAMS => self.on_params(id, &rec.content),
+            fcgi::STDIN if rec.content.is_empty() => self.on_stdin_end(id).await,
             fcgi::STDIN => {
                 let max = self.front.cfg.max_body_size;
-                let Some(r) = self.receiving.get_mut(&id) else {
-                    return Ok(());
-                };
-                if !rec.content.is_empty() {
-                    if r.refuse.is_some() {
-                        return Ok(());
-                    }
-                    let fresh = || BodyWriter::new(crate::spill::settings(), None);
-                    if r.stdin.len() + rec.content.len() as u64 > max {
-                        r.refuse = Some(Refuse::TooLarge);
-                        r.stdin = fresh(); // what was kept (memory, a temp file) goes now
-                    } else if let Err(e) = r.stdin.push(&rec.content).await {
-                        r.refuse = Some(Refuse::TempFile(e));
-                        r.stdin = fresh();
-                    }
-                    return Ok(());
+                if let Some(r) = self.receiving.get_mut(&id) {
+                    r.keep_stdin(&rec.content, max).await;
                 }
-                let Some(r) = self.receiving.remove(&id) else {
-                    return Ok(());
-                };
-                if !r.params_done {
-                    return Err(malformed(format!(
-                        "STDIN of request {id} ended before its PARAMS"
-                    )));
-                }
-                let params = fcgi::decode_pairs(&r.params).map_err(|e| malformed(e.to_string()))?;
-                if !r.keep_conn {
-                    self.closing = true;
-                }
-                let mut refuse = r.refuse;
-                let body = match r.stdin.finish().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        refuse.get_or_insert(Refuse::TempFile(e));
-                        RequestBody::default()
-                    }
-                };
-                let job = job_from_params(params, body);
-                lock(&self.active).insert(id);
-                let request = run_request(
-                    self.front.clone(),
-                    id,
-                    job,
-                    refuse,
-                    r.keep_conn,
-                    self.tx.clone(),
-                    self.active.clone(),
-                );
-                let in_progress = r.in_progress;
-                let handle = self.tasks.spawn(async move {
-                    let _in_progress = in_progress;
-                    request.await
-                });
-                self.running.insert(id, handle);
+                // else for an aborted or refused request: ignored, as the spec allows
                 Ok(())
             }
-            fcgi::ABORT_REQUEST => {
-                let receiving = self.receiving.remove(&id);
-                let known = receiving.is_some();
-                if let Some(r) = receiving {
-                    let rid = format!("{:016x}", fastrand::u64(..));
-                    account(&self.front, r.started, &client_closed(&rid));
-                }
-                // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a
-                // second one must not follow.
-                let running = lock(&self.active).remove(&id);
-                if running {
-                    if let Some(h) = self.running.remove(&id) {
-                        // The task owns the ticket or the reply channel: aborting it frees both.
-                        h.abort();
-                    }
-                }
-                if known || running {
-                    let mut out = BytesMut::new();
-                    EndRequest {
-                        app_status: 0,
-                        protocol_status: fcgi::REQUEST_COMPLETE,
-                    }
-                    .encode(id, &mut out);
-                    self.send(out).await?;
-                }
-                Ok(())
-            }
+            fcgi::ABORT_REQUEST => self.on_abort(id).await,
             fcgi::DATA => Ok(()), // only for the filter role, which is refused at BEGIN_REQUEST
             other => {
                 let mut out = BytesMut::new();
@@ -392,6 +279,140 @@ impl Conn {
                 self.send(out).await
             }
         }
+    }
+
+    /// Queues END_REQUEST for request `id` with `status`.
+    async fn end_request(&self, id: u16, status: u8) -> Result<(), ConnError> {
+        let mut out = BytesMut::new();
+        EndRequest {
+            app_status: 0,
+            protocol_status: status,
+        }
+        .encode(id, &mut out);
+        self.send(out).await
+    }
+
+    async fn on_begin(&mut self, id: u16, content: &[u8]) -> Result<(), ConnError> {
+        let begin = BeginRequest::parse(content).map_err(|e| malformed(e.to_string()))?;
+        if self.receiving.contains_key(&id) || lock(&self.active).contains(&id) {
+            return Err(malformed(format!("request id {id} reused while in flight")));
+        }
+        if begin.role != fcgi::RESPONDER {
+            return self.end_request(id, fcgi::UNKNOWN_ROLE).await;
+        }
+        if self.closing || self.receiving.len() + lock(&self.active).len() >= MAX_REQS_PER_CONN {
+            return self.end_request(id, fcgi::OVERLOADED).await;
+        }
+        self.receiving.insert(
+            id,
+            Receiving {
+                keep_conn: begin.keep_conn(),
+                params: Vec::new(),
+                params_done: false,
+                stdin: BodyWriter::new(crate::spill::settings(), None),
+                refuse: None,
+                started: Instant::now(),
+                in_progress: self.entry.request_started(),
+            },
+        );
+        Ok(())
+    }
+
+    fn on_params(&mut self, id: u16, content: &[u8]) -> Result<(), ConnError> {
+        let Some(r) = self.receiving.get_mut(&id) else {
+            return Ok(()); // for an aborted or refused request: ignored, as the spec allows
+        };
+        if r.params_done {
+            return Err(malformed(format!("PARAMS for request {id} after its end")));
+        }
+        if content.is_empty() {
+            r.params_done = true;
+        } else if r.params.len() + content.len() > MAX_PARAMS {
+            return Err(malformed(format!(
+                "request {id} sent over {MAX_PARAMS} bytes of params"
+            )));
+        } else {
+            r.params.extend_from_slice(content);
+        }
+        Ok(())
+    }
+
+    /// The request's STDIN is complete: it becomes a task of its own, which admits it and sends its answer.
+    async fn on_stdin_end(&mut self, id: u16) -> Result<(), ConnError> {
+        let Some(r) = self.receiving.remove(&id) else {
+            return Ok(());
+        };
+        if !r.params_done {
+            return Err(malformed(format!(
+                "STDIN of request {id} ended before its PARAMS"
+            )));
+        }
+        let params = fcgi::decode_pairs(&r.params).map_err(|e| malformed(e.to_string()))?;
+        if !r.keep_conn {
+            self.closing = true;
+        }
+        let mut refuse = r.refuse;
+        let body = match r.stdin.finish().await {
+            Ok(b) => b,
+            Err(e) => {
+                refuse.get_or_insert(Refuse::TempFile(e));
+                RequestBody::default()
+            }
+        };
+        let job = job_from_params(params, body);
+        // The account opens at BEGIN_REQUEST's time, with the id and head the params give.
+        let outcome = match &job {
+            Ok(job) => {
+                let view = Some((&job.head, &job.origin));
+                self.front.open(r.started, job.id.clone(), view)
+            }
+            Err(_) => self.front.open(r.started, new_request_id(), None),
+        };
+        let span = outcome.span().clone();
+        lock(&self.active).insert(id);
+        let request = run_request(
+            self.front.clone(),
+            Admitted {
+                outcome,
+                job,
+                refuse,
+            },
+            Answer {
+                id,
+                keep_conn: r.keep_conn,
+                tx: self.tx.clone(),
+                active: self.active.clone(),
+            },
+        )
+        .instrument(span);
+        let in_progress = r.in_progress;
+        let handle = self.tasks.spawn(async move {
+            let _in_progress = in_progress;
+            request.await
+        });
+        self.running.insert(id, handle);
+        Ok(())
+    }
+
+    async fn on_abort(&mut self, id: u16) -> Result<(), ConnError> {
+        let receiving = self.receiving.remove(&id);
+        let known = receiving.is_some();
+        if let Some(r) = receiving {
+            abandoned(&self.front, r, false);
+        }
+        // Not active any more: its task has queued (or is queueing) its own END_REQUEST, and a second one
+        // must not follow.
+        let running = lock(&self.active).remove(&id);
+        if running {
+            if let Some(h) = self.running.remove(&id) {
+                // The task owns the ticket or the reply channel: aborting it frees both.
+                h.abort();
+            }
+        }
+        if known || running {
+            self.end_request(id, fcgi::REQUEST_COMPLETE).await?;
+        }
+        Ok(())
     }
 
     async fn on_management(&mut self, rec: fcgi::Record) -> Result<(), ConnError> {
@@ -459,46 +480,68 @@ async fn write_timed<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn run_request(
-    front: Arc<Front>,
-    id: u16,
-    job: Result<Job, String>,
+/// A request whose STDIN is complete, as its task takes it.
+struct Admitted {
+    /// Its account, opened with the time of its BEGIN_REQUEST.
+    outcome: Outcome,
+    /// Err: its params do not make an HTTP request (400).
+    job: Result<Job, BadParams>,
+    /// Its body could not be kept: answered without queueing it.
     refuse: Option<Refuse>,
+}
+
+/// Where a request's answer goes: its id on the connection, and the connection's writer.
+struct Answer {
+    id: u16,
+    /// False: the connection closes after this answer.
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
     active: Active,
-) -> u16 {
-    let started = Instant::now();
-    let resp = match job {
-        Err(why) => {
-            let rid = format!("{:016x}", fastrand::u64(..));
-            tracing::debug!(id = %rid, "bad FastCGI request: {why}");
-            refused(
-                error_response(http::StatusCode::BAD_REQUEST, &rid, &why),
-                Rejection::BadRequest,
-            )
+}
+
+/// One request's task, run in its span: admits it (or refuses it), ends it, and sends the answer back.
+async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
+    let Admitted {
+        outcome,
+        job,
+        refuse,
+    } = req;
+    let rid = outcome.id();
+    let resp = match (job, refuse) {
+        (Err(why), _) => {
+            tracing::debug!("bad FastCGI request: {why}");
+            refusal::bad_request(rid, &why.to_string())
         }
-        Ok(job) => match refuse {
-            Some(Refuse::TooLarge) => refused(
-                error_response(
-                    http::StatusCode::PAYLOAD_TOO_LARGE,
-                    &job.id,
-                    &format!(
-                        "The request body is larger than the limit of {} bytes.",
-                        front.cfg.max_body_size
-                    ),
-                ),
-                Rejection::BodyTooLarge,
-            ),
-            Some(Refuse::TempFile(e)) => no_temp_file(&job.id, &e),
-            None => dispatch(&front, job).await,
-        },
+        (Ok(_), Some(Refuse::TooLarge)) => refusal::too_large(rid, front.cfg.max_body_size),
+        (Ok(_), Some(Refuse::TempFile(e))) => refusal::no_temp_file(rid, &e),
+        (Ok(job), None) => front.dispatch(job).await,
     };
-    account(&front, started, &resp);
-    if send_response(id, resp, &tx, &active).await.is_ok() && !keep_conn {
-        let _ = tx.send(Out::Close).await;
+    let resp = outcome.finish(resp);
+    if send_response(to.id, resp, &to.tx, &to.active).await.is_ok() && !to.keep_conn {
+        let _ = to.tx.send(Out::Close).await;
     }
-    id
+    to.id
+}
+
+/// Ends a request the peer left (or let stall past `--body-timeout`) before its STDIN was complete: 499
+/// (or 408) in the metrics, and in the access log when its params had arrived.
+fn abandoned(front: &Admission, r: Receiving, timed_out: bool) {
+    let view = if r.params_done {
+        fcgi::decode_pairs(&r.params)
+            .ok()
+            .and_then(|p| http_view(&p).ok())
+    } else {
+        None
+    };
+    let rid = view.as_ref().map_or_else(new_request_id, |v| v.id.clone());
+    let outcome = front.open(r.started, rid, view.as_ref().map(|v| (&v.head, &v.origin)));
+    let resp = if timed_out {
+        refusal::body_timeout(outcome.id())
+    } else {
+        client_closed(outcome.id())
+    };
+    // Nobody to send it to: only its account is kept.
+    drop(outcome.finish(resp));
 }
 
 /// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
@@ -537,7 +580,7 @@ async fn send_response(
             }
             Err(e) => {
                 // The worker's answer broke off after its head: say so on STDERR, the peer logs it.
-                tracing::warn!(request = id, "response body cut short: {e}");
+                tracing::warn!("response body cut short: {e}");
                 let mut out = BytesMut::new();
                 fcgi::encode_stream(
                     fcgi::STDERR,
@@ -565,19 +608,40 @@ async fn send_response(
     send(out).await
 }
 
+/// Params that do not make an HTTP request: answered 400.
+#[derive(Debug, thiserror::Error)]
+enum BadParams {
+    #[error("REQUEST_METHOD {0:?} is not an HTTP method")]
+    Method(String),
+}
+
 /// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
 /// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
-fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, String> {
-    let get = |name: &str| {
-        params
-            .iter()
-            .rev()
-            .find(|(k, _)| k.as_ref() == name.as_bytes())
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
+fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, BadParams> {
+    let view = http_view(&params)?;
+    Ok(Job::new(view.id, view.head, body, view.origin).with_cgi_params(params))
+}
+
+/// What the params say as HTTP: the request id, head and origin.
+struct HttpView {
+    id: String,
+    head: RequestHead,
+    origin: Origin,
+}
+
+/// The last value the peer gave `name`, if any (a later param overrides an earlier one, as in nginx).
+fn param(params: &[(Bytes, Bytes)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_ref() == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, BadParams> {
+    let get = |name: &str| param(params, name);
     let method = get("REQUEST_METHOD").unwrap_or_else(|| "GET".into());
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|_| format!("REQUEST_METHOD {method:?} is not an HTTP method"))?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| BadParams::Method(method))?;
     let target = get("REQUEST_URI").unwrap_or_else(|| {
         let mut t = get("SCRIPT_NAME").unwrap_or_default() + &get("PATH_INFO").unwrap_or_default();
         if t.is_empty() {
@@ -594,8 +658,35 @@ fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job
         Some("HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
+    let headers = headers_from_params(params);
+    let ip = |a: Option<String>, p: Option<String>| -> Option<SocketAddr> {
+        let ip: IpAddr = a?.parse().ok()?;
+        Some(SocketAddr::new(
+            ip,
+            p.and_then(|p| p.parse().ok()).unwrap_or(0),
+        ))
+    };
+    let origin = Origin {
+        peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
+        local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
+    };
+    Ok(HttpView {
+        id: request_id(&headers),
+        head: RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+        },
+        origin,
+    })
+}
+
+/// The request's headers back from their CGI names (`HTTP_USER_AGENT`, `CONTENT_TYPE`...), less the
+/// `Proxy` header (httpoxy), which no worker should see.
+fn headers_from_params(params: &[(Bytes, Bytes)]) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    for (k, v) in &params {
+    for (k, v) in params {
         let name = match k.as_ref() {
             b"CONTENT_TYPE" => Some("content-type".to_string()),
             b"CONTENT_LENGTH" => Some("content-length".to_string()),
@@ -613,39 +704,13 @@ fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(v),
         ) {
+            // nginx sends an empty CONTENT_TYPE for a request without one: not a header.
             if !v.is_empty() || n != http::header::CONTENT_TYPE {
                 headers.append(n, v);
             }
         }
     }
-    let ip = |a: Option<String>, p: Option<String>| -> Option<SocketAddr> {
-        let ip: IpAddr = a?.parse().ok()?;
-        Some(SocketAddr::new(
-            ip,
-            p.and_then(|p| p.parse().ok()).unwrap_or(0),
-        ))
-    };
-    let origin = Origin {
-        peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
-        local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
-    };
-    let id = request_id(&headers);
-    Ok(Job {
-        id,
-        head: RequestHead {
-            method,
-            uri,
-            version,
-            headers,
-        },
-        body,
-        origin,
-        enqueued: Instant::now(),
-        reply: None,
-        deaths: 0,
-        dispatched: None,
-        cgi_params: Some(params),
-    })
+    headers
 }
 
 #[cfg(test)]

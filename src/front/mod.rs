@@ -1,5 +1,6 @@
-//! Client-facing listeners. Each accepts connections as fast as they come and turns requests into queued
-//! [`Job`](crate::request::Job)s; none of them ever talks to a worker directly.
+//! Client-facing listeners. Each accepts connections as fast as they come and turns requests into
+//! [`Job`](crate::request::Job)s for [`crate::admission`], which queues them and ends them all the same
+//! way; none of them ever talks to a worker directly.
 
 pub mod acceptor;
 pub mod conns;

@@ -726,10 +726,7 @@ async fn serve(
         let request = HeldRequest {
             id: job.id.clone(),
             method: job.head.method.to_string(),
-            target: job
-                .summary()
-                .split_once(' ')
-                .map_or(String::new(), |x| x.1.to_string()),
+            target: job.target().to_string(),
             sent_bytes: progress.sent_bytes,
             received_bytes: progress.received_bytes,
             elapsed: begun.elapsed(),

@@ -1,0 +1,120 @@
+//! Admission: what happens to a complete request between its front and the pool, the same for every front.
+//!
+//! A front (HTTP or FastCGI) only parses the client's protocol and builds a [`Job`]; from there this room
+//! decides: the quarantine check, the push into the queue (refused at once when it is full, when no worker
+//! can start or when anteroom is stopping), and the wait for the answer, at most `--queue-timeout`. Every
+//! refusal is a response of anteroom's own with the request id and, where coming back later helps, a
+//! `Retry-After` ([`refusal`]). Every request, whatever its front and however it ends, is then closed by one
+//! [`Outcome::finish`], which counts it in the metrics, writes its access-log line and names its request id
+//! on the response: so `--access-log` covers every front, and a new front cannot forget any of it.
+//!
+//! Dependencies point one way: the fronts use this room; this room uses the queue, the quarantine and the
+//! metrics, and knows nothing of the fronts.
+
+mod outcome;
+pub mod refusal;
+
+use std::sync::Arc;
+
+pub use outcome::Outcome;
+use refusal::refused;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, Rejection};
+use crate::quarantine::Quarantine;
+use crate::queue::{Queue, Rejected};
+use crate::request::{unavailable, Job, Reply};
+
+/// What every front admits requests into: shared by all listeners.
+pub struct Admission {
+    pub cfg: Arc<Config>,
+    queue: Arc<Queue>,
+    quarantine: Arc<Quarantine>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(
+        cfg: Arc<Config>,
+        queue: Arc<Queue>,
+        quarantine: Arc<Quarantine>,
+        metrics: Arc<Metrics>,
+    ) -> Admission {
+        Admission {
+            cfg,
+            queue,
+            quarantine,
+            metrics,
+        }
+    }
+
+    /// Queues a complete request and waits for its answer, or refuses it on purpose. Run in the request's
+    /// span ([`Outcome::span`]): what it logs names the request by that.
+    pub async fn dispatch(&self, job: Job) -> Reply {
+        let id = job.id.clone();
+        let id = id.as_str();
+        if let Some((fp, left)) = self.quarantine.blocked_job(&job) {
+            let r = unavailable(
+                id,
+                &format!("Requests for {fp} have been crashing workers; they are refused for now."),
+                left,
+            );
+            return refused(r, Rejection::Quarantined);
+        }
+        let queue = &self.queue;
+        let mut ticket = match queue.push(job) {
+            Ok(t) => t,
+            Err(why) => return self.not_queued(id, why),
+        };
+        let answer = tokio::select! {
+            r = &mut ticket.reply => r,
+            () = tokio::time::sleep(queue.timeout()) => {
+                if ticket.withdraw() {
+                    tracing::debug!("waited {:?} in the queue: refused with 503", queue.timeout());
+                    return self.waited_too_long(id);
+                }
+                // A worker took it just now: its answer is coming.
+                (&mut ticket.reply).await
+            }
+        };
+        // Err: the queue dropped it, expired at the moment a worker looked, or anteroom is stopping.
+        answer.unwrap_or_else(|_| self.waited_too_long(id))
+    }
+
+    /// The answer to a request the queue would not take.
+    fn not_queued(&self, id: &str, why: Rejected) -> Reply {
+        let queue = &self.queue;
+        match why {
+            Rejected::Full => {
+                tracing::debug!(limit = queue.max(), "queue full: refused with 503");
+                let r = unavailable(
+                    id,
+                    "All workers are busy and the queue is full.",
+                    queue.retry_after_secs(),
+                );
+                refused(r, Rejection::QueueFull)
+            }
+            Rejected::NoWorkers => {
+                let r = unavailable(
+                    id,
+                    "No worker can start at the moment; see the server log.",
+                    queue.retry_after_secs().max(5),
+                );
+                refused(r, Rejection::NoWorkers)
+            }
+            Rejected::ShuttingDown => {
+                let r = unavailable(id, "The server is shutting down.", 1);
+                refused(r, Rejection::ShuttingDown)
+            }
+        }
+    }
+
+    fn waited_too_long(&self, id: &str) -> Reply {
+        let r = unavailable(
+            id,
+            "No worker became free in time.",
+            self.queue.retry_after_secs(),
+        );
+        refused(r, Rejection::QueueTimeout)
+    }
+}

@@ -1,0 +1,60 @@
+//! The answers anteroom gives on its own when it will not (or cannot) pass a request on, each marked with
+//! its [`Rejection`] so that [`Outcome::finish`](super::Outcome::finish) counts it as refused, and why.
+
+use http::header::{HeaderValue, CONNECTION};
+use http::StatusCode;
+
+use crate::metrics::Rejection;
+use crate::request::{error_response, unavailable, Reply};
+
+/// Marks `r` as a refusal for `why`.
+pub fn refused(mut r: Reply, why: Rejection) -> Reply {
+    r.extensions_mut().insert(why);
+    r
+}
+
+/// 413: the body is over `--max-body-size`.
+pub fn too_large(id: &str, max: u64) -> Reply {
+    refused(
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            id,
+            &format!("The request body is larger than the limit of {max} bytes."),
+        ),
+        Rejection::BodyTooLarge,
+    )
+}
+
+/// 408 for a body that stalled past --body-timeout; the connection closes after it.
+pub fn body_timeout(id: &str) -> Reply {
+    let mut r = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        id,
+        "The request body did not arrive in time.",
+    );
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    refused(r, Rejection::BodyTimeout)
+}
+
+/// 400: the request could not be read or understood (`why` says what was wrong).
+pub fn bad_request(id: &str, why: &str) -> Reply {
+    refused(
+        error_response(StatusCode::BAD_REQUEST, id, why),
+        Rejection::BadRequest,
+    )
+}
+
+/// The disk is full (or out of descriptors): the body has nowhere to wait. Logged in the request's span.
+pub fn no_temp_file(id: &str, e: &std::io::Error) -> Reply {
+    let dir = &crate::spill::settings().dir;
+    tracing::warn!(dir = %dir.display(), "cannot write a request body to a temp file: {e}; answered 503");
+    refused(
+        unavailable(
+            id,
+            "The server has no room for the request body at the moment.",
+            5,
+        ),
+        Rejection::TempFile,
+    )
+}
