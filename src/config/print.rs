@@ -242,6 +242,12 @@ mod tests {
     }
 
     #[test]
+    fn a_default_that_depends_on_others_is_shown_as_decided() {
+        let out = print(&["--listen-fastcgi", "127.0.0.1:9"]).unwrap();
+        assert_eq!(line(&out, "listen"), "listen = []  # from default");
+    }
+
+    #[test]
     fn a_configuration_that_would_be_refused_is_refused() {
         let e = print(&["--workers", "0", "--print-config"]).unwrap_err();
         assert!(e.to_string().starts_with("workers:"), "{e}");
