@@ -41,6 +41,8 @@ pub use units::{
     name = "anteroom",
     version = VERSION,
     about = "An application server: every connection accepted at once, waiting requests held in a bounded, visible queue until a worker is idle.",
+    // Otherwise `--help` shows the doc comment of the flattened `Settings`, which is written for this code.
+    long_about = None,
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -975,6 +977,8 @@ mod tests {
             }
         }
         let help = cmd.clone().render_help().to_string();
+        let long_help = cmd.clone().render_long_help().to_string();
+        assert!(!long_help.contains("declared once"), "{long_help}");
         for shown in [
             "[default: 4]",
             "[default: 16m]",
