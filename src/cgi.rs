@@ -7,6 +7,7 @@
 
 use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
+use percent_encoding::percent_decode;
 
 use crate::request::Job;
 
@@ -58,7 +59,9 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
     put("DOCUMENT_URI", path.as_bytes());
     // The app is mounted at the root: all of the path is PATH_INFO, decoded as RFC 3875 asks.
     put("SCRIPT_NAME", b"");
-    put("PATH_INFO", &percent_decode(path.as_bytes()));
+    // An invalid escape (`%zz`, a `%` near the end) stays as it is, as in nginx and Apache.
+    let path_info: std::borrow::Cow<[u8]> = percent_decode(path.as_bytes()).into();
+    put("PATH_INFO", &path_info);
     put("QUERY_STRING", query.as_bytes());
     if let Some(ct) = head.headers.get(CONTENT_TYPE) {
         put("CONTENT_TYPE", ct.as_bytes());
@@ -137,24 +140,6 @@ fn host_and_port(headers: &HeaderMap) -> (Option<&str>, Option<&str>) {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (Some(h), Some(p)),
         _ => (Some(host), None),
     }
-}
-
-fn percent_decode(s: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
 }
 
 /// What was wrong with a worker's response head.
@@ -348,7 +333,9 @@ mod tests {
 
     #[test]
     fn decoding() {
-        assert_eq!(percent_decode(b"/a%2Fb%zz%4"), b"/a/b%zz%4");
-        assert_eq!(percent_decode(b"%41"), b"A");
+        let d = |s: &[u8]| percent_decode(s).collect::<Vec<u8>>();
+        assert_eq!(d(b"/a%2Fb%zz%4"), b"/a/b%zz%4");
+        assert_eq!(d(b"%41"), b"A");
+        assert_eq!(d(b"%e2%82%ac%"), "€%".as_bytes());
     }
 }

@@ -1,7 +1,9 @@
 //! `--log-format logfmt`: one line per event, `key=value` pairs only, quoted where needed, so that log
-//! shippers (Loki, Vector, Heroku-style pipelines) parse every field, the message included.
+//! shippers (Loki, Vector, Heroku-style pipelines) parse every field, the message included. Also the access
+//! log's date ([`clf_time`]).
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -97,11 +99,29 @@ fn quote(out: &mut String, v: &str) {
     out.push('"');
 }
 
+/// `10/Oct/2000:13:55:36 +0000`, the access log's time (Common Log Format), in UTC.
+///
+/// httpdate does the calendar; its IMF-fixdate (`Tue, 10 Oct 2000 13:55:36 GMT`) has the same fields at fixed
+/// places for every year it accepts, so they are only rearranged. It panics outside 1970-9999, so the clock
+/// is held within those years first: a clock set wrong must not take the access log down.
+pub fn clf_time(t: SystemTime) -> String {
+    // 9999-12-31T23:59:59Z.
+    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let d = httpdate::fmt_http_date(t.clamp(UNIX_EPOCH, last));
+    match (d.get(5..7), d.get(8..11), d.get(12..16), d.get(17..25)) {
+        (Some(day), Some(month), Some(year), Some(time)) => {
+            format!("{day}/{month}/{year}:{time} +0000")
+        }
+        // Not reached: the format is fixed-width. An odd date is still better than no log line.
+        _ => d,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use super::{quote, Logfmt};
+    use super::*;
 
     #[test]
     fn span_fields_follow_the_event_fields() {
@@ -137,6 +157,20 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn clf_dates() {
+        let at = |s: u64| clf_time(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(971_186_136), "10/Oct/2000:13:55:36 +0000");
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(at(951_782_400), "29/Feb/2000:00:00:00 +0000");
+        // Outside httpdate's years: held at the edges, no panic.
+        assert_eq!(
+            clf_time(UNIX_EPOCH - Duration::from_secs(1)),
+            "01/Jan/1970:00:00:00 +0000"
+        );
+        assert_eq!(at(u64::from(u32::MAX) * 100), "31/Dec/9999:23:59:59 +0000");
     }
 
     #[test]

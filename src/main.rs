@@ -52,6 +52,11 @@ fn report(r: anyhow::Result<Stopped>) -> ExitCode {
 }
 
 fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
+    if args.print_config {
+        // Exit 0 after printing, as after a clean stop; a refused configuration is an error as at a start.
+        print!("{}", anteroom::config::print_config(args)?);
+        return Ok(Stopped::Signal);
+    }
     let cfg = Config::from_args(args)?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("ANTEROOM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

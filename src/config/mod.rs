@@ -17,6 +17,7 @@
 //! flag, a variable or the default), and from TOML by a `Deserialize` of the same unit type (`units`). The
 //! file overrides only the keys it has (see [`Settings::take_from_file`]).
 
+mod print;
 mod units;
 
 use std::collections::BTreeSet;
@@ -27,9 +28,10 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::sys::privilege::{Account, WorkerLimit};
+pub use print::print_config;
 pub use units::{
     AdminAddr, ByteSize, ClearEnv, CrashExit, FileMode, ListenAddr, LogFormat, NameValue, Seconds,
     WorkerCount, WorkerProtocol, WorkerRlimit,
@@ -38,8 +40,10 @@ pub use units::{
 #[derive(Debug, Parser)]
 #[command(
     name = "anteroom",
-    version,
+    version = VERSION,
     about = "An application server: every connection accepted at once, waiting requests held in a bounded, visible queue until a worker is idle.",
+    // Otherwise `--help` shows the doc comment of the flattened `Settings`, which is written for this code.
+    long_about = None,
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -48,6 +52,9 @@ pub struct Cli {
     #[command(flatten)]
     pub serve: ServeArgs,
 }
+
+/// `0.1.0 (git 3f9c26fe2257)`, or `0.1.0` when the build had no git revision to tell (see `build.rs`).
+pub const VERSION: &str = env!("ANTEROOM_VERSION");
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -141,6 +148,10 @@ pub struct ServeArgs {
     pub settings: Settings,
     /// Ids of the options given by a flag or an `ANTEROOM_*` variable.
     given: BTreeSet<String>,
+    /// Ids of those given by a variable (for `--print-config`).
+    from_env: BTreeSet<String>,
+    /// `--print-config`: print the merged configuration and where each value came from, then exit.
+    pub print_config: bool,
 }
 
 impl Default for ServeArgs {
@@ -161,20 +172,24 @@ impl FromArgMatches for ServeArgs {
     }
 
     fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
+        let print_config = print::take_flag(m);
         // Read where each value came from before `Settings` takes the values out of `m`.
-        let given = m
-            .ids()
-            .filter(|id| {
-                matches!(
-                    m.value_source(id.as_str()),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                )
-            })
-            .map(|id| id.as_str().to_owned())
-            .collect();
+        let from = |sources: &[ValueSource]| -> BTreeSet<String> {
+            m.ids()
+                .filter(|id| {
+                    m.value_source(id.as_str())
+                        .is_some_and(|s| sources.contains(&s))
+                })
+                .map(|id| id.as_str().to_owned())
+                .collect()
+        };
+        let given = from(&[ValueSource::CommandLine, ValueSource::EnvVariable]);
+        let from_env = from(&[ValueSource::EnvVariable]);
         Ok(ServeArgs {
             settings: Settings::from_arg_matches_mut(m)?,
             given,
+            from_env,
+            print_config,
         })
     }
 
@@ -186,11 +201,11 @@ impl FromArgMatches for ServeArgs {
 
 impl Args for ServeArgs {
     fn augment_args(cmd: clap::Command) -> clap::Command {
-        Settings::augment_args(cmd)
+        Settings::augment_args(cmd).arg(print::flag())
     }
 
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        Settings::augment_args_for_update(cmd)
+        Settings::augment_args_for_update(cmd).arg(print::flag())
     }
 }
 
@@ -239,9 +254,10 @@ one_declaration_per_option! {
 /// Every option of `anteroom serve`, declared once: the doc is the help, the field name gives the flag, the
 /// file key and (explicitly, as `env`) the `ANTEROOM_*` variable, `default_value` is the default.
 ///
-/// Repeatable `NAME=VALUE` options and the worker command have no variable: a list in one variable would need
-/// a separator that values may contain.
-#[derive(Debug, Clone, Args, Deserialize)]
+/// A repeatable option's variable holds one value per line (`ANTEROOM_PARAM=$'A=1\nB=2'`): a newline is the one
+/// separator that no address, path or sensible parameter holds. The worker command has no variable (it is
+/// a list of arguments; put it after `--` or in the file).
+#[derive(Debug, Clone, Args, Deserialize, Serialize)]
 #[serde(
     default = "Settings::defaults",
     deny_unknown_fields,
@@ -254,10 +270,10 @@ pub struct Settings {
     pub config: Option<PathBuf>,
     /// Address to serve HTTP on: HOST:PORT or unix:PATH; repeatable. None when only --listen-fastcgi is
     /// given.
-    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN", default_value = Config::DEFAULT_LISTEN)]
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN", value_delimiter = '\n', default_value = Config::DEFAULT_LISTEN)]
     pub listen: Vec<ListenAddr>,
     /// Address to serve FastCGI on (for nginx's fastcgi_pass): HOST:PORT or unix:PATH; repeatable.
-    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN_FASTCGI")]
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN_FASTCGI", value_delimiter = '\n')]
     pub listen_fastcgi: Vec<ListenAddr>,
     /// Number of worker processes, or MIN:MAX for a pool that grows while requests wait and shrinks when
     /// workers idle.
@@ -313,12 +329,18 @@ pub struct Settings {
     #[arg(long, value_name = "DIR", env = "ANTEROOM_TEMP_DIR")]
     pub temp_dir: Option<PathBuf>,
     /// A fixed FastCGI param for every request, like nginx's fastcgi_param; repeatable.
-    #[arg(long, value_name = "NAME=VALUE")]
-    #[serde(deserialize_with = "units::name_value_table")]
+    #[arg(long, value_name = "NAME=VALUE", env = "ANTEROOM_PARAM", value_delimiter = '\n')]
+    #[serde(
+        deserialize_with = "units::name_value_table",
+        serialize_with = "units::name_value_table_out"
+    )]
     pub param: Vec<NameValue>,
     /// An environment variable for the workers; repeatable.
-    #[arg(long, value_name = "NAME=VALUE")]
-    #[serde(deserialize_with = "units::name_value_table")]
+    #[arg(long, value_name = "NAME=VALUE", env = "ANTEROOM_ENV", value_delimiter = '\n')]
+    #[serde(
+        deserialize_with = "units::name_value_table",
+        serialize_with = "units::name_value_table_out"
+    )]
     pub env: Vec<NameValue>,
     /// Workers get only PATH, LANG, --pass-env and --env: yes, no, or auto (yes with --user, no without);
     /// `--clear-env` alone is yes. anteroom's own ANTEROOM_* variables never reach workers.
@@ -365,7 +387,10 @@ pub struct Settings {
         env = "ANTEROOM_WORKER_RLIMIT",
         value_delimiter = ','
     )]
-    #[serde(deserialize_with = "units::rlimit_table")]
+    #[serde(
+        deserialize_with = "units::rlimit_table",
+        serialize_with = "units::rlimit_table_out"
+    )]
     pub worker_rlimit: Vec<WorkerRlimit>,
     /// Address of the admin listener (metrics, status, health); `off` for none.
     #[arg(long, value_name = "ADDR", env = "ANTEROOM_ADMIN", default_value = Config::DEFAULT_ADMIN)]
@@ -461,6 +486,15 @@ impl SocketAccess {
     }
 }
 
+/// Settings as merged, before they are checked together.
+struct Merged {
+    settings: Settings,
+    /// Ids of the options given at all: by flag, variable or file.
+    chosen: BTreeSet<String>,
+    /// Ids of those the file gave (`param` and `env` when the file has any name, even if a flag has more).
+    from_file: BTreeSet<String>,
+}
+
 /// What `anteroom serve` runs with, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -537,10 +571,18 @@ impl Config {
 
     /// Merges flags and variables over the file (if any) over the defaults, and checks the result.
     pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let merged = Self::merge(args)?;
+        Self::from_settings(merged.settings, &merged.chosen)
+    }
+
+    /// Flags and variables over the file (if any) over the defaults, not yet checked together.
+    fn merge(args: ServeArgs) -> Result<Merged, ConfigError> {
         let ServeArgs {
             settings: mut s,
             mut given,
+            ..
         } = args;
+        let mut from_file = BTreeSet::new();
         if let Some(path) = s.config.clone() {
             let (mut file, in_file) = read_file(&path)?;
             let file_err = |reason: String| ConfigError::File {
@@ -557,12 +599,21 @@ impl Config {
                 {
                     return Err(file_err(format!("{key}: '{name}' is not a valid name")));
                 }
+                if !table.is_empty() {
+                    from_file.insert(key.to_owned());
+                }
                 *flags = overlay(table, std::mem::take(flags));
                 given.insert(key.to_owned());
             }
+            let before = given.clone();
             s.take_from_file(file, &in_file, &mut given);
+            from_file.extend(given.difference(&before).cloned());
         }
-        Self::from_settings(s, &given)
+        Ok(Merged {
+            settings: s,
+            chosen: given,
+            from_file,
+        })
     }
 
     /// The validated configuration of merged settings; `chosen` names the options given at all (by flag,
@@ -1132,17 +1183,21 @@ mod tests {
         for arg in cmd.get_arguments() {
             let Some(long) = arg.get_long() else { continue };
             let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
-            if matches!(long, "help" | "version") {
+            // --print-config is an action, not an option: a variable left in an environment would stop
+            // every start.
+            if matches!(long, "help" | "version" | "print-config") {
                 continue;
             }
-            if matches!(long, "param" | "env") {
-                assert_eq!(env, None, "--{long}");
-            } else {
-                let want = format!("ANTEROOM_{}", long.to_uppercase().replace('-', "_"));
-                assert_eq!(env.as_deref(), Some(want.as_str()), "--{long}");
+            let want = format!("ANTEROOM_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(env.as_deref(), Some(want.as_str()), "--{long}");
+            // Every repeatable option reads one value per line from its variable.
+            if matches!(arg.get_action(), clap::ArgAction::Append) {
+                assert_eq!(arg.get_value_delimiter(), Some('\n'), "--{long}");
             }
         }
         let help = cmd.clone().render_help().to_string();
+        let long_help = cmd.clone().render_long_help().to_string();
+        assert!(!long_help.contains("declared once"), "{long_help}");
         for shown in [
             "[default: 4]",
             "[default: 16m]",

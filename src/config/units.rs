@@ -2,7 +2,8 @@
 //!
 //! Each type parses from the text a person types (`FromStr`, which clap uses) and from a TOML value
 //! (`Deserialize`, which the file uses), with one message for a bad value whichever way it came, so that a
-//! flag and a key never disagree on what they accept.
+//! flag and a key never disagree on what they accept. Each also writes itself back (`Display`, `Serialize`) in
+//! a form those accept, for `--print-config`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// `Deserialize` through `FromStr`, for values that are always strings in the file.
 macro_rules! deserialize_from_str {
@@ -27,6 +28,26 @@ macro_rules! deserialize_from_str {
 }
 
 deserialize_from_str!(ListenAddr, AdminAddr, CrashExit, FileMode);
+
+/// `Serialize` through `Display`: the text that `FromStr` reads back.
+macro_rules! serialize_as_text {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    )*};
+}
+
+serialize_as_text!(
+    ListenAddr,
+    AdminAddr,
+    CrashExit,
+    FileMode,
+    ClearEnv,
+    WorkerRlimit
+);
 
 /// Where a listener lives: a TCP address or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +98,7 @@ impl fmt::Display for ListenAddr {
 }
 
 /// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines with key=value fields.
@@ -89,7 +110,7 @@ pub enum LogFormat {
 }
 
 /// How anteroom talks to its workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerProtocol {
     /// The listening socket is the worker's fd 0, as with spawn-fcgi (php-cgi, Perl FCGI, flup).
@@ -126,6 +147,15 @@ impl FromStr for AdminAddr {
     }
 }
 
+impl fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddr::Off => f.write_str("off"),
+            AdminAddr::At(a) => a.fmt(f),
+        }
+    }
+}
+
 /// `N` or `MIN:MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerCount {
@@ -151,6 +181,17 @@ impl FromStr for WorkerCount {
                 let n = num(s)?;
                 Ok(WorkerCount { min: n, max: n })
             }
+        }
+    }
+}
+
+/// A fixed pool as a number (`workers = 4`), a growing one as text (`workers = "2:16"`).
+impl Serialize for WorkerCount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.min == self.max {
+            s.serialize_u64(self.min as u64)
+        } else {
+            s.collect_str(&format_args!("{}:{}", self.min, self.max))
         }
     }
 }
@@ -217,6 +258,20 @@ impl FromStr for ByteSize {
             .and_then(|n| n.checked_mul(mult))
             .map(ByteSize)
             .ok_or_else(|| format!("'{s}' is not a size in bytes (such as 1048576, 512k or 16m)"))
+    }
+}
+
+/// With the largest suffix that is exact (`16m`, `64k`), as people write sizes; without one, a number.
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.0;
+        match [(30, 'g'), (20, 'm'), (10, 'k')]
+            .into_iter()
+            .find(|(shift, _)| n != 0 && n.trailing_zeros() >= *shift)
+        {
+            Some((shift, suffix)) => s.collect_str(&format_args!("{}{suffix}", n >> shift)),
+            None => s.serialize_u64(n),
+        }
     }
 }
 
@@ -308,6 +363,16 @@ impl FromStr for ClearEnv {
     }
 }
 
+impl fmt::Display for ClearEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClearEnv::Auto => "auto",
+            ClearEnv::Yes => "yes",
+            ClearEnv::No => "no",
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for ClearEnv {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -377,6 +442,33 @@ impl FromStr for WorkerRlimit {
     }
 }
 
+impl WorkerRlimit {
+    /// VALUE as `parse` reads it: one number when soft and hard are the same, else `SOFT:HARD`.
+    fn value(&self) -> String {
+        let one = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+        let l = &self.0;
+        if l.soft == l.hard {
+            one(l.soft)
+        } else {
+            format!("{}:{}", one(l.soft), one(l.hard))
+        }
+    }
+}
+
+impl fmt::Display for WorkerRlimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.0.name, self.value())
+    }
+}
+
+/// The same table back, for `--print-config`.
+pub(super) fn rlimit_table_out<S: Serializer>(
+    limits: &[WorkerRlimit],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(limits.iter().map(|l| (l.0.name, l.value())))
+}
+
 /// The file's `[worker-rlimit]` table: `nofile = 4096`, `core = "unlimited"`, `as = "1g"`.
 pub(super) fn rlimit_table<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -400,12 +492,26 @@ pub(super) fn rlimit_table<'de, D: serde::Deserializer<'de>>(
         .collect()
 }
 
+impl fmt::Display for CrashExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.deaths, self.within.as_secs_f64())
+    }
+}
+
 /// A `[param]` or `[env]` table of the file, in the order of its names.
 pub(super) fn name_value_table<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<NameValue>, D::Error> {
     let table = std::collections::BTreeMap::<String, String>::deserialize(d)?;
     Ok(table.into_iter().map(|(n, v)| NameValue(n, v)).collect())
+}
+
+/// The same table back, for `--print-config`.
+pub(super) fn name_value_table_out<S: Serializer>(
+    nvs: &[NameValue],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(nvs.iter().map(|NameValue(n, v)| (n, v)))
 }
 
 /// A positive number of seconds below 10^9 (fractions allowed), as a `Duration`: an option of this type needs
@@ -432,6 +538,12 @@ impl FromStr for Seconds {
             .parse()
             .map_err(|_| format!("'{s}' is not a number of seconds"))?;
         Seconds::from_f64(v)
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0.as_secs_f64())
     }
 }
 

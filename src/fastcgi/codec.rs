@@ -1,66 +1,13 @@
-//! Connection-level adapters: a tokio-util codec for async connections and a
-//! blocking reader for simple synchronous apps.
+//! A blocking record reader for simple synchronous apps.
+//!
+//! (A tokio-util `Decoder`/`Encoder` for `Framed` connections lived here too; neither the worker client nor
+//! the FastCGI front used it, since both read records straight from their own buffers with
+//! [`decode_record`], so it went, and with it tokio-util's `codec` feature.)
 
 use std::io::{self, Read};
 
+use super::{decode_record, Record};
 use bytes::BytesMut;
-use tokio_util::codec::{Decoder, Encoder};
-
-use super::record::record_len;
-use super::{decode_record, encode_record, encode_stream, ProtocolError, Record};
-
-/// Frames a FastCGI connection as a sequence of [`Record`]s.
-///
-/// Encoding a record whose content is longer than [`MAX_CONTENT_LEN`]
-/// writes several records of the same kind and id rather than failing, so a
-/// caller can hand over a whole STDOUT body at once. It never writes the empty
-/// stream-end record on its own; send one explicitly.
-///
-/// [`MAX_CONTENT_LEN`]: super::MAX_CONTENT_LEN
-#[derive(Debug, Default)]
-pub struct RecordCodec;
-
-/// Error from [`RecordCodec`]: the connection failed or the peer sent
-/// something that is not FastCGI.
-#[derive(Debug, thiserror::Error)]
-pub enum CodecError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-}
-
-impl Decoder for RecordCodec {
-    type Item = Record;
-    type Error = CodecError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Record>, CodecError> {
-        let record = decode_record(src)?;
-        if record.is_none() {
-            // Once the header is in, we know exactly how much is missing;
-            // reserving it now saves repeated small reallocations.
-            if let Some(total) = record_len(src) {
-                src.reserve(total.saturating_sub(src.len()));
-            }
-        }
-        Ok(record)
-    }
-}
-
-impl Encoder<Record> for RecordCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: Record, dst: &mut BytesMut) -> Result<(), CodecError> {
-        if item.content.is_empty() {
-            // encode_stream writes nothing for empty data, but an empty
-            // record here is meaningful (usually a stream end).
-            encode_record(item.kind, item.request_id, &[], dst);
-        } else {
-            encode_stream(item.kind, item.request_id, &item.content, dst);
-        }
-        Ok(())
-    }
-}
 
 /// Blocking helper for simple synchronous FastCGI apps (anteroom's built-in
 /// demo worker): reads from `r` into `buf` until a whole record is decoded.
@@ -109,8 +56,8 @@ pub fn read_record<R: Read>(r: &mut R, buf: &mut BytesMut) -> io::Result<Option<
 #[cfg(test)]
 mod tests {
     use super::super::{
-        encode_stream_end, BeginRequest, HEADER_LEN, KEEP_CONN, MAX_CONTENT_LEN, PARAMS, RESPONDER,
-        STDIN, STDOUT,
+        encode_record, encode_stream, encode_stream_end, BeginRequest, KEEP_CONN, MAX_CONTENT_LEN,
+        PARAMS, RESPONDER, STDIN,
     };
     use super::*;
     use bytes::Bytes;
@@ -237,54 +184,14 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
-    #[test]
-    fn codec_decodes_and_reports_protocol_errors() {
-        let mut codec = RecordCodec;
-        let mut src = BytesMut::new();
-        encode_record(STDOUT, 4, b"hi", &mut src);
-        assert_eq!(
-            codec.decode(&mut src).unwrap(),
-            Some(record(STDOUT, 4, b"hi"))
-        );
-        assert!(codec.decode(&mut src).unwrap().is_none());
-
-        src.extend_from_slice(&[1, 6, 0, 4, 0x10, 0, 0, 0]);
-        assert!(codec.decode(&mut src).unwrap().is_none());
-        assert!(
-            src.capacity() >= HEADER_LEN + 0x1000,
-            "reserves the rest of the record"
-        );
-
-        let mut bad = BytesMut::from(&[0u8; 8][..]);
-        assert!(matches!(
-            codec.decode(&mut bad),
-            Err(CodecError::Protocol(ProtocolError::UnsupportedVersion(0)))
-        ));
-    }
-
-    #[test]
-    fn codec_splits_long_content_and_keeps_empty_records() {
-        let mut codec = RecordCodec;
-        let mut dst = BytesMut::new();
-        let body = Bytes::from(vec![b'x'; MAX_CONTENT_LEN + 10]);
-        codec
-            .encode(
-                Record {
-                    kind: STDOUT,
-                    request_id: 5,
-                    content: body,
-                },
-                &mut dst,
-            )
-            .unwrap();
-        codec.encode(record(STDOUT, 5, b""), &mut dst).unwrap();
-
-        let mut lens = Vec::new();
-        while let Some(r) = codec.decode(&mut dst).unwrap() {
-            assert_eq!((r.kind, r.request_id), (STDOUT, 5));
-            lens.push(r.content.len());
+    /// A record as a connection writes it: long content split into several records, an empty one kept (it
+    /// is usually a stream end).
+    fn encode(rec: &Record, dst: &mut BytesMut) {
+        if rec.content.is_empty() {
+            encode_record(rec.kind, rec.request_id, &[], dst);
+        } else {
+            encode_stream(rec.kind, rec.request_id, &rec.content, dst);
         }
-        assert_eq!(lens, [MAX_CONTENT_LEN, 10, 0]);
     }
 
     /// What the encoder should turn one record into.
@@ -310,21 +217,18 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
         #[test]
-        fn codec_round_trips_any_records_through_any_chunking(
+        fn records_round_trip_through_any_chunking(
             records in prop::collection::vec(
                 (any::<u8>(), any::<u16>(), prop::collection::vec(any::<u8>(), 0..70_000)),
                 0..4,
             ),
             chunks in prop::collection::vec(prop_oneof![1usize..16, 1usize..70_000], 1..20),
         ) {
-            let mut codec = RecordCodec;
             let mut wire = BytesMut::new();
             let mut expected = Vec::new();
             for (kind, id, content) in &records {
                 expected.extend(expected_pieces(*kind, *id, content));
-                codec
-                    .encode(Record { kind: *kind, request_id: *id, content: Bytes::copy_from_slice(content) }, &mut wire)
-                    .unwrap();
+                encode(&Record { kind: *kind, request_id: *id, content: Bytes::copy_from_slice(content) }, &mut wire);
             }
 
             let mut src = BytesMut::new();
@@ -337,14 +241,14 @@ mod tests {
                 let (head, tail) = rest.split_at((*size).min(rest.len()));
                 src.extend_from_slice(head);
                 rest = tail;
-                while let Some(record) = codec.decode(&mut src).unwrap() {
+                while let Some(record) = decode_record(&mut src).unwrap() {
                     decoded.push(record);
                 }
             }
             prop_assert!(src.is_empty());
             prop_assert_eq!(&decoded, &expected);
 
-            // The blocking reader must agree with the async codec.
+            // The blocking reader must agree with the buffer-level decoder.
             let mut r = trickle(wire.to_vec(), chunks[0]);
             let mut buf = BytesMut::new();
             let mut read = Vec::new();
@@ -355,10 +259,9 @@ mod tests {
         }
 
         #[test]
-        fn codec_decode_never_panics(data in prop::collection::vec(prop_oneof![Just(1u8), any::<u8>()], 0..600)) {
-            let mut codec = RecordCodec;
+        fn decode_never_panics(data in prop::collection::vec(prop_oneof![Just(1u8), any::<u8>()], 0..600)) {
             let mut src = BytesMut::from(&data[..]);
-            while let Ok(Some(_)) = codec.decode(&mut src) {}
+            while let Ok(Some(_)) = decode_record(&mut src) {}
         }
     }
 }

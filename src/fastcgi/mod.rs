@@ -39,14 +39,13 @@
 //! # Entry points
 //!
 //! - [`decode_record`] / [`encode_record`] and friends for buffer-level work.
-//! - [`RecordCodec`] for tokio `Framed` connections.
 //! - [`read_record`] for blocking, synchronous apps such as the demo worker.
 
 mod codec;
 mod pairs;
 mod record;
 
-pub use codec::{read_record, CodecError, RecordCodec};
+pub use codec::read_record;
 pub use pairs::{decode_pairs, encode_pair};
 pub use record::{
     decode_record, encode_record, encode_stream, encode_stream_end, encode_unknown_type,
