@@ -355,8 +355,8 @@ pub struct Settings {
     )]
     pub clear_env: ClearEnv,
     /// With a cleared environment, a variable of anteroom's that workers still get; repeatable (the
-    /// variable takes NAME,NAME).
-    #[arg(long, value_name = "NAME", env = "ANTEROOM_PASS_ENV", value_delimiter = ',')]
+    /// variable takes one NAME per line).
+    #[arg(long, value_name = "NAME", env = "ANTEROOM_PASS_ENV", value_delimiter = '\n')]
     pub pass_env: Vec<String>,
     /// Run workers (and the exec-worker shim) as this user, name or uid, with its supplementary groups;
     /// anteroom must be root, or already this user [default: as anteroom].
@@ -380,12 +380,12 @@ pub struct Settings {
     #[arg(long, value_name = "GROUP", env = "ANTEROOM_LISTEN_GROUP")]
     pub listen_group: Option<String>,
     /// A resource limit set in each worker before exec, as NAME=VALUE (nofile, core, as, nproc, cpu...; VALUE
-    /// N, SOFT:HARD or unlimited); repeatable (the variable takes NAME=VALUE,NAME=VALUE).
+    /// N, SOFT:HARD or unlimited); repeatable (the variable takes one NAME=VALUE per line).
     #[arg(
         long,
         value_name = "NAME=VALUE",
         env = "ANTEROOM_WORKER_RLIMIT",
-        value_delimiter = ','
+        value_delimiter = '\n'
     )]
     #[serde(
         deserialize_with = "units::rlimit_table",
@@ -1233,7 +1233,9 @@ mod tests {
             "--listen-group",
             "0",
             "--pass-env",
-            "A,B",
+            "A",
+            "--pass-env",
+            "B",
             "--pass-env",
             "C",
         ])
