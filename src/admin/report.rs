@@ -110,7 +110,7 @@ pub(super) struct Rates {
 
 impl Sampler {
     pub(super) fn record(&self, s: Sample) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = crate::sync::lock(&self.ring);
         while ring
             .front()
             .is_some_and(|o| s.at.duration_since(o.at) > KEEP_SAMPLES)
@@ -122,7 +122,7 @@ impl Sampler {
 
     /// Rates from the newest sample at least a second older than `now`.
     pub(super) fn rates(&self, now: &Sample) -> Rates {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = crate::sync::lock(&self.ring);
         let Some(base) = ring
             .iter()
             .rev()

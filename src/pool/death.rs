@@ -4,8 +4,9 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{lock, Shared, YOUNG};
+use super::{Shared, YOUNG};
 use crate::metrics::CauseLabels;
+use crate::sync::lock;
 pub use crate::sys::process::signal_name;
 
 /// Recent deaths kept for the status page.

@@ -56,6 +56,7 @@ use crate::metrics::Metrics;
 use crate::quarantine::{fingerprint, Quarantine, Verdict};
 use crate::queue::Queue;
 use crate::request::{error_response, Job};
+use crate::sync::lock;
 use crate::worker::{Link, Progress, WorkerError};
 use spawn::{SpawnSpec, Spawner};
 
@@ -277,10 +278,6 @@ fn leave_if_above_min(sh: &Shared) -> bool {
             (n > sh.cfg.workers).then(|| n - 1)
         })
         .is_ok()
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {

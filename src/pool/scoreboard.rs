@@ -4,7 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::slot::SlotState;
-use super::{lock, Death, Shared};
+use super::{Death, Shared};
+use crate::sync::lock;
 
 /// What the admin listener may see of the pool.
 #[derive(Clone)]
