@@ -630,9 +630,7 @@ async fn serve(
         sh.busy.fetch_add(1, Ordering::Relaxed);
         let begun = Instant::now();
         job.dispatched = Some(begun);
-        sh.metrics
-            .queue_wait
-            .observe(begun.duration_since(job.enqueued).as_secs_f64());
+        sh.metrics.queue_waited(begun.duration_since(job.enqueued));
         transition(sh, key, Event::Take, |r| {
             r.request = Some((job.id.clone(), job.summary()))
         });
