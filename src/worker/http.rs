@@ -14,7 +14,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use super::{Progress, WorkerError};
+use super::{BadResponse, Progress, WorkerError};
 use crate::cgi::is_hop_by_hop;
 use crate::request::{ChannelBody, Job, REQUEST_ID};
 use crate::spill::BodyStream;
@@ -86,7 +86,7 @@ impl Conn {
             } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                 WorkerError::Closed
             } else if e.is_parse() {
-                WorkerError::Protocol(e.to_string())
+                WorkerError::Protocol(BadResponse::Http(e))
             } else {
                 WorkerError::Io(std::io::Error::other(e))
             }
@@ -114,7 +114,7 @@ impl Conn {
                 if e.is_incomplete_message() {
                     WorkerError::Closed
                 } else {
-                    WorkerError::Protocol(e.to_string())
+                    WorkerError::Protocol(BadResponse::Http(e))
                 }
             })?;
             let body = body.to_bytes();
@@ -140,7 +140,7 @@ impl Conn {
                     return Err(if e.is_incomplete_message() {
                         WorkerError::Closed
                     } else {
-                        WorkerError::Protocol(e.to_string())
+                        WorkerError::Protocol(BadResponse::Http(e))
                     });
                 }
             };
@@ -193,7 +193,7 @@ fn build_request(job: &Job) -> Result<Request<BodyStream>, WorkerError> {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .parse()
-        .map_err(|e: http::uri::InvalidUri| WorkerError::Protocol(e.to_string()))?;
+        .map_err(|e: http::uri::InvalidUri| BadResponse::Request(Box::new(e)))?;
     let h = req.headers_mut();
     for (name, value) in head.headers.iter() {
         if !is_hop_by_hop(name) && name != CONTENT_LENGTH && name != REQUEST_ID {
