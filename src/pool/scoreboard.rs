@@ -30,7 +30,7 @@ pub struct WorkerInfo {
 impl PoolView {
     /// The most recent worker deaths, oldest first.
     pub fn recent_deaths(&self) -> Vec<Death> {
-        lock(&self.0.deaths).iter().cloned().collect()
+        self.0.deaths.recent()
     }
 
     /// Every worker slot, with its process and what it is doing.

@@ -90,7 +90,8 @@ impl Conn {
         };
         tokio::pin!(write);
         // Nothing of the request reached the worker: its end was closed before our first byte.
-        let not_delivered = |progress: &Progress| refused.load(Relaxed) && progress.received_bytes == 0;
+        let not_delivered =
+            |progress: &Progress| refused.load(Relaxed) && progress.received_bytes == 0;
 
         let mut answer = Answer::default();
         loop {
@@ -115,7 +116,9 @@ impl Conn {
                 };
                 if n == 0 {
                     if not_delivered(progress) {
-                        return Err(WorkerError::NotDelivered(std::io::ErrorKind::BrokenPipe.into()));
+                        return Err(WorkerError::NotDelivered(
+                            std::io::ErrorKind::BrokenPipe.into(),
+                        ));
                     }
                     return Err(WorkerError::Closed);
                 }

@@ -88,6 +88,9 @@ pub struct Progress {
     pub received_bytes: u64,
     /// The response head has gone to the client: no other answer can be given any more.
     pub head_sent: bool,
+    /// A first attempt on a kept-alive connection was closed by the worker before any byte of its answer,
+    /// and the request went again on a new connection (this attempt): the one retry it gets.
+    pub retried_after_close: bool,
 }
 
 pub enum Conn {
@@ -142,7 +145,10 @@ impl Link {
             {
                 tracing::debug!(id = %job.id, "kept-alive worker connection failed without an answer ({e}); sending on a new one");
                 let first = *progress;
-                *progress = Progress::default();
+                *progress = Progress {
+                    retried_after_close: true,
+                    ..Progress::default()
+                };
                 match self.serve_once(job, cfg, progress).await {
                     Err(again) if again.delivered_nothing() => {
                         *progress = first;
