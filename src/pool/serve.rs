@@ -422,8 +422,9 @@ fn died_holding(
     // A fingerprint in quarantine now gets no retry: that would only kill one more worker.
     let quarantined =
         matches!(verdict, Verdict::Quarantined { .. }) || sh.quarantine.blocked(&fp).is_some();
-    let first = job.deaths == 1 && !progress.retried_after_close;
-    if first && job.idempotent() && !job.client_gone() && !quarantined {
+    // (A new connection tried after the first one failed, but to a worker that was dying, killed nobody:
+    // unlike a close, it does not use up the retry.)
+    if job.deaths == 1 && job.idempotent() && !job.client_gone() && !quarantined {
         tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
         sh.queue.requeue(job);
     } else {
