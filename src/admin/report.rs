@@ -222,6 +222,15 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
         workers,
     );
 
+    kernel_gauges(&mut now, k);
+    encode_registry(&mut out, &now)?;
+    encode_eof(&mut out)?;
+    Ok(out)
+}
+
+/// The kernel's listen queues of the public listeners, somaxconn and the listen drop counters.
+fn kernel_gauges(now: &mut Registry, k: &Kernel) {
+    type Labels = Vec<(&'static str, String)>;
     let queued = Family::<Labels, Gauge>::default();
     let backlog = Family::<Labels, Gauge>::default();
     for l in &k.listeners {
@@ -264,9 +273,6 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
             ConstCounter::new(n),
         );
     }
-    encode_registry(&mut out, &now)?;
-    encode_eof(&mut out)?;
-    Ok(out)
 }
 
 #[derive(Debug, Serialize)]

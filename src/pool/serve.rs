@@ -300,18 +300,7 @@ fn failed(sh: &Shared, w: &mut Worker, mut job: Job, e: WorkerError, mut a: Atte
         && a.progress.received_bytes == 0
         && !a.progress.head_sent;
     if let Some(status) = a.exited.take() {
-        if closed_early {
-            let case = match &status {
-                Ok(st) => format!("worker process died ({})", super::describe(*st)),
-                Err(_) => "worker process died".into(),
-            };
-            close_event(w, &job, &case, &e.to_string());
-        }
-        // The worker died holding this request.
-        let request = held(&job, &a);
-        died_holding(sh, w, job, &a.progress, &status);
-        w.fate.held = Some(request);
-        return After::Exited(status);
+        return died(sh, w, job, &e, &a, closed_early, status);
     }
     if closed_early {
         close_event(w, &job, "worker alive but closed", &e.to_string());
@@ -331,6 +320,30 @@ fn failed(sh: &Shared, w: &mut Worker, mut job: Job, e: WorkerError, mut a: Atte
     }
     transition(sh, w.key, Event::Done, |_| {});
     After::Next
+}
+
+/// The worker died holding this request: a close event if it had answered nothing, then the death's
+/// consequences for the request; its death event follows from the slot.
+fn died(
+    sh: &Shared,
+    w: &mut Worker,
+    job: Job,
+    e: &WorkerError,
+    a: &Attempt,
+    closed_early: bool,
+    status: io::Result<ExitStatus>,
+) -> After {
+    if closed_early {
+        let case = match &status {
+            Ok(st) => format!("worker process died ({})", super::describe(*st)),
+            Err(_) => "worker process died".into(),
+        };
+        close_event(w, &job, &case, &e.to_string());
+    }
+    let request = held(&job, a);
+    died_holding(sh, w, job, &a.progress, &status);
+    w.fate.held = Some(request);
+    After::Exited(status)
 }
 
 fn done_unless_exited(sh: &Shared, w: &Worker, exited: Option<io::Result<ExitStatus>>) -> After {
