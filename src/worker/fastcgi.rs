@@ -76,9 +76,7 @@ impl Conn {
             match send_request(&mut wr, &out, &mut stdin).await {
                 Ok(()) => {
                     abort.notified().await;
-                    let mut rec = BytesMut::new();
-                    fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
-                    let _ = wr.write_all(&rec).await;
+                    let _ = wr.write_all(&abort_record()).await;
                 }
                 // The body's temp file could not be read: the worker would wait for the rest forever.
                 Err(Sending::Body(e)) => return e,
@@ -137,6 +135,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// FCGI_ABORT_REQUEST for our request.
+fn abort_record() -> BytesMut {
+    let mut rec = BytesMut::new();
+    fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
+    rec
 }
 
 /// Whether the response is complete.
