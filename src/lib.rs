@@ -33,6 +33,7 @@ pub mod request;
 pub mod server;
 pub mod sockdiag;
 pub mod spill;
+pub mod sync;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
 pub mod worker;

@@ -1,6 +1,13 @@
 //! What anteroom counts, in Prometheus terms. The rooms record into one shared [`Metrics`]; the admin
 //! listener encodes it on `GET /metrics` (adding the kernel's listen queues, read at scrape time).
+//!
+//! prometheus-client's counter families and histograms can be encoded but not read back, and `/status`
+//! wants the request totals and the queue wait: those are also kept in [`Totals`], which the same calls
+//! update, so that the admin report reads numbers rather than parsing our own Prometheus text.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -60,9 +67,30 @@ impl Rejection {
     }
 }
 
+/// What the admin report reads back: the request totals and the queue wait, as numbers.
+#[derive(Debug, Default)]
+struct Totals {
+    /// Requests answered, by (outcome, status), as `anteroom_requests_total`.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// The sum of the queue waits in microseconds, and how many there were.
+    wait_sum_us: AtomicU64,
+    wait_count: AtomicU64,
+}
+
+/// The totals at one moment (see [`Metrics::totals`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TotalsSnapshot {
+    /// Requests answered, by (outcome, status).
+    pub requests: BTreeMap<(&'static str, u16), u64>,
+    /// Sum of the queue waits of the requests a worker took, in seconds.
+    pub wait_sum: f64,
+    /// How many requests a worker took.
+    pub wait_count: u64,
+}
+
 pub struct Metrics {
     pub queue_limit: Gauge,
-    pub queue_wait: Histogram,
+    queue_wait: Histogram,
     pub request_duration: Histogram,
     pub requests: Family<StatusLabels, Counter>,
     pub rejections: Family<ReasonLabels, Counter>,
@@ -73,6 +101,7 @@ pub struct Metrics {
     pub connections_limit: Gauge,
     pub connections_idle_closed: Counter,
     pub connections_refused: Counter,
+    totals: Totals,
     registry: Registry,
 }
 
@@ -105,6 +134,7 @@ impl Metrics {
             connections_limit: Gauge::default(),
             connections_idle_closed: Counter::default(),
             connections_refused: Counter::default(),
+            totals: Totals::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -181,7 +211,27 @@ impl Metrics {
         self.requests
             .get_or_create(&StatusLabels { outcome, status })
             .inc();
+        *crate::sync::lock(&self.totals.requests)
+            .entry((outcome, status))
+            .or_default() += 1;
         self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// A worker took a request that waited `wait` in the queue.
+    pub fn queue_waited(&self, wait: Duration) {
+        self.queue_wait.observe(wait.as_secs_f64());
+        let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        self.totals.wait_sum_us.fetch_add(us, Relaxed);
+        self.totals.wait_count.fetch_add(1, Relaxed);
+    }
+
+    /// The request totals and the queue wait now.
+    pub fn totals(&self) -> TotalsSnapshot {
+        TotalsSnapshot {
+            requests: crate::sync::lock(&self.totals.requests).clone(),
+            wait_sum: self.totals.wait_sum_us.load(Relaxed) as f64 / 1e6,
+            wait_count: self.totals.wait_count.load(Relaxed),
+        }
     }
 }
 
@@ -214,5 +264,23 @@ mod tests {
             out.contains("anteroom_request_duration_seconds_bucket"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn totals_follow_the_counters() {
+        let m = Metrics::new();
+        m.answered("served", 200, Duration::from_millis(3));
+        m.answered("served", 200, Duration::from_millis(3));
+        m.answered("failed", 502, Duration::from_millis(3));
+        m.queue_waited(Duration::from_millis(10));
+        m.queue_waited(Duration::from_millis(30));
+        let t = m.totals();
+        assert_eq!(t.requests.get(&("served", 200)), Some(&2));
+        assert_eq!(t.requests.get(&("failed", 502)), Some(&1));
+        assert_eq!(t.wait_count, 2);
+        assert!((t.wait_sum - 0.040).abs() < 1e-9, "{}", t.wait_sum);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, m.registry()).unwrap();
+        assert!(out.contains("anteroom_queue_wait_seconds_count 2"), "{out}");
     }
 }

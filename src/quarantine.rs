@@ -142,7 +142,7 @@ impl Quarantine {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Forgets what has aged out, so the map cannot grow with every URL that ever crashed once.

@@ -107,7 +107,7 @@ impl Queue {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in a few lines below; the data stays consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Queues `job`, or refuses it at once if the queue is full.

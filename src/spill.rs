@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::request::BoxError;
+use crate::sync::lock;
 
 /// Bytes read from a temp file at a time, towards a worker or a client.
 const CHUNK: u64 = 64 << 10;
@@ -192,10 +193,6 @@ fn start_trimmer() {
 /// The settings given to [`start`], or the defaults.
 pub fn settings() -> &'static Settings {
     SETTINGS.get_or_init(Settings::default)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn blocking<T: Send + 'static>(

@@ -63,14 +63,6 @@ impl WithAdmin {
     }
 }
 
-/// The value of the sample `name` (with its labels, exactly as encoded) in a metrics text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
 #[test]
 fn health_live_and_ready_then_not_ready_in_a_crash_loop() {
     let w = WithAdmin::start(&["--workers", "2"], &[], true);

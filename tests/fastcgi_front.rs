@@ -312,11 +312,7 @@ fn open_fds(pid: u32) -> usize {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
+    common::metric(text, name).unwrap_or(f64::NAN)
 }
 
 #[test]

@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, children, fault_result, free_port, long_form, read_response, signal, wait_timeout,
-    wait_until, BIN,
+    alive, children, fault_result, free_port, long_form, metric, read_response, signal,
+    wait_timeout, wait_until, BIN,
 };
 
 /// anteroom with its admin listener, optionally with RLIMIT_NOFILE set (soft and hard) before exec.
@@ -147,23 +147,6 @@ fn get_timeout(addr: SocketAddr, path: &str, limit: Duration) -> std::io::Result
     s.set_write_timeout(Some(limit))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())?;
     read_response(&mut s)
-}
-
-/// The value of the first sample named `name` (with or without labels).
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let rest = if rest.starts_with('{') {
-            rest.split_once('}')?.1
-        } else {
-            rest
-        };
-        rest.strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
 }
 
 /// Server-side TCP sockets of 127.0.0.1:`port` that are open (ESTABLISHED or CLOSE_WAIT), from

@@ -108,12 +108,7 @@ fn is_pattern(body: &[u8]) -> bool {
 }
 
 fn admin_metric(admin: SocketAddr, series: &str) -> f64 {
-    let r = get(admin, "/metrics");
-    r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric(&get(admin, "/metrics").text(), series).unwrap_or(0.0)
 }
 
 /// anteroom with its admin listener, temp files in a directory of the test's own.

@@ -38,21 +38,19 @@ pub(super) struct Sample {
     by_status: BTreeMap<u16, u64>,
 }
 
-/// Reads the totals now. The registry does not let a counter family or a histogram be read back (outside
-/// prometheus-client's test-util feature), so they are read from its encoded text (a few kilobytes).
+/// Reads the totals now.
 pub(super) fn sample(metrics: &Metrics) -> Sample {
-    let mut text = String::new();
-    let _ = encode_registry(&mut text, metrics.registry());
+    let t = metrics.totals();
     let mut s = Sample {
         at: Instant::now(),
-        wait_sum: sample_value(&text, "anteroom_queue_wait_seconds_sum").unwrap_or(0.0),
-        wait_count: sample_value(&text, "anteroom_queue_wait_seconds_count").unwrap_or(0.0) as u64,
+        wait_sum: t.wait_sum,
+        wait_count: t.wait_count,
         served: 0,
         refused: 0,
         failed: 0,
         by_status: BTreeMap::new(),
     };
-    for (outcome, status, n) in parse_requests(&text) {
+    for ((outcome, status), n) in t.requests {
         match outcome {
             "served" => s.served += n,
             "refused" => s.refused += n,
@@ -62,33 +60,6 @@ pub(super) fn sample(metrics: &Metrics) -> Sample {
         *s.by_status.entry(status).or_default() += n;
     }
     s
-}
-
-/// The value of the unlabelled sample `name`.
-fn sample_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
-/// `(outcome, status, count)` of every `anteroom_requests_total{outcome="..",status=".."} N` line.
-fn parse_requests(text: &str) -> impl Iterator<Item = (&str, u16, u64)> {
-    text.lines().filter_map(|line| {
-        let rest = line.strip_prefix("anteroom_requests_total{")?;
-        let (labels, value) = rest.split_once('}')?;
-        let value = value.split_whitespace().next()?;
-        let n = value
-            .parse::<u64>()
-            .ok()
-            .or_else(|| value.parse::<f64>().ok().map(|f| f as u64))?;
-        let label = |name: &str| {
-            let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
-            let len = labels[start..].find('"')?;
-            Some(&labels[start..start + len])
-        };
-        Some((label("outcome")?, label("status")?.parse().ok()?, n))
-    })
 }
 
 /// Recent samples, so that a rate over the last second is at hand whoever asks and whenever.
@@ -110,7 +81,7 @@ pub(super) struct Rates {
 
 impl Sampler {
     pub(super) fn record(&self, s: Sample) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = crate::sync::lock(&self.ring);
         while ring
             .front()
             .is_some_and(|o| s.at.duration_since(o.at) > KEEP_SAMPLES)
@@ -122,7 +93,7 @@ impl Sampler {
 
     /// Rates from the newest sample at least a second older than `now`.
     pub(super) fn rates(&self, now: &Sample) -> Rates {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = crate::sync::lock(&self.ring);
         let Some(base) = ring
             .iter()
             .rev()
@@ -251,6 +222,15 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
         workers,
     );
 
+    kernel_gauges(&mut now, k);
+    encode_registry(&mut out, &now)?;
+    encode_eof(&mut out)?;
+    Ok(out)
+}
+
+/// The kernel's listen queues of the public listeners, somaxconn and the listen drop counters.
+fn kernel_gauges(now: &mut Registry, k: &Kernel) {
+    type Labels = Vec<(&'static str, String)>;
     let queued = Family::<Labels, Gauge>::default();
     let backlog = Family::<Labels, Gauge>::default();
     for l in &k.listeners {
@@ -293,9 +273,6 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
             ConstCounter::new(n),
         );
     }
-    encode_registry(&mut out, &now)?;
-    encode_eof(&mut out)?;
-    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -451,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_summed_from_the_text() {
+    fn requests_are_summed_from_the_totals() {
         let m = Metrics::new();
         m.answered("served", 200, Duration::from_millis(1));
         m.answered("served", 200, Duration::from_millis(1));
@@ -477,8 +454,8 @@ mod tests {
         for _ in 0..10 {
             m.answered("served", 200, Duration::from_millis(1));
         }
-        m.queue_wait.observe(0.010);
-        m.queue_wait.observe(0.030);
+        m.queue_waited(Duration::from_millis(10));
+        m.queue_waited(Duration::from_millis(30));
         let r = sampler.rates(&sample(&m));
         let secs = r.window_s.unwrap();
         assert!((1.9..2.5).contains(&secs), "{secs}");

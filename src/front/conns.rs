@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ratelog::LogLimit;
+use crate::sync::lock;
 
 /// Descriptors anteroom needs whatever the load: stdio, the runtime's epoll and wakers, the signal pipe,
 /// netlink and /proc reads (admin page, worker readiness), the spawner's transient pipes (exec error,
@@ -188,10 +189,6 @@ impl Idle {
         self.order.insert(self.next, token);
         self.next
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A snapshot for the status page.

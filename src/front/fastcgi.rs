@@ -42,6 +42,7 @@ use crate::request::{
     client_closed, new_request_id, request_id, Job, Origin, Reply, RequestBody, RequestHead,
 };
 use crate::spill::BodyWriter;
+use crate::sync::lock;
 
 /// Requests one connection may have in flight at once.
 pub const MAX_REQS_PER_CONN: usize = 256;
@@ -77,10 +78,6 @@ pub fn start(
 }
 
 type Active = Arc<std::sync::Mutex<std::collections::HashSet<u16>>>;
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What the request tasks send to the connection's writer.
 enum Out {

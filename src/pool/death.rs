@@ -1,18 +1,18 @@
-//! Why a worker ended, said once and kept: the death event, the list of recent deaths, the crash-loop
-//! log limiter and --crash-exit's count.
+//! Why a worker ended, said once and kept: the death event and the list of recent deaths. (The crash-loop
+//! log limiter and --crash-exit's count are the supervisor's: they span all slots.)
 
+use std::collections::VecDeque;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
-use super::{lock, Shared, YOUNG};
+use super::{Shared, YOUNG};
 use crate::metrics::CauseLabels;
+use crate::sync::lock;
 pub use crate::sys::process::signal_name;
 
 /// Recent deaths kept for the status page.
 const RECENT_DEATHS: usize = 50;
-
-/// At most one crash-loop log line per this period; the rest are counted into it.
-const LOOP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a worker process ended, as attributed by its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +92,71 @@ pub struct Death {
     pub quarantine: Option<String>,
 }
 
+/// A worker's last output lines, shared with the tasks that log its output.
+pub(super) type Tail = std::sync::Arc<Mutex<VecDeque<String>>>;
+
+/// How a worker ended, as far as its death event goes: filled in by its slot as its life goes on.
+pub(super) struct Fate {
+    pub(super) cause: Cause,
+    /// The request it held when it died.
+    pub(super) held: Option<HeldRequest>,
+    /// Why it never became ready.
+    pub(super) start_failure: Option<String>,
+    /// What its death did to the request's standing with the quarantine.
+    pub(super) quarantine: Option<String>,
+    /// Whether the OOM killer was asked about this death already (each kill explains one death).
+    oom_checked: bool,
+    /// anteroom ended it (SIGTERM, then SIGKILL after the grace period): not the OOM killer.
+    pub(super) terminated: bool,
+    /// The OOM kill counter when it started.
+    oom_at_start: Option<u64>,
+}
+
+impl Fate {
+    pub(super) fn new(oom_at_start: Option<u64>) -> Fate {
+        Fate {
+            cause: Cause::Crashed,
+            held: None,
+            start_failure: None,
+            quarantine: None,
+            oom_checked: false,
+            terminated: false,
+            oom_at_start,
+        }
+    }
+
+    /// Crashed, or Oom when the process was SIGKILLed and an OOM kill since its start explains it.
+    pub(super) fn attribute(&mut self, sh: &Shared, status: &std::io::Result<ExitStatus>) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        if self.oom_checked || self.terminated {
+            return self.cause == Cause::Oom;
+        }
+        self.oom_checked = true;
+        let killed = matches!(status, Ok(st) if st.signal() == Some(libc::SIGKILL));
+        let oom = killed && sh.oom.explains(self.oom_at_start);
+        if oom {
+            self.cause = Cause::Oom;
+        }
+        oom
+    }
+}
+
+/// The most recent deaths, oldest first, for the status page.
 #[derive(Default)]
-pub(super) struct LoopLog {
-    pub(super) last: Option<Instant>,
-    pub(super) suppressed: u32,
+pub(super) struct Deaths(Mutex<VecDeque<Death>>);
+
+impl Deaths {
+    fn push(&self, d: &Death) {
+        let mut deaths = lock(&self.0);
+        if deaths.len() == RECENT_DEATHS {
+            deaths.pop_front();
+        }
+        deaths.push_back(d.clone());
+    }
+
+    pub(super) fn recent(&self) -> Vec<Death> {
+        lock(&self.0).iter().cloned().collect()
+    }
 }
 
 /// Logs a death as one event, keeps it for the status page, and counts it towards --crash-exit.
@@ -147,62 +208,13 @@ pub(super) fn record_death(sh: &Shared, d: &Death) {
         }
     };
     if young && matches!(d.cause, Cause::Crashed | Cause::Oom) {
-        loop_event(sh, log);
+        sh.crashes.loop_event(log);
     } else {
         log();
     }
-    {
-        let mut deaths = lock(&sh.deaths);
-        if deaths.len() == RECENT_DEATHS {
-            deaths.pop_front();
-        }
-        deaths.push_back(d.clone());
-    }
+    sh.deaths.push(d);
     if d.cause != Cause::Retired {
-        if let Some(limit) = sh.cfg.crash_exit {
-            let now = Instant::now();
-            let mut times = lock(&sh.crash_times);
-            times.push_back(now);
-            while times
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > limit.within)
-            {
-                times.pop_front();
-            }
-            if times.len() as u32 >= limit.deaths {
-                tracing::error!(
-                    "{} unexpected worker deaths within {:?} (--crash-exit): exiting with code {}",
-                    times.len(),
-                    limit.within,
-                    crate::sys::exit::CRASH_LOOP
-                );
-                sh.fatal.cancel();
-            }
-        }
-    }
-}
-
-/// Crash loops: the first event in a period is logged with how many were left unsaid since the last.
-pub(super) fn loop_event(sh: &Shared, log: impl FnOnce()) {
-    let mut ll = lock(&sh.loop_log);
-    let now = Instant::now();
-    if ll
-        .last
-        .is_none_or(|t| now.duration_since(t) >= LOOP_LOG_EVERY)
-    {
-        if ll.suppressed > 0 {
-            tracing::warn!(
-                "{} more failed worker starts in the last {:?} were not logged one by one; workers restart with growing delays (0.1 s doubling to 30 s)",
-                ll.suppressed,
-                ll.last.map(|t| now.duration_since(t)).unwrap_or_default()
-            );
-        }
-        ll.last = Some(now);
-        ll.suppressed = 0;
-        drop(ll);
-        log();
-    } else {
-        ll.suppressed += 1;
+        sh.crashes.count(sh.cfg.crash_exit.as_ref());
     }
 }
 

@@ -55,7 +55,7 @@ impl OomWatch {
         let (Some(start), Some(now)) = (at_start, self.count()) else {
             return false;
         };
-        let mut consumed = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut consumed = crate::sync::lock(&self.consumed);
         let (yes, next) = attribute(now, start, *consumed);
         *consumed = next;
         yes

@@ -103,12 +103,11 @@ pub(super) async fn log_lines(
             continue;
         }
         tracing::info!(target: "worker", slot, pid, stream = name, "{line}");
-        if let Ok(mut t) = tail.lock() {
-            if t.len() == TAIL_LINES {
-                t.pop_front();
-            }
-            t.push_back(line.to_string());
+        let mut t = crate::sync::lock(&tail);
+        if t.len() == TAIL_LINES {
+            t.pop_front();
         }
+        t.push_back(line.to_string());
     }
 }
 

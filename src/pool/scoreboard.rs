@@ -4,7 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::slot::SlotState;
-use super::{lock, Death, Shared};
+use super::{Death, Shared};
+use crate::sync::lock;
 
 /// What the admin listener may see of the pool.
 #[derive(Clone)]
@@ -29,7 +30,7 @@ pub struct WorkerInfo {
 impl PoolView {
     /// The most recent worker deaths, oldest first.
     pub fn recent_deaths(&self) -> Vec<Death> {
-        lock(&self.0.deaths).iter().cloned().collect()
+        self.0.deaths.recent()
     }
 
     /// Every worker slot, with its process and what it is doing.

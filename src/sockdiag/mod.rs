@@ -149,6 +149,26 @@ pub fn unix_listener_queue(inode: u64) -> Result<Option<u32>, SockDiagError> {
         .map(|s| s.queued))
 }
 
+/// A process that holds a socket, by pid and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub name: Option<String>,
+}
+
+/// The processes in the tree under `root` (itself included) that hold the socket with this inode, lowest
+/// pid first: who may accept on a listening socket handed to `root`. Processes we may not look into are
+/// left out.
+pub fn tree_holders(root: u32, inode: u64) -> Vec<Holder> {
+    procfs::tree_holders(procfs::PROC, root, inode)
+        .into_iter()
+        .map(|o| Holder {
+            pid: o.pid,
+            name: o.name,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,6 +129,52 @@ pub(crate) fn owners(proc_root: &str, wanted: &HashSet<u64>) -> HashMap<u64, Own
         .collect()
 }
 
+/// The processes in the tree under `root` (itself included) that hold socket `inode`, by pid, with their
+/// names: who may accept on a socket handed to `root`. Costs a read of every process's `stat` and a
+/// readlink per descriptor of the tree's processes.
+pub(crate) fn tree_holders(proc_root: &str, root: u32, inode: u64) -> Vec<Owner> {
+    let proc_root = Path::new(proc_root);
+    let Ok(procs) = fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(parent) = parent_of(proc_root, pid) {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while let Some(&pid) = tree.get(i) {
+        tree.extend(children.get(&pid).into_iter().flatten().copied());
+        i += 1;
+    }
+    let holds = |pid: u32| {
+        fs::read_dir(proc_root.join(pid.to_string()).join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).ok().and_then(|t| socket_inode(&t)) == Some(inode))
+    };
+    let mut found: Vec<Owner> = tree
+        .into_iter()
+        .filter(|&pid| holds(pid))
+        .map(|pid| Owner {
+            pid,
+            name: process_name(proc_root, pid),
+        })
+        .collect();
+    found.sort_by_key(|o| o.pid);
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +235,28 @@ MPTcpExt: 0
             )
             .unwrap();
         }
+    }
+
+    #[test]
+    fn tree_holders_are_the_root_and_its_descendants_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // A manager (600) whose child (601) and grandchild (602) share its socket 30; an unrelated
+        // process (700) holds 30 too, and a child (603) holds nothing.
+        fake_process(root, 600, 1, "perl-fcgi-pm", &[30]);
+        fake_process(root, 601, 600, "perl-fcgi", &[30]);
+        fake_process(root, 602, 601, "perl-fcgi", &[30, 31]);
+        fake_process(root, 603, 600, "sh", &[]);
+        fake_process(root, 700, 1, "other", &[30]);
+        let r = root.to_str().unwrap();
+        let pids: Vec<u32> = tree_holders(r, 600, 30).iter().map(|o| o.pid).collect();
+        assert_eq!(pids, [600, 601, 602]);
+        assert_eq!(
+            tree_holders(r, 600, 30)[1].name.as_deref(),
+            Some("perl-fcgi")
+        );
+        assert!(tree_holders(r, 603, 30).is_empty());
+        assert!(tree_holders("/nonexistent", 1, 30).is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
-use super::{Progress, WorkerError};
+use super::{BadResponse, Progress, WorkerError};
 use crate::cgi;
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 use crate::request::{BodySender, ChannelBody, Job};
@@ -76,9 +76,7 @@ impl Conn {
             match send_request(&mut wr, &out, &mut stdin).await {
                 Ok(()) => {
                     abort.notified().await;
-                    let mut rec = BytesMut::new();
-                    fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
-                    let _ = wr.write_all(&rec).await;
+                    let _ = wr.write_all(&abort_record()).await;
                 }
                 // The body's temp file could not be read: the worker would wait for the rest forever.
                 Err(Sending::Body(e)) => return e,
@@ -89,39 +87,33 @@ impl Conn {
             std::future::pending::<std::io::Error>().await
         };
         tokio::pin!(write);
-        let mut aborted = false;
+        // Nothing of the request reached the worker: its end was closed before our first byte.
+        let not_delivered =
+            |progress: &Progress| refused.load(Relaxed) && progress.received_bytes == 0;
 
-        let mut head = BytesMut::new();
-        // The parsed head and the body so far, held back until the end or until the body is large: a
-        // response whose length is known gets a Content-Length, which HTTP/1.0 keep-alive clients need.
-        let mut held: Option<(http::StatusCode, http::HeaderMap, BytesMut)> = None;
-        let mut body_tx = None;
+        let mut answer = Answer::default();
         loop {
             let record = loop {
-                match fcgi::decode_record(&mut self.buf) {
-                    Ok(Some(r)) => break r,
-                    Ok(None) => {}
-                    Err(e) => return Err(WorkerError::Protocol(e.to_string())),
+                if let Some(r) = fcgi::decode_record(&mut self.buf)? {
+                    break r;
                 }
                 let n = tokio::select! {
                     e = &mut write => return Err(WorkerError::Io(e)),
                     n = rd.read_buf(&mut self.buf) => match n {
-                        Err(e) if refused.load(Relaxed) && progress.received_bytes == 0 => {
-                            return Err(WorkerError::NotDelivered(e))
-                        }
+                        Err(e) if not_delivered(progress) => return Err(WorkerError::NotDelivered(e)),
                         n => n?,
                     },
-                    () = client_gone(&mut job.reply, body_tx.as_ref()), if !aborted => {
+                    () = client_gone(&mut job.reply, answer.body_tx.as_ref()), if !answer.aborted => {
                         // Nobody waits for this answer: tell the worker, then read on to its
                         // END_REQUEST so that the worker is back in rotation.
                         tracing::debug!(id = %job.id, "client gone: FCGI_ABORT_REQUEST to the worker");
-                        aborted = true;
+                        answer.aborted = true;
                         abort.notify_one();
                         continue;
                     }
                 };
                 if n == 0 {
-                    if refused.load(Relaxed) && progress.received_bytes == 0 {
+                    if not_delivered(progress) {
                         return Err(WorkerError::NotDelivered(
                             std::io::ErrorKind::BrokenPipe.into(),
                         ));
@@ -130,96 +122,152 @@ impl Conn {
                 }
             };
             if record.request_id != REQUEST_ID {
-                return Err(WorkerError::Protocol(format!(
+                return Err(WorkerError::bad(format!(
                     "record of type {} for request id {}, expected {REQUEST_ID}",
                     record.kind, record.request_id
                 )));
             }
-            match record.kind {
-                fcgi::STDOUT if record.content.is_empty() => {}
-                fcgi::STDOUT => {
-                    progress.received_bytes += record.content.len() as u64;
-                    if let Some(tx) = &mut body_tx {
-                        // A client that has gone is no reason to stop reading: the worker must finish
-                        // to be reusable (the sender drops what nobody reads).
-                        tx.send(record.content).await;
-                        continue;
-                    }
-                    if let Some((_, _, body)) = &mut held {
-                        body.extend_from_slice(&record.content);
-                        if body.len() > HOLD_BODY {
-                            if let Some((status, headers, body)) = held.take() {
-                                let (mut tx, chan) = ChannelBody::new();
-                                // The client gets its body first: without a disk, send waits for it.
-                                job.respond(response(status, headers, chan.boxed_unsync()));
-                                progress.head_sent = true;
-                                tx.send(body.freeze()).await;
-                                body_tx = Some(tx);
-                            }
-                        }
-                        continue;
-                    }
-                    head.extend_from_slice(&record.content);
-                    if let Some(end) = cgi::head_end(&head) {
-                        let rest = head.split_off(end);
-                        let (status, headers) = cgi::parse_head(&head[..end])
-                            .map_err(|e| WorkerError::Protocol(e.to_string()))?;
-                        held = Some((status, headers, rest));
-                    } else if head.len() > MAX_HEAD {
-                        return Err(WorkerError::Protocol(format!(
-                            "no blank line after the first {MAX_HEAD} bytes of the response head"
-                        )));
-                    }
-                }
-                fcgi::STDERR => {
-                    for line in String::from_utf8_lossy(&record.content).lines() {
-                        if !line.trim().is_empty() {
-                            tracing::info!(target: "worker", id = %job.id, stream = "fcgi-stderr", "{line}");
-                        }
-                    }
-                }
-                fcgi::END_REQUEST => {
-                    let end = EndRequest::parse(&record.content)
-                        .map_err(|e| WorkerError::Protocol(e.to_string()))?;
-                    if end.protocol_status != fcgi::REQUEST_COMPLETE {
-                        return Err(WorkerError::Protocol(format!(
-                            "the worker refused the request (protocol status {})",
-                            match end.protocol_status {
-                                fcgi::CANT_MPX_CONN => "CANT_MPX_CONN",
-                                fcgi::OVERLOADED => "OVERLOADED",
-                                fcgi::UNKNOWN_ROLE => "UNKNOWN_ROLE",
-                                _ => "unknown",
-                            }
-                        )));
-                    }
-                    if let Some((status, mut headers, body)) = held.take() {
-                        if job.head.method != http::Method::HEAD || !body.is_empty() {
-                            headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-                        }
-                        let body =
-                            crate::spill::whole(crate::spill::settings(), body.freeze()).await;
-                        job.respond(response(status, headers, body));
-                        progress.head_sent = true;
-                    } else if let Some(tx) = body_tx.take() {
-                        tx.finish();
-                    } else {
-                        return Err(WorkerError::Protocol(if head.is_empty() {
-                            "the worker ended the request without writing a response".into()
-                        } else {
-                            format!(
-                                "the response head has no blank line after it: {:?}",
-                                String::from_utf8_lossy(&head[..head.len().min(200)])
-                            )
-                        }));
-                    }
-                    // Anything left means the worker does not keep connections as asked; after an abort
-                    // the stream's state is the worker's guess. Either way, start afresh next time.
-                    self.keep = self.buf.is_empty() && !aborted;
-                    return Ok(());
-                }
-                _ => {}
+            if let Step::Done = answer.take(record, job, progress).await? {
+                // Anything left means the worker does not keep connections as asked; after an abort
+                // the stream's state is the worker's guess. Either way, start afresh next time.
+                self.keep = self.buf.is_empty() && !answer.aborted;
+                return Ok(());
             }
         }
+    }
+}
+
+/// FCGI_ABORT_REQUEST for our request.
+fn abort_record() -> BytesMut {
+    let mut rec = BytesMut::new();
+    fcgi::encode_record(fcgi::ABORT_REQUEST, REQUEST_ID, &[], &mut rec);
+    rec
+}
+
+/// Whether the response is complete.
+enum Step {
+    More,
+    Done,
+}
+
+/// The response as its records come: the head's bytes until its blank line, then the parsed head with
+/// the body held back (a response whose length is known gets a Content-Length, which HTTP/1.0 keep-alive
+/// clients need), then, once the body is large, the channel it streams through.
+#[derive(Default)]
+struct Answer {
+    head: BytesMut,
+    held: Option<(http::StatusCode, http::HeaderMap, BytesMut)>,
+    body_tx: Option<BodySender>,
+    /// FCGI_ABORT_REQUEST went to the worker: the client left.
+    aborted: bool,
+}
+
+impl Answer {
+    async fn take(
+        &mut self,
+        record: fcgi::Record,
+        job: &mut Job,
+        progress: &mut Progress,
+    ) -> Result<Step, WorkerError> {
+        match record.kind {
+            fcgi::STDOUT if record.content.is_empty() => {}
+            fcgi::STDOUT => {
+                progress.received_bytes += record.content.len() as u64;
+                self.stdout(record.content, job, progress).await?;
+            }
+            fcgi::STDERR => {
+                for line in String::from_utf8_lossy(&record.content).lines() {
+                    if !line.trim().is_empty() {
+                        tracing::info!(target: "worker", id = %job.id, stream = "fcgi-stderr", "{line}");
+                    }
+                }
+            }
+            fcgi::END_REQUEST => {
+                self.end(&EndRequest::parse(&record.content)?, job, progress)
+                    .await?;
+                return Ok(Step::Done);
+            }
+            _ => {}
+        }
+        Ok(Step::More)
+    }
+
+    async fn stdout(
+        &mut self,
+        content: bytes::Bytes,
+        job: &mut Job,
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
+        if let Some(tx) = &mut self.body_tx {
+            // A client that has gone is no reason to stop reading: the worker must finish to be
+            // reusable (the sender drops what nobody reads).
+            tx.send(content).await;
+            return Ok(());
+        }
+        if let Some((_, _, body)) = &mut self.held {
+            body.extend_from_slice(&content);
+            if body.len() > HOLD_BODY {
+                if let Some((status, headers, body)) = self.held.take() {
+                    let (mut tx, chan) = ChannelBody::new();
+                    // The client gets its body first: without a disk, send waits for it.
+                    job.respond(response(status, headers, chan.boxed_unsync()));
+                    progress.head_sent = true;
+                    tx.send(body.freeze()).await;
+                    self.body_tx = Some(tx);
+                }
+            }
+            return Ok(());
+        }
+        self.head.extend_from_slice(&content);
+        if let Some(end) = cgi::head_end(&self.head) {
+            let rest = self.head.split_off(end);
+            let (status, headers) = cgi::parse_head(&self.head[..end])?;
+            self.held = Some((status, headers, rest));
+        } else if self.head.len() > MAX_HEAD {
+            return Err(WorkerError::bad(format!(
+                "no blank line after the first {MAX_HEAD} bytes of the response head"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn end(
+        &mut self,
+        end: &EndRequest,
+        job: &mut Job,
+        progress: &mut Progress,
+    ) -> Result<(), WorkerError> {
+        if end.protocol_status != fcgi::REQUEST_COMPLETE {
+            return Err(WorkerError::bad(format!(
+                "the worker refused the request (protocol status {})",
+                match end.protocol_status {
+                    fcgi::CANT_MPX_CONN => "CANT_MPX_CONN",
+                    fcgi::OVERLOADED => "OVERLOADED",
+                    fcgi::UNKNOWN_ROLE => "UNKNOWN_ROLE",
+                    _ => "unknown",
+                }
+            )));
+        }
+        if let Some((status, mut headers, body)) = self.held.take() {
+            if job.head.method != http::Method::HEAD || !body.is_empty() {
+                headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+            }
+            let body = crate::spill::whole(crate::spill::settings(), body.freeze()).await;
+            job.respond(response(status, headers, body));
+            progress.head_sent = true;
+        } else if let Some(tx) = self.body_tx.take() {
+            tx.finish();
+        } else {
+            return Err(WorkerError::bad(if self.head.is_empty() {
+                "the worker ended the request without writing a response".into()
+            } else {
+                format!(
+                    "the response head has no blank line after it: {:?}",
+                    String::from_utf8_lossy(&self.head[..self.head.len().min(200)])
+                )
+            }));
+        }
+        Ok(())
     }
 }
 
@@ -285,7 +333,8 @@ async fn send_request<W: tokio::io::AsyncWrite + Unpin>(
 fn encode_request(job: &Job, fixed: &[(String, String)]) -> Result<BytesMut, WorkerError> {
     let mut pairs = Vec::with_capacity(1024);
     let mut put = |k: &[u8], v: &[u8]| {
-        fcgi::encode_pair(k, v, &mut pairs).map_err(|e| WorkerError::Protocol(e.to_string()))
+        fcgi::encode_pair(k, v, &mut pairs)
+            .map_err(|e| WorkerError::Protocol(BadResponse::Request(Box::new(e))))
     };
     match &job.cgi_params {
         Some(given) => {

@@ -14,7 +14,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use super::{Progress, WorkerError};
+use super::{BadResponse, Progress, WorkerError};
 use crate::cgi::is_hop_by_hop;
 use crate::request::{ChannelBody, Job, REQUEST_ID};
 use crate::spill::BodyStream;
@@ -86,12 +86,12 @@ impl Conn {
             } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
                 WorkerError::Closed
             } else if e.is_parse() {
-                WorkerError::Protocol(e.to_string())
+                WorkerError::Protocol(BadResponse::Http(e))
             } else {
                 WorkerError::Io(std::io::Error::other(e))
             }
         })?;
-        let (mut parts, mut incoming) = resp.into_parts();
+        let (mut parts, incoming) = resp.into_parts();
         self.keep = keeps_alive(&parts);
         let hop: Vec<_> = parts
             .headers
@@ -114,7 +114,7 @@ impl Conn {
                 if e.is_incomplete_message() {
                     WorkerError::Closed
                 } else {
-                    WorkerError::Protocol(e.to_string())
+                    WorkerError::Protocol(BadResponse::Http(e))
                 }
             })?;
             let body = body.to_bytes();
@@ -124,34 +124,45 @@ impl Conn {
             progress.head_sent = true;
             return Ok(());
         }
-        let (mut tx, body) = ChannelBody::new();
-        job.respond(Response::from_parts(parts, body.boxed_unsync()));
-        progress.head_sent = true;
-        loop {
-            let frame = tokio::select! {
-                f = incoming.frame() => f,
-                () = tx.closed() => return Err(WorkerError::ClientGone),
-            };
-            let Some(frame) = frame else { break };
-            let frame = match frame {
-                Ok(f) => f,
-                Err(e) => {
-                    tx.fail("the worker's response was cut short");
-                    return Err(if e.is_incomplete_message() {
-                        WorkerError::Closed
-                    } else {
-                        WorkerError::Protocol(e.to_string())
-                    });
-                }
-            };
-            if let Ok(data) = frame.into_data() {
-                progress.received_bytes += data.len() as u64;
-                tx.send(data).await;
-            }
-        }
-        tx.finish();
-        Ok(())
+        relay(parts, incoming, job, progress).await
     }
+}
+
+/// A large or unsized body: the head goes to the client now, the body follows through a channel (which
+/// spills what the client has not read) frame by frame.
+async fn relay(
+    parts: http::response::Parts,
+    mut incoming: hyper::body::Incoming,
+    job: &mut Job,
+    progress: &mut Progress,
+) -> Result<(), WorkerError> {
+    let (mut tx, body) = ChannelBody::new();
+    job.respond(Response::from_parts(parts, body.boxed_unsync()));
+    progress.head_sent = true;
+    loop {
+        let frame = tokio::select! {
+            f = incoming.frame() => f,
+            () = tx.closed() => return Err(WorkerError::ClientGone),
+        };
+        let Some(frame) = frame else { break };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                tx.fail("the worker's response was cut short");
+                return Err(if e.is_incomplete_message() {
+                    WorkerError::Closed
+                } else {
+                    WorkerError::Protocol(BadResponse::Http(e))
+                });
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            progress.received_bytes += data.len() as u64;
+            tx.send(data).await;
+        }
+    }
+    tx.finish();
+    Ok(())
 }
 
 /// Whether the worker keeps the connection open after this response (RFC 9112 9.3).
@@ -193,7 +204,7 @@ fn build_request(job: &Job) -> Result<Request<BodyStream>, WorkerError> {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .parse()
-        .map_err(|e: http::uri::InvalidUri| WorkerError::Protocol(e.to_string()))?;
+        .map_err(|e: http::uri::InvalidUri| BadResponse::Request(Box::new(e)))?;
     let h = req.headers_mut();
     for (name, value) in head.headers.iter() {
         if !is_hop_by_hop(name) && name != CONTENT_LENGTH && name != REQUEST_ID {

@@ -28,7 +28,7 @@ pub enum WorkerError {
     #[error("the request did not reach the worker: {0}")]
     NotDelivered(std::io::Error),
     #[error("bad response from the worker: {0}")]
-    Protocol(String),
+    Protocol(#[from] BadResponse),
     #[error("the worker exited while holding the request")]
     Exited,
     #[error("anteroom is stopping")]
@@ -39,7 +39,41 @@ pub enum WorkerError {
     Timeout(std::time::Duration),
 }
 
+/// What was wrong with a worker's answer; the decoder's own error is kept as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum BadResponse {
+    #[error("{0}")]
+    Record(#[source] crate::fastcgi::ProtocolError),
+    #[error("{0}")]
+    Head(#[source] crate::cgi::CgiError),
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+    /// The request itself could not be put in the worker's terms (FastCGI params, the HTTP target).
+    #[error("cannot encode the request for the worker: {0}")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Wrong in a way no decoder reports: said in our words.
+    #[error("{0}")]
+    Worker(String),
+}
+
+impl From<crate::fastcgi::ProtocolError> for WorkerError {
+    fn from(e: crate::fastcgi::ProtocolError) -> Self {
+        WorkerError::Protocol(BadResponse::Record(e))
+    }
+}
+
+impl From<crate::cgi::CgiError> for WorkerError {
+    fn from(e: crate::cgi::CgiError) -> Self {
+        WorkerError::Protocol(BadResponse::Head(e))
+    }
+}
+
 impl WorkerError {
+    /// The worker answered wrongly in a way no decoder reports.
+    pub fn bad(why: impl Into<String>) -> WorkerError {
+        WorkerError::Protocol(BadResponse::Worker(why.into()))
+    }
+
     /// No byte of the request reached the worker, so it can go to another worker whatever its method, and
     /// the worker's death (if it died) was not this request's doing.
     pub fn delivered_nothing(&self) -> bool {
@@ -54,6 +88,9 @@ pub struct Progress {
     pub received_bytes: u64,
     /// The response head has gone to the client: no other answer can be given any more.
     pub head_sent: bool,
+    /// A first attempt on a kept-alive connection was closed by the worker before any byte of its answer,
+    /// and the request went again on a new connection (this attempt): the one retry it gets.
+    pub retried_after_close: bool,
 }
 
 pub enum Conn {
@@ -108,7 +145,10 @@ impl Link {
             {
                 tracing::debug!(id = %job.id, "kept-alive worker connection failed without an answer ({e}); sending on a new one");
                 let first = *progress;
-                *progress = Progress::default();
+                *progress = Progress {
+                    retried_after_close: true,
+                    ..Progress::default()
+                };
                 match self.serve_once(job, cfg, progress).await {
                     Err(again) if again.delivered_nothing() => {
                         *progress = first;

@@ -445,3 +445,22 @@ pub fn fault_result(case: &str, what: &str, measured: &str, target: &str, ok: bo
     });
     println!("FAULT-RESULT {line}");
 }
+
+/// The value of a sample in a Prometheus text from `/metrics`: `series` is a name with its labels exactly
+/// as encoded (`anteroom_workers{state="idle"}`), or a bare name, which matches its first sample with or
+/// without labels. The one parser for the tests that read `/metrics`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        let rest = if !series.contains('{') && rest.starts_with('{') {
+            rest.split_once('}')?.1
+        } else {
+            rest
+        };
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
