@@ -5,8 +5,9 @@
 //! The path of a request, one room each (see `docs/ARCHITECTURE.md`):
 //! [`front`] accepts and reads it whole, [`queue`] admits or refuses it, [`pool`] owns the worker processes,
 //! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
-//! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
-//! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
+//! answer goes back the way it came. [`app`] wires them together around listeners it is given and handles
+//! signals; [`config`] is what it runs with; [`systemd`] speaks socket activation and `sd_notify`, and
+//! [`upgrade`] replaces the running binary on SIGUSR2. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
 //! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`spill`] bounds the
 //! memory that bodies take, [`demo`] is the built-in app. Below them all, `sys` holds every raw call to the
 //! OS and is the only module allowed `unsafe`.
@@ -16,6 +17,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod app;
 pub mod cgi;
 pub mod config;
 pub mod demo;
@@ -28,9 +30,10 @@ pub mod quarantine;
 pub mod queue;
 pub mod ratelog;
 pub mod request;
-pub mod server;
 pub mod sockdiag;
 pub mod spill;
+pub mod systemd;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
+pub mod upgrade;
 pub mod worker;

@@ -1,0 +1,185 @@
+//! Replacing the running binary without losing a request (SIGUSR2).
+//!
+//! The old process starts the binary as it is on disk now, with the same arguments, and passes it its
+//! listening sockets as systemd would (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`), so the kernel's
+//! accept queues are never closed: connections that arrive meanwhile wait in them for whichever process
+//! accepts first. The new process starts its own workers; once one is ready it says so, and the old process
+//! stops accepting and finishes its queue and running requests (the graceful stop of SIGTERM) without
+//! removing the unix socket files the new process now serves on.
+//!
+//! The new process says it is ready on a pipe (`ANTEROOM_UPGRADE_FD`) rather than with a signal to the old
+//! pid: a pipe cannot reach the wrong process, carries the new pid, and ends (EOF) the moment the new process
+//! dies, so a failed start is noticed at once instead of at the timeout. If it is not ready within
+//! `--spawn-timeout`, the old process stops it and keeps serving.
+//!
+//! `LISTEN_PID` must be the new process's own pid, known only after fork: as for HTTP workers, the child
+//! first runs `NEW-BINARY exec-worker -- NEW-BINARY ARGS...`, which sets it and execs, keeping the pid.
+//!
+//! `/proc/self/exe` names the file this process was started from; when that file has since been replaced
+//! (a package upgrade renames the new file over it), the link reads `PATH (deleted)`: the path, without the
+//! suffix, is the new file, which is what is started.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use crate::systemd::{UPGRADE_FD, UPGRADE_FROM};
+use crate::sys::passfd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("cannot find this process's binary: {0}")]
+    Exe(std::io::Error),
+    #[error("the binary {} is not there any more", .0.display())]
+    Missing(PathBuf),
+    #[error("an argument is not valid UTF-8: {0:?}")]
+    Argument(OsString),
+    #[error("cannot pass the listening sockets: {0}")]
+    Pass(std::io::Error),
+    #[error("cannot start {}: {source}", exe.display())]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the new process (pid {pid}) exited before it was ready ({status}); see its log lines above")]
+    Exited { pid: u32, status: String },
+    #[error("the new process (pid {pid}) was not ready within {timeout:?} (--spawn-timeout); it is stopped")]
+    Timeout { pid: u32, timeout: Duration },
+}
+
+/// A listening socket to pass, under its `LISTEN_FDNAMES` name.
+pub struct Pass {
+    pub name: &'static str,
+    pub fd: OwnedFd,
+}
+
+/// What the old process passes on besides its sockets.
+#[derive(Default)]
+pub struct Context {
+    /// `NOTIFY_SOCKET`, so that the new process can tell systemd it is the main process now.
+    pub notify_socket: Option<OsString>,
+    pub watchdog_usec: Option<String>,
+}
+
+/// The binary to start: what `/proc/self/exe` points at, as the file at that path is now.
+pub fn current_exe() -> Result<PathBuf, UpgradeError> {
+    let link = std::fs::read_link("/proc/self/exe").map_err(UpgradeError::Exe)?;
+    let path = match link.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(p) => PathBuf::from(p),
+        None => link,
+    };
+    if !path.is_file() {
+        return Err(UpgradeError::Missing(path));
+    }
+    Ok(path)
+}
+
+/// Starts the new process with `sockets` and waits until it is ready (its pid) or has failed, at most
+/// `timeout`. On failure the new process is stopped, and the caller keeps serving.
+pub async fn start(
+    sockets: Vec<Pass>,
+    ctx: Context,
+    timeout: Duration,
+) -> Result<u32, UpgradeError> {
+    let exe = current_exe()?;
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string().map_err(UpgradeError::Argument))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| UpgradeError::Pass(e.into()))?;
+    let names: Vec<&str> = sockets.iter().map(|p| p.name).collect();
+    let mut fds: Vec<OwnedFd> = sockets.into_iter().map(|p| p.fd).collect();
+    let pipe_fd = passfd::FIRST + fds.len() as i32;
+    fds.push(write);
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg("exec-worker").arg("--").arg(&exe).args(&args);
+    cmd.env("LISTEN_FDS", names.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env(UPGRADE_FROM, std::process::id().to_string())
+        .env(UPGRADE_FD, pipe_fd.to_string())
+        .env_remove("LISTEN_PID")
+        .env_remove("WATCHDOG_PID");
+    if let Some(s) = &ctx.notify_socket {
+        cmd.env("NOTIFY_SOCKET", s);
+    }
+    if let Some(u) = &ctx.watchdog_usec {
+        cmd.env("WATCHDOG_USEC", u);
+    }
+    // Its log goes where ours does: one journal, one terminal.
+    cmd.stdin(Stdio::null());
+    passfd::pass_fds(&mut cmd, fds);
+    tracing::info!(exe = %exe.display(), sockets = %names.join(","), "upgrade: starting the new binary");
+    let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+        exe: exe.clone(),
+        source,
+    })?;
+    // Our copy of the pipe's write end goes with `cmd`: EOF then means the new process is gone.
+    drop(cmd);
+    let pid = child.id().unwrap_or(0);
+    let mut read = tokio::net::unix::pipe::Receiver::from_owned_fd(read)
+        .map_err(UpgradeError::Pass)?;
+    let mut said = Vec::new();
+    let outcome = tokio::time::timeout(timeout, async {
+        // "READY PID\n", then the new process keeps the pipe open until it exits: read the first line only.
+        let mut buf = [0u8; 64];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => said.extend_from_slice(&buf[..n]),
+            }
+            if said.contains(&b'\n') || said.len() > 64 {
+                return said.starts_with(b"READY ");
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Ok(true) => Ok(pid),
+        Ok(false) => Err(UpgradeError::Exited {
+            pid,
+            status: exit_status(&mut child).await,
+        }),
+        Err(_) => {
+            stop(&mut child, pid).await;
+            Err(UpgradeError::Timeout { pid, timeout })
+        }
+    }
+}
+
+async fn exit_status(child: &mut Child) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(s)) => s.to_string(),
+        _ => "closed its readiness pipe".into(),
+    }
+}
+
+/// Stops a new process that did not become ready: SIGTERM (it stops its workers), then SIGKILL.
+async fn stop(child: &mut Child, pid: u32) {
+    let _ = crate::sys::process::kill(pid, crate::sys::process::Signal::TERM);
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// In the new process: tells the old one that a worker is ready (`READY PID`). The pipe stays open
+/// until this process exits.
+pub fn report_ready(pipe: &OwnedFd) {
+    let Ok(dup) = pipe.try_clone() else {
+        return;
+    };
+    let mut f = std::fs::File::from(dup);
+    if let Err(e) = writeln!(f, "READY {}", std::process::id()) {
+        tracing::warn!("upgrade: cannot tell the old process we are ready: {e}");
+    }
+}
