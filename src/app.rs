@@ -255,24 +255,22 @@ impl App {
         let (sockets, keep_paths) = handover_sockets(&listeners);
         let stop_admin = CancellationToken::new();
         if let Some(l) = listeners.admin {
-            tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
-            let state = Arc::new(AdminState {
+            let served = listeners
+                .http
+                .iter()
+                .chain(&listeners.fastcgi)
+                .map(Listener::local_addr)
+                .collect();
+            let state = AdminState {
                 cfg: cfg.clone(),
                 queue: queue.clone(),
                 pool: pool.view(),
                 metrics: metrics.clone(),
                 conns: table.clone(),
-                // The bound addresses (a port 0 has become a real one), to find them in the kernel's tables.
-                listeners: listeners
-                    .http
-                    .iter()
-                    .chain(&listeners.fastcgi)
-                    .map(Listener::local_addr)
-                    .collect(),
+                listeners: served,
                 started: Instant::now(),
-            });
-            // Up until the very end, so that health and metrics answer during a graceful stop.
-            tokio::spawn(crate::admin::serve(l, state, stop_admin.clone()));
+            };
+            start_admin(l, state, &stop_admin);
         }
         let front = Arc::new(Front {
             cfg: cfg.clone(),
@@ -395,7 +393,12 @@ impl App {
         let sockets: std::io::Result<Vec<Pass>> = self
             .sockets
             .iter()
-            .map(|(name, fd)| Ok(Pass { name, fd: fd.try_clone()? }))
+            .map(|(name, fd)| {
+                Ok(Pass {
+                    name,
+                    fd: fd.try_clone()?,
+                })
+            })
             .collect();
         let ctx = crate::upgrade::Context {
             notify_socket: self.systemd.notify.as_ref().map(|n| n.raw.clone()),
@@ -430,7 +433,8 @@ impl App {
         self.table.drain();
         let acceptors = std::mem::take(&mut self.acceptors);
         // Closes the listeners (removing unix socket files we own); each acceptor notices within 100 ms.
-        let _ = tokio::task::spawn_blocking(move || acceptors.into_iter().for_each(|a| a.stop())).await;
+        let _ =
+            tokio::task::spawn_blocking(move || acceptors.into_iter().for_each(|a| a.stop())).await;
         drop(std::mem::take(&mut self.sockets));
         if matches!(end, End::Now | End::CrashLoop) {
             tracing::info!("stopping now");
@@ -467,9 +471,8 @@ impl App {
         let drained = async {
             let mut quiet_since = Instant::now();
             loop {
-                let busy = !queue.is_empty()
-                    || pool.busy() > 0
-                    || table.view().requests_in_progress > 0;
+                let busy =
+                    !queue.is_empty() || pool.busy() > 0 || table.view().requests_in_progress > 0;
                 if busy {
                     quiet_since = Instant::now();
                 } else if table.open() == 0 || quiet_since.elapsed() >= DRAIN_LINGER {
@@ -511,11 +514,21 @@ fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Arc<Ato
         match l.dup() {
             Ok(fd) => sockets.push((name, fd)),
             // Only an upgrade needs it; that one would lack this socket.
-            Err(e) => tracing::warn!(listener = %l.local_addr(), "cannot keep a descriptor for an upgrade: {e}"),
+            Err(e) => {
+                tracing::warn!(listener = %l.local_addr(), "cannot keep a descriptor for an upgrade: {e}")
+            }
         }
         keep.extend(l.keep_path());
     }
     (sockets, keep)
+}
+
+/// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
+/// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
+/// find them in the kernel's tables.
+fn start_admin(l: Listener, state: AdminState, stop: &CancellationToken) {
+    tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
+    tokio::spawn(crate::admin::serve(l, Arc::new(state), stop.clone()));
 }
 
 fn start_acceptors(
@@ -599,7 +612,11 @@ pub async fn serve(cfg: Config, inherited: Inherited) -> Result<Stopped, StartEr
             Some((pid, _)) => format!("the anteroom being upgraded (pid {pid})"),
             None => "systemd".into(),
         };
-        let names: Vec<&str> = inherited.listen_fds.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = inherited
+            .listen_fds
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         tracing::info!(
             sockets = %names.join(","),
             "serving on the sockets passed by {from}; --listen and --listen-fastcgi are not used"

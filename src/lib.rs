@@ -32,8 +32,8 @@ pub mod ratelog;
 pub mod request;
 pub mod sockdiag;
 pub mod spill;
-pub mod systemd;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
+pub mod systemd;
 pub mod upgrade;
 pub mod worker;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use anteroom::app::Stopped;
 use anteroom::config::{Cli, Command, Config, ConfigError, LogFormat};
 use anteroom::systemd::Inherited;
-use anteroom::app::Stopped;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_env_aware();

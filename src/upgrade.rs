@@ -29,8 +29,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use crate::systemd::{UPGRADE_FD, UPGRADE_FROM};
 use crate::sys::passfd;
+use crate::systemd::{UPGRADE_FD, UPGRADE_FROM};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -124,8 +124,10 @@ pub async fn start(
     // Our copy of the pipe's write end goes with `cmd`: EOF then means the new process is gone.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
-    let mut read = tokio::net::unix::pipe::Receiver::from_owned_fd(read)
-        .map_err(UpgradeError::Pass)?;
+    // Dropped before the outcome (this process is told to stop meanwhile): the new process stops too.
+    let mut unready = StopOnDrop(pid);
+    let mut read =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(UpgradeError::Pass)?;
     let mut said = Vec::new();
     let outcome = tokio::time::timeout(timeout, async {
         // "READY PID\n", then the new process keeps the pipe open until it exits: read the first line only.
@@ -142,22 +144,44 @@ pub async fn start(
     })
     .await;
     match outcome {
-        Ok(true) => Ok(pid),
-        Ok(false) => Err(UpgradeError::Exited {
-            pid,
-            status: exit_status(&mut child).await,
-        }),
+        Ok(true) => {
+            unready.0 = 0;
+            Ok(pid)
+        }
+        Ok(false) => {
+            unready.0 = 0;
+            Err(UpgradeError::Exited {
+                pid,
+                status: exit_status(&mut child, pid).await,
+            })
+        }
         Err(_) => {
+            unready.0 = 0;
             stop(&mut child, pid).await;
             Err(UpgradeError::Timeout { pid, timeout })
         }
     }
 }
 
-async fn exit_status(child: &mut Child) -> String {
+/// Sends SIGTERM to a new process that was not reported ready when the upgrade is abandoned (pid 0: none).
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            let _ = crate::sys::process::kill(self.0, crate::sys::process::Signal::TERM);
+        }
+    }
+}
+
+/// How a new process that closed its pipe without saying ready ended; one still running is stopped.
+async fn exit_status(child: &mut Child, pid: u32) -> String {
     match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(s)) => s.to_string(),
-        _ => "closed its readiness pipe".into(),
+        _ => {
+            stop(child, pid).await;
+            "it closed its readiness pipe and was stopped".into()
+        }
     }
 }
 

@@ -127,5 +127,8 @@ async fn stop_now_refuses_what_waits() {
     assert_eq!(r.done.await.unwrap(), Stopped::Signal);
     assert!(started.elapsed() < Duration::from_secs(4));
     // The waiting request was refused, or its connection closed, rather than served.
-    assert!(queued.await.unwrap().map_or(true, |resp| resp.status == 503));
+    assert!(queued
+        .await
+        .unwrap()
+        .map_or(true, |resp| resp.status == 503));
 }

@@ -138,7 +138,14 @@ fn socket_activation_and_notifications() {
         .arg("--setenv=ANTEROOM_LOG=info")
         .arg(BIN)
         // Not used: the passed socket replaces it.
-        .args(["--listen", "127.0.0.1:1", "--admin", "off", "--workers", "1"])
+        .args([
+            "--listen",
+            "127.0.0.1:1",
+            "--admin",
+            "off",
+            "--workers",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -266,11 +273,7 @@ impl Load {
             .map(|(_, n)| n)
             .sum::<u64>()
             + errors.iter().map(|(_, n)| n).sum::<u64>();
-        (
-            ok,
-            bad,
-            format!("statuses {statuses:?}, errors {errors:?}"),
-        )
+        (ok, bad, format!("statuses {statuses:?}, errors {errors:?}"))
     }
 }
 
@@ -341,7 +344,10 @@ fn upgrades_under_load_lose_no_request() {
     );
     assert_eq!(get_bad, 0, "GETs: {get_detail}\n{}", log_text());
     assert_eq!(post_bad, 0, "POSTs: {post_detail}\n{}", log_text());
-    assert!(get_ok > 1000 && post_ok > 1000, "{get_detail} {post_detail}");
+    assert!(
+        get_ok > 1000 && post_ok > 1000,
+        "{get_detail} {post_detail}"
+    );
     let last = *pids.last().unwrap();
     assert_eq!(serving_pid(addr), last);
     assert!(log_text().contains("upgrade: the new process is ready"));
@@ -360,7 +366,14 @@ fn a_failed_upgrade_keeps_the_old_process_serving() {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(&exe)
-        .args(["--listen", &addr.to_string(), "--admin", "off", "--workers", "1"])
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--admin",
+            "off",
+            "--workers",
+            "1",
+        ])
         .env("ANTEROOM_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -382,7 +395,11 @@ fn a_failed_upgrade_keeps_the_old_process_serving() {
     wait_until("the failure to be logged", Duration::from_secs(10), || {
         log_text().contains("upgrade failed")
     });
-    assert!(log_text().contains("exited before it was ready"), "{}", log_text());
+    assert!(
+        log_text().contains("exited before it was ready"),
+        "{}",
+        log_text()
+    );
     assert_eq!(get(addr, "/").unwrap().status, 200);
     assert_eq!(serving_pid(addr), child.id());
     signal(child.id(), 15);

@@ -10,8 +10,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -219,5 +219,29 @@ mod tests {
             Listener::bind(&addr, 16),
             Err(BindError::NotASocket { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn inherited_and_handed_over_socket_files_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let passed = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let l = Listener::inherit(OwnedFd::from(passed)).unwrap();
+        assert_eq!(l.local_addr(), ListenAddr::Unix(path.clone()));
+        drop(l);
+        assert!(path.exists(), "whoever made it removes it");
+        std::fs::remove_file(&path).unwrap();
+        let own = Listener::bind(&ListenAddr::Unix(path.clone()), 16).unwrap();
+        own.keep_path().unwrap().store(false, Ordering::Release);
+        drop(own);
+        assert!(path.exists(), "handed over: the new process serves on it");
+
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let l = Listener::inherit(OwnedFd::from(tcp)).unwrap();
+        assert_eq!(l.local_addr(), ListenAddr::Tcp(addr));
+        assert!(l.keep_path().is_none());
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(Listener::inherit(OwnedFd::from(udp)).is_err());
     }
 }
