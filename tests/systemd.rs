@@ -305,7 +305,7 @@ fn upgrades_under_load_lose_no_request() {
     let log = dir.path().join("anteroom.log");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = Command::new(&exe)
+    let mut child = Command::new(&exe)
         .args(["--listen", &addr.to_string(), "--admin", "off"])
         .args(["--workers", "4", "--max-queue", "10000"])
         .env("ANTEROOM_LOG", "info")
@@ -337,6 +337,8 @@ fn upgrades_under_load_lose_no_request() {
         pids.push(new);
         reaper.0.push(new);
     }
+    // The first process, replaced, exited as after a signal.
+    assert!(child.wait().unwrap().success());
     let (get_ok, get_bad, get_detail) = gets.finish();
     let (post_ok, post_bad, post_detail) = posts.finish();
     eprintln!(
