@@ -111,8 +111,14 @@ impl Listeners {
 
     /// The listeners passed to this process (systemd's socket activation, or an upgrade), by name: `http`
     /// (or unnamed), `fastcgi`, `admin`. They replace --listen and --listen-fastcgi; without an `admin` one,
-    /// the admin listener is bound as configured. Must be called inside the tokio runtime.
-    pub fn inherit(cfg: &Config, fds: Vec<(String, OwnedFd)>) -> Result<Listeners, StartError> {
+    /// the admin listener is bound as configured. The unix socket files of those at `own_files` are removed
+    /// when they close (an upgrade's, which an anteroom bound); others belong to whoever passed them. Must be
+    /// called inside the tokio runtime.
+    pub fn inherit(
+        cfg: &Config,
+        fds: Vec<(String, OwnedFd)>,
+        own_files: &[usize],
+    ) -> Result<Listeners, StartError> {
         let mut out = Listeners::default();
         let mut admin = None;
         for (index, (name, fd)) in fds.into_iter().enumerate() {
@@ -120,6 +126,9 @@ impl Listeners {
                 fd: format!("{} ({name})", crate::sys::passfd::FIRST as usize + index),
                 source,
             })?;
+            if own_files.contains(&index) {
+                l.keep_path().inspect(|k| k.store(true, Ordering::Release));
+            }
             match name.as_str() {
                 HTTP => out.http.push(l),
                 FASTCGI => out.fastcgi.push(l),
@@ -201,8 +210,9 @@ pub struct App {
     dir: RuntimeDir,
     /// A second descriptor of each listening socket, with its name, to pass on at an upgrade.
     sockets: Vec<(&'static str, OwnedFd)>,
-    /// The unix listeners' switches that keep their socket files once handed over.
-    keep_paths: Vec<Arc<AtomicBool>>,
+    /// Each socket's switch that removes its file when it closes (unix listeners only), in the order of
+    /// `sockets`: turned off once handed over.
+    keep_paths: Vec<Option<Arc<AtomicBool>>>,
     control: Control,
     orders: mpsc::UnboundedReceiver<Order>,
     systemd: Systemd,
@@ -393,10 +403,12 @@ impl App {
         let sockets: std::io::Result<Vec<Pass>> = self
             .sockets
             .iter()
-            .map(|(name, fd)| {
+            .zip(&self.keep_paths)
+            .map(|((name, fd), keep)| {
                 Ok(Pass {
                     name,
                     fd: fd.try_clone()?,
+                    owns_file: keep.as_ref().is_some_and(|k| k.load(Ordering::Acquire)),
                 })
             })
             .collect();
@@ -418,7 +430,7 @@ impl App {
         match end {
             End::HandedOver(pid) => {
                 // The new process serves on these sockets now: their files stay.
-                for k in &self.keep_paths {
+                for k in self.keep_paths.iter().flatten() {
                     k.store(false, Ordering::Release);
                 }
                 tracing::info!(
@@ -501,7 +513,8 @@ impl App {
 
 /// A second descriptor and a name for each listening socket (for an upgrade), and the unix listeners'
 /// keep-path switches.
-fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Arc<AtomicBool>>) {
+#[allow(clippy::type_complexity)]
+fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Option<Arc<AtomicBool>>>) {
     let named = l
         .http
         .iter()
@@ -512,13 +525,15 @@ fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Arc<Ato
     let mut keep = Vec::new();
     for (name, l) in named {
         match l.dup() {
-            Ok(fd) => sockets.push((name, fd)),
+            Ok(fd) => {
+                sockets.push((name, fd));
+                keep.push(l.keep_path());
+            }
             // Only an upgrade needs it; that one would lack this socket.
             Err(e) => {
                 tracing::warn!(listener = %l.local_addr(), "cannot keep a descriptor for an upgrade: {e}")
             }
         }
-        keep.extend(l.keep_path());
     }
     (sockets, keep)
 }
@@ -621,7 +636,7 @@ pub async fn serve(cfg: Config, inherited: Inherited) -> Result<Stopped, StartEr
             sockets = %names.join(","),
             "serving on the sockets passed by {from}; --listen and --listen-fastcgi are not used"
         );
-        Listeners::inherit(&cfg, inherited.listen_fds)?
+        Listeners::inherit(&cfg, inherited.listen_fds, &inherited.own_files)?
     };
     let app = App::build(cfg, listeners)?.with_systemd(Systemd {
         notify: inherited.notify.map(Arc::new),

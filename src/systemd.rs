@@ -31,6 +31,9 @@ pub const ADMIN: &str = "admin";
 /// The variables an upgrade adds for the new process (see `upgrade`).
 pub const UPGRADE_FROM: &str = "ANTEROOM_UPGRADE_FROM";
 pub const UPGRADE_FD: &str = "ANTEROOM_UPGRADE_FD";
+/// The indices (comma-separated) of passed unix sockets whose files the old anteroom had bound: the new one
+/// removes them when it stops, as the old one would have.
+pub const UPGRADE_OWNED: &str = "ANTEROOM_UPGRADE_OWNED";
 
 /// What this process was given at start by systemd or by the anteroom it replaces.
 #[derive(Default)]
@@ -46,6 +49,9 @@ pub struct Inherited {
     pub watchdog_usec: Option<String>,
     /// Set when this process was started by an upgrade: the old process's pid and the pipe to say ready on.
     pub upgrade: Option<(u32, OwnedFd)>,
+    /// The indices in `listen_fds` of unix sockets whose files are ours to remove at stop (an upgrade's
+    /// `ANTEROOM_UPGRADE_OWNED`; never systemd's).
+    pub own_files: Vec<usize>,
 }
 
 impl Inherited {
@@ -60,7 +66,7 @@ impl Inherited {
         let notify_socket = std::env::var_os("NOTIFY_SOCKET");
         std::env::remove_var("NOTIFY_SOCKET");
         let (usec, wd_pid) = (var("WATCHDOG_USEC"), var("WATCHDOG_PID"));
-        let (from, pipe) = (var(UPGRADE_FROM), var(UPGRADE_FD));
+        let (from, pipe, owned) = (var(UPGRADE_FROM), var(UPGRADE_FD), var(UPGRADE_OWNED));
         let own = std::process::id();
 
         let mut inherited = Inherited::default();
@@ -79,6 +85,13 @@ impl Inherited {
             .and_then(|f| f.parse::<u32>().ok())
             .zip(pipe.and_then(|p| p.parse::<RawFd>().ok()))
             .and_then(|(from, fd)| Some((from, passfd::take_pipe(fd, passed)?)));
+        if inherited.upgrade.is_some() {
+            inherited.own_files = owned
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|i| i.parse().ok())
+                .collect();
+        }
         inherited.notify = notify_socket.and_then(|v| Notifier::new(v).ok());
         let watchdog_usec = usec.filter(|_| wd_pid.is_none_or(|p| p == own.to_string()));
         inherited.watchdog = watchdog_usec

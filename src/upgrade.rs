@@ -30,7 +30,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::sys::passfd;
-use crate::systemd::{UPGRADE_FD, UPGRADE_FROM};
+use crate::systemd::{UPGRADE_FD, UPGRADE_FROM, UPGRADE_OWNED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -57,6 +57,8 @@ pub enum UpgradeError {
 pub struct Pass {
     pub name: &'static str,
     pub fd: OwnedFd,
+    /// A unix socket whose file this process bound (and would remove at stop): the new process removes it.
+    pub owns_file: bool,
 }
 
 /// What the old process passes on besides its sockets.
@@ -95,6 +97,10 @@ pub async fn start(
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| UpgradeError::Pass(e.into()))?;
     let names: Vec<&str> = sockets.iter().map(|p| p.name).collect();
+    let owned: Vec<String> = (sockets.iter().enumerate())
+        .filter(|(_, p)| p.owns_file)
+        .map(|(i, _)| i.to_string())
+        .collect();
     let mut fds: Vec<OwnedFd> = sockets.into_iter().map(|p| p.fd).collect();
     let pipe_fd = passfd::FIRST + fds.len() as i32;
     fds.push(write);
@@ -105,6 +111,7 @@ pub async fn start(
         .env("LISTEN_FDNAMES", names.join(":"))
         .env(UPGRADE_FROM, std::process::id().to_string())
         .env(UPGRADE_FD, pipe_fd.to_string())
+        .env(UPGRADE_OWNED, owned.join(","))
         .env_remove("LISTEN_PID")
         .env_remove("WATCHDOG_PID");
     if let Some(s) = &ctx.notify_socket {

@@ -477,3 +477,48 @@ fn a_restart_on_a_held_socket_loses_no_request() {
         .success());
     reaper.0.clear();
 }
+
+/// An upgrade on a unix listener: the old process leaves the socket file to the new one, which serves on
+/// it; the last process to stop removes it.
+#[test]
+fn an_upgrade_keeps_the_unix_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("http.sock");
+    let log = dir.path().join("anteroom.log");
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("unix:{}", path.display())])
+        .args(["--admin", "off", "--workers", "1"])
+        .env("ANTEROOM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut reaper = Reaper(vec![child.id()]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let get_unix = || -> std::io::Result<Response> {
+        let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /sleep?ms=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+        common::read_response(&mut s)
+    };
+    wait_until("anteroom to serve", Duration::from_secs(20), || {
+        get_unix().is_ok_and(|r| r.status == 200)
+    });
+    signal(child.id(), 12);
+    assert!(wait_timeout(&mut child, Duration::from_secs(30))
+        .expect("the old process exits")
+        .success());
+    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
+    reaper.0.push(new);
+    assert!(path.exists(), "{}", log_text());
+    let r = get_unix().unwrap();
+    assert_eq!(r.status, 200);
+    let worker: u32 = r.text().trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(parent_of(worker), new);
+    signal(new, 15);
+    wait_until("the new process to stop", Duration::from_secs(30), || {
+        !alive(new)
+    });
+    assert!(!path.exists(), "the last one removes it");
+    reaper.0.clear();
+}
