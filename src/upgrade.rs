@@ -90,27 +90,61 @@ pub async fn start(
     timeout: Duration,
 ) -> Result<u32, UpgradeError> {
     let exe = current_exe()?;
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| UpgradeError::Pass(e.into()))?;
+    let mut cmd = command(&exe, sockets, write, &ctx)?;
+    let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+        exe: exe.clone(),
+        source,
+    })?;
+    // Our copy of the pipe's write end goes with `cmd`: EOF then means the new process is gone.
+    drop(cmd);
+    let pid = child.id().unwrap_or(0);
+    // Dropped before the outcome (this process is told to stop meanwhile): the new process stops too.
+    let mut unready = StopOnDrop(pid);
+    let read = tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(UpgradeError::Pass)?;
+    let outcome = tokio::time::timeout(timeout, said_ready(read)).await;
+    unready.0 = 0;
+    match outcome {
+        Ok(true) => Ok(pid),
+        Ok(false) => Err(UpgradeError::Exited {
+            pid,
+            status: exit_status(&mut child, pid).await,
+        }),
+        Err(_) => {
+            stop(&mut child, pid).await;
+            Err(UpgradeError::Timeout { pid, timeout })
+        }
+    }
+}
+
+/// `EXE exec-worker -- EXE ARGS...` with `sockets` as fds 3.. and the pipe's write end after them, and
+/// the variables that say so.
+fn command(
+    exe: &std::path::Path,
+    sockets: Vec<Pass>,
+    pipe: OwnedFd,
+    ctx: &Context,
+) -> Result<Command, UpgradeError> {
     let args = std::env::args_os()
         .skip(1)
         .map(|a| a.into_string().map_err(UpgradeError::Argument))
         .collect::<Result<Vec<_>, _>>()?;
-    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| UpgradeError::Pass(e.into()))?;
     let names: Vec<&str> = sockets.iter().map(|p| p.name).collect();
     let owned: Vec<String> = (sockets.iter().enumerate())
         .filter(|(_, p)| p.owns_file)
         .map(|(i, _)| i.to_string())
         .collect();
-    let mut fds: Vec<OwnedFd> = sockets.into_iter().map(|p| p.fd).collect();
-    let pipe_fd = passfd::FIRST + fds.len() as i32;
-    fds.push(write);
-
-    let mut cmd = Command::new(&exe);
-    cmd.arg("exec-worker").arg("--").arg(&exe).args(&args);
+    tracing::info!(exe = %exe.display(), sockets = %names.join(","), "upgrade: starting the new binary");
+    let mut cmd = Command::new(exe);
+    cmd.arg("exec-worker").arg("--").arg(exe).args(&args);
     cmd.env("LISTEN_FDS", names.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
         .env(UPGRADE_FROM, std::process::id().to_string())
-        .env(UPGRADE_FD, pipe_fd.to_string())
+        .env(
+            UPGRADE_FD,
+            (passfd::FIRST as usize + names.len()).to_string(),
+        )
         .env(UPGRADE_OWNED, owned.join(","))
         .env_remove("LISTEN_PID")
         .env_remove("WATCHDOG_PID");
@@ -122,50 +156,24 @@ pub async fn start(
     }
     // Its log goes where ours does: one journal, one terminal.
     cmd.stdin(Stdio::null());
+    let mut fds: Vec<OwnedFd> = sockets.into_iter().map(|p| p.fd).collect();
+    fds.push(pipe);
     passfd::pass_fds(&mut cmd, fds);
-    tracing::info!(exe = %exe.display(), sockets = %names.join(","), "upgrade: starting the new binary");
-    let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
-        exe: exe.clone(),
-        source,
-    })?;
-    // Our copy of the pipe's write end goes with `cmd`: EOF then means the new process is gone.
-    drop(cmd);
-    let pid = child.id().unwrap_or(0);
-    // Dropped before the outcome (this process is told to stop meanwhile): the new process stops too.
-    let mut unready = StopOnDrop(pid);
-    let mut read =
-        tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(UpgradeError::Pass)?;
+    Ok(cmd)
+}
+
+/// Whether the new process wrote "READY PID" before closing the pipe. It keeps the pipe open until it
+/// exits, so only the first line is read.
+async fn said_ready(mut read: tokio::net::unix::pipe::Receiver) -> bool {
     let mut said = Vec::new();
-    let outcome = tokio::time::timeout(timeout, async {
-        // "READY PID\n", then the new process keeps the pipe open until it exits: read the first line only.
-        let mut buf = [0u8; 64];
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => said.extend_from_slice(&buf[..n]),
-            }
-            if said.contains(&b'\n') || said.len() > 64 {
-                return said.starts_with(b"READY ");
-            }
+    let mut buf = [0u8; 64];
+    loop {
+        match read.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
         }
-    })
-    .await;
-    match outcome {
-        Ok(true) => {
-            unready.0 = 0;
-            Ok(pid)
-        }
-        Ok(false) => {
-            unready.0 = 0;
-            Err(UpgradeError::Exited {
-                pid,
-                status: exit_status(&mut child, pid).await,
-            })
-        }
-        Err(_) => {
-            unready.0 = 0;
-            stop(&mut child, pid).await;
-            Err(UpgradeError::Timeout { pid, timeout })
+        if said.contains(&b'\n') || said.len() > 64 {
+            return said.starts_with(b"READY ");
         }
     }
 }
