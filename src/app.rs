@@ -72,8 +72,6 @@ pub enum StartError {
     Accept(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("passed socket {index} is named {name:?}: expected http, fastcgi or admin (FileDescriptorName=)")]
-    SocketName { index: usize, name: String },
 }
 
 /// Longest the listening sockets' clients may stay silent during a graceful stop, with nothing queued or
@@ -110,7 +108,7 @@ impl Listeners {
     }
 
     /// The listeners passed to this process (systemd's socket activation, or an upgrade), by name: `http`
-    /// (or unnamed), `fastcgi`, `admin`. They replace --listen and --listen-fastcgi; without an `admin` one,
+    /// (or any other name), `fastcgi`, `admin`. They replace --listen and --listen-fastcgi; without an `admin` one,
     /// the admin listener is bound as configured. The unix socket files of those at `own_files` are removed
     /// when they close (an upgrade's, which an anteroom bound); others belong to whoever passed them. Must be
     /// called inside the tokio runtime.
@@ -130,10 +128,18 @@ impl Listeners {
                 l.keep_path().inspect(|k| k.store(true, Ordering::Release));
             }
             match name.as_str() {
-                HTTP => out.http.push(l),
                 FASTCGI => out.fastcgi.push(l),
                 ADMIN => admin = Some(l),
-                _ => return Err(StartError::SocketName { index, name }),
+                // systemd names a socket after its unit unless FileDescriptorName= says otherwise.
+                _ => {
+                    if name != HTTP {
+                        tracing::info!(
+                            "passed socket {index} is named {name:?}: serving HTTP on it \
+                             (FileDescriptorName=fastcgi or admin for the others)"
+                        );
+                    }
+                    out.http.push(l);
+                }
             }
         }
         out.admin = match admin {
