@@ -522,3 +522,64 @@ fn an_upgrade_keeps_the_unix_socket_file() {
     assert!(!path.exists(), "the last one removes it");
     reaper.0.clear();
 }
+
+/// An upgrade under systemd: the old process says RELOADING=1, the new one MAINPID=its pid and READY=1
+/// (what Type=notify with NotifyAccess=all needs), and serves on the socket systemd passed.
+#[test]
+fn a_socket_activated_upgrade_reports_the_new_main_pid() {
+    require("systemd-socket-activate");
+    let dir = tempfile::tempdir().unwrap();
+    let mut notes = Notifications::new(dir.path());
+    let log = dir.path().join("anteroom.log");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(addr.to_string())
+        .arg("--fdname=anteroom.socket")
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notes.path.display()))
+        .arg("--setenv=ANTEROOM_LOG=info")
+        .arg(BIN)
+        .args(["--admin", "off", "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut reaper = Reaper(vec![child.id()]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let served = (0..100).find_map(|_| {
+        get(addr, "/").ok().or_else(|| {
+            thread::sleep(Duration::from_millis(50));
+            None
+        })
+    });
+    assert_eq!(served.map(|r| r.status), Some(200), "{}", log_text());
+    assert!(notes.wait_for("READY=1", Duration::from_secs(10)).is_some());
+    signal(child.id(), 12);
+    assert!(notes
+        .wait_for("RELOADING=1", Duration::from_secs(10))
+        .is_some());
+    assert!(wait_timeout(&mut child, Duration::from_secs(30))
+        .expect("the old process exits")
+        .success());
+    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
+    reaper.0.push(new);
+    let main = notes
+        .wait_for(&format!("MAINPID={new}"), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{:?}", notes.seen));
+    assert!(main.lines().any(|l| l == "READY=1"), "{main}");
+    assert!(
+        notes.count("STOPPING=1") == 0,
+        "a handover is no stop: {:?}",
+        notes.seen
+    );
+    assert_eq!(serving_pid(addr), new);
+    signal(new, 15);
+    assert!(notes
+        .wait_for("STOPPING=1", Duration::from_secs(10))
+        .is_some());
+    wait_until("the new process to stop", Duration::from_secs(30), || {
+        !alive(new)
+    });
+    reaper.0.clear();
+}
