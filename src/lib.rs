@@ -6,8 +6,9 @@
 //! [`front`] accepts and reads it whole, [`admission`] queues it in [`queue`] or refuses it (and ends every
 //! request the same way, whatever its front), [`pool`] owns the worker processes,
 //! [`worker`] hands the request to one of them over [`fastcgi`] (with [`cgi`] variables) or HTTP, and the
-//! answer goes back the way it came. [`server`] wires them together and handles signals; [`config`] is
-//! what it runs with. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
+//! answer goes back the way it came. [`app`] wires them together around listeners it is given and handles
+//! signals; [`config`] is what it runs with; [`systemd`] speaks socket activation and `sd_notify`, and
+//! [`upgrade`] replaces the running binary on SIGUSR2. Beside the path: [`admin`] and [`metrics`] show it, [`sockdiag`] reads the kernel's
 //! accept queues (also as `anteroom sockets`), [`quarantine`] keeps poison requests out, [`spill`] bounds the
 //! memory that bodies take, [`demo`] is the built-in app. Below them all, `sys` holds every raw call to the
 //! OS and is the only module allowed `unsafe`.
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod app;
 pub mod cgi;
 pub mod config;
 pub mod demo;
@@ -30,10 +32,11 @@ pub mod quarantine;
 pub mod queue;
 pub mod ratelog;
 pub mod request;
-pub mod server;
 pub mod sockdiag;
 pub mod spill;
 pub mod sync;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
+pub mod systemd;
+pub mod upgrade;
 pub mod worker;

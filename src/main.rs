@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use anteroom::app::Stopped;
 use anteroom::config::{Cli, Command, Config, ConfigError, LogFormat};
-use anteroom::server::Stopped;
+use anteroom::systemd::Inherited;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_env_aware();
@@ -37,8 +38,8 @@ fn main() -> ExitCode {
 
 fn report(r: anyhow::Result<Stopped>) -> ExitCode {
     match r {
-        Ok(Stopped::Signal) => ExitCode::SUCCESS,
-        Ok(Stopped::CrashLoop) => ExitCode::from(anteroom::server::EXIT_CRASH_LOOP),
+        Ok(Stopped::Signal | Stopped::Upgraded) => ExitCode::SUCCESS,
+        Ok(Stopped::CrashLoop) => ExitCode::from(anteroom::app::EXIT_CRASH_LOOP),
         Err(e) => {
             eprintln!("anteroom: {e:#}");
             if e.downcast_ref::<ConfigError>().is_some() {
@@ -57,6 +58,8 @@ fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
         print!("{}", anteroom::config::print_config(args)?);
         return Ok(Stopped::Signal);
     }
+    // First, while this is the only thread: systemd's (or an upgrade's) variables, read and removed.
+    let inherited = Inherited::take_from_env();
     let cfg = Config::from_args(args)?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("ANTEROOM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -78,7 +81,7 @@ fn serve(args: anteroom::config::ServeArgs) -> anyhow::Result<Stopped> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let stopped = rt.block_on(anteroom::server::run(cfg))?;
+    let stopped = rt.block_on(anteroom::app::serve(cfg, inherited))?;
     // Workers that ignore SIGTERM must not keep the runtime's shutdown waiting.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(stopped)

@@ -27,7 +27,7 @@
 //! cancels; its task selects on it and drops the socket.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -143,7 +143,7 @@ impl Limits {
 }
 
 /// The soft RLIMIT_NOFILE anteroom will run with: the hard limit (it raises the soft one at start, see
-/// `server::raise_nofile`), at most 2^20.
+/// `app::setup::raise_nofile`), at most 2^20.
 pub fn nofile_target() -> u64 {
     let lim = crate::sys::rlimit::nofile();
     lim.hard.min(1 << 20).max(lim.soft.min(1 << 20))
@@ -174,6 +174,9 @@ pub struct Table {
     idle: Mutex<Idle>,
     /// What the log says about this table ("client", "admin").
     name: &'static str,
+    /// Stopping or handing over: every response from now on closes its connection (`Connection: close`), so
+    /// that clients take their next request elsewhere rather than race a close.
+    draining: AtomicBool,
 }
 
 #[derive(Default)]
@@ -214,7 +217,13 @@ impl Table {
             pending: AtomicUsize::new(0),
             idle: Mutex::default(),
             name,
+            draining: AtomicBool::new(false),
         })
+    }
+
+    /// From now on, each connection closes after its current or next response (see `ConnHandle::draining`).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     pub fn limits(&self) -> Limits {
@@ -385,6 +394,12 @@ impl ConnHandle {
     /// Resolves when the table closes this connection to make room: the task then drops its socket.
     pub async fn closed(&self) {
         self.0.token.cancelled().await
+    }
+
+    /// Whether this connection should close once its response is sent: anteroom is stopping or handing
+    /// its listeners to a new process.
+    pub fn draining(&self) -> bool {
+        self.0.counted.table.draining.load(Ordering::Acquire)
     }
 
     pub fn max_connections(&self) -> usize {

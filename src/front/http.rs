@@ -99,8 +99,17 @@ where
         let front = front.clone();
         let origin = origin.clone();
         let armed = armed.clone();
+        let conn = in_table.clone();
         async move {
-            let r = handle(req, &front, origin).await;
+            let mut r = handle(req, &front, origin).await;
+            // Stopping or upgrading: the client sends its next request on a new connection, to the process
+            // that is staying, rather than race the close of this one.
+            if conn.draining() {
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             // The next request's head is timed from the moment this response has been written.
             Ok::<_, Infallible>(r.map(|inner| {
                 ArmOnDrop {

@@ -2,11 +2,19 @@
 //!
 //! A unix socket path left behind by a run that died is replaced; one that a live process still answers on
 //! is an error, so two anteroom instances never silently steal each other's traffic.
+//!
+//! A listener may also be inherited, already bound and listening: from systemd's socket activation or from
+//! the anteroom this process replaces (`Listener::inherit`). Its unix socket file belongs to whoever made
+//! it, so it is never removed here; and one this process made is left in place once it has been handed to
+//! a new process (`Listener::keep_path`).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
@@ -27,6 +35,8 @@ pub enum BindError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("passed descriptor {fd}: {source}")]
+    Inherit { fd: String, source: io::Error },
 }
 
 pub enum Listener {
@@ -34,6 +44,9 @@ pub enum Listener {
     Unix {
         listener: UnixListener,
         path: PathBuf,
+        /// Whether dropping the listener removes the socket file: only when this process bound it and has
+        /// not handed it over.
+        remove: Arc<AtomicBool>,
     },
 }
 
@@ -57,8 +70,54 @@ impl Listener {
                 Ok(Listener::Unix {
                     listener: UnixListener::from_std(std).map_err(io_err)?,
                     path: path.clone(),
+                    remove: Arc::new(AtomicBool::new(true)),
                 })
             }
+        }
+    }
+
+    /// A listener from a descriptor passed to this process (`LISTEN_FDS`), already bound and listening: a
+    /// TCP or unix stream socket. Must be called inside the tokio runtime.
+    pub fn inherit(fd: OwnedFd) -> io::Result<Listener> {
+        let socket = Socket::from(fd);
+        if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a listening stream socket (systemd: ListenStream= with Accept=no)",
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        if local.as_socket().is_some() {
+            let std: std::net::TcpListener = socket.into();
+            return Ok(Listener::Tcp(TcpListener::from_std(std)?));
+        }
+        // An abstract or unnamed unix socket has no path: it is shown as "@", and there is nothing to remove.
+        let path = local
+            .as_pathname()
+            .map_or_else(|| PathBuf::from("@"), Path::to_path_buf);
+        let std: std::os::unix::net::UnixListener = socket.into();
+        Ok(Listener::Unix {
+            listener: UnixListener::from_std(std)?,
+            path,
+            remove: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A second descriptor for the same socket, to pass to another process (close-on-exec here).
+    pub fn dup(&self) -> io::Result<OwnedFd> {
+        match self {
+            Listener::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            Listener::Unix { listener, .. } => listener.as_fd().try_clone_to_owned(),
+        }
+    }
+
+    /// A switch that, turned off, keeps the socket file when the listener closes: for a unix listener handed
+    /// to a new process, which serves on it from now on. `None` for TCP.
+    pub fn keep_path(&self) -> Option<Arc<AtomicBool>> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix { remove, .. } => Some(remove.clone()),
         }
     }
 
@@ -75,8 +134,10 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix { path, .. } = self {
-            let _ = std::fs::remove_file(path);
+        if let Listener::Unix { path, remove, .. } = self {
+            if remove.load(Ordering::Acquire) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -221,5 +282,29 @@ mod tests {
             Listener::bind(&addr, 16),
             Err(BindError::NotASocket { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn inherited_and_handed_over_socket_files_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let passed = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let l = Listener::inherit(OwnedFd::from(passed)).unwrap();
+        assert_eq!(l.local_addr(), ListenAddr::Unix(path.clone()));
+        drop(l);
+        assert!(path.exists(), "whoever made it removes it");
+        std::fs::remove_file(&path).unwrap();
+        let own = Listener::bind(&ListenAddr::Unix(path.clone()), 16).unwrap();
+        own.keep_path().unwrap().store(false, Ordering::Release);
+        drop(own);
+        assert!(path.exists(), "handed over: the new process serves on it");
+
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let l = Listener::inherit(OwnedFd::from(tcp)).unwrap();
+        assert_eq!(l.local_addr(), ListenAddr::Tcp(addr));
+        assert!(l.keep_path().is_none());
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(Listener::inherit(OwnedFd::from(udp)).is_err());
     }
 }

@@ -1,0 +1,134 @@
+//! The in-process tier: `App` built in the test's own process, on listeners the test bound on port 0 (as
+//! tokio-rs/mini-redis tests its server), with the demo worker. No signals and no waiting for a child process
+//! to bind: each test takes about as long as its requests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anteroom::app::{App, Listeners, Stopped};
+use anteroom::config::{Cli, Config, ListenAddr};
+use anteroom::front::listen::Listener;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use common::{request, Response, BIN};
+
+/// The configuration of `anteroom OPTIONS -- anteroom demo-worker`: the worker command is named, since
+/// the built-in default runs this process's own binary, which here is the test.
+fn config(options: &[&str]) -> Config {
+    let mut argv = vec!["anteroom", "--admin", "off"];
+    argv.extend_from_slice(options);
+    argv.extend_from_slice(&["--", BIN, "demo-worker"]);
+    Config::from_args(Cli::try_parse_from(argv).unwrap().serve).unwrap()
+}
+
+struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    control: anteroom::app::Control,
+    done: tokio::task::JoinHandle<Stopped>,
+}
+
+/// Builds the app on a port-0 listener and runs it until the returned token is cancelled.
+fn start(options: &[&str]) -> Running {
+    let any: ListenAddr = "127.0.0.1:0".parse().unwrap();
+    let listener = Listener::bind(&any, 128).unwrap();
+    let ListenAddr::Tcp(addr) = listener.local_addr() else {
+        unreachable!("a TCP listener")
+    };
+    let listeners = Listeners {
+        http: vec![listener],
+        ..Listeners::default()
+    };
+    let app = App::build(config(options), listeners).unwrap();
+    let shutdown = CancellationToken::new();
+    let control = app.control();
+    let done = tokio::spawn(app.run(shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        control,
+        done,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let bytes = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    tokio::task::spawn_blocking(move || request(addr, bytes.as_bytes()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_request_and_stops() {
+    let r = start(&["--workers", "1"]);
+    // The first request waits in the queue until the worker is ready.
+    let resp = get(r.addr, "/").await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.text().contains("built-in demo app"), "{}", resp.text());
+    r.shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), r.done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, Stopped::Signal);
+    assert!(
+        get(r.addr, "/").await.is_err(),
+        "the listener is closed after the stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let r = start(&["--workers", "1", "--max-queue", "1"]);
+    assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
+    // One request at the worker, one in the queue: the queue is full.
+    let running = tokio::spawn(get(r.addr, "/sleep?ms=1500"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued = tokio::spawn(get(r.addr, "/sleep?ms=10"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = get(r.addr, "/").await.unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some(), "{}", refused.head);
+    assert_eq!(running.await.unwrap().unwrap().status, 200);
+    assert_eq!(queued.await.unwrap().unwrap().status, 200);
+    r.shutdown.cancel();
+    assert_eq!(r.done.await.unwrap(), Stopped::Signal);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_finishes_running_and_queued_requests() {
+    let r = start(&["--workers", "1"]);
+    assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
+    let running = tokio::spawn(get(r.addr, "/sleep?ms=800"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = tokio::spawn(get(r.addr, "/sleep?ms=100"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.shutdown.cancel();
+    let started = std::time::Instant::now();
+    assert_eq!(running.await.unwrap().unwrap().status, 200);
+    assert_eq!(queued.await.unwrap().unwrap().status, 200);
+    assert_eq!(r.done.await.unwrap(), Stopped::Signal);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_now_refuses_what_waits() {
+    let r = start(&["--workers", "1"]);
+    assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
+    let _running = tokio::spawn(get(r.addr, "/sleep?ms=5000"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued = tokio::spawn(get(r.addr, "/sleep?ms=10"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    r.control.stop_now();
+    assert_eq!(r.done.await.unwrap(), Stopped::Signal);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // The waiting request was refused, or its connection closed, rather than served.
+    assert!(queued
+        .await
+        .unwrap()
+        .map_or(true, |resp| resp.status == 503));
+}
