@@ -17,26 +17,26 @@
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod admin;
-pub mod admission;
+pub(crate) mod admin;
+pub(crate) mod admission;
 pub mod app;
-pub mod cgi;
+pub(crate) mod cgi;
 pub mod config;
 pub mod demo;
 pub mod fastcgi;
 pub mod front;
 pub mod logfmt;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod pool;
-pub mod quarantine;
-pub mod queue;
-pub mod ratelog;
-pub mod request;
+pub(crate) mod quarantine;
+pub(crate) mod queue;
+pub(crate) mod ratelog;
+pub(crate) mod request;
 pub mod sockdiag;
-pub mod spill;
-pub mod sync;
+pub(crate) mod spill;
+pub(crate) mod sync;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
 pub mod systemd;
-pub mod upgrade;
-pub mod worker;
+pub(crate) mod upgrade;
+pub(crate) mod worker;

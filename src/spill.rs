@@ -381,10 +381,6 @@ impl BodyWriter {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub async fn push(&mut self, data: &[u8]) -> io::Result<()> {
         let n = data.len() as u64;
         self.len += n;

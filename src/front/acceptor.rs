@@ -54,7 +54,7 @@ pub fn serve_each<F, Fut>(
     serve: F,
 ) -> io::Result<Acceptor>
 where
-    F: Fn(Conn, ConnHandle) -> Fut + Send + Sync + 'static,
+    F: Fn(ClientStream, ConnHandle) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Accepted, Counted)>();
@@ -66,9 +66,9 @@ where
             // Registered with the runtime here, on a runtime thread, not on the acceptor's.
             let conn = match accepted {
                 Accepted::Tcp(s, peer) => {
-                    tokio::net::TcpStream::from_std(s).map(|s| Conn::Tcp(s, peer))
+                    tokio::net::TcpStream::from_std(s).map(|s| ClientStream::Tcp(s, peer))
                 }
-                Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(Conn::Unix),
+                Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(ClientStream::Unix),
             };
             let conn = match conn {
                 Ok(c) => c,
@@ -92,10 +92,10 @@ where
 }
 
 /// Turns a connection away on the runtime; it stays counted until it is closed.
-async fn refuse(conn: Conn, counted: Counted, refusal: Refusal) {
+async fn refuse(conn: ClientStream, counted: Counted, refusal: Refusal) {
     match conn {
-        Conn::Tcp(s, _) => refuse_io(s, refusal).await,
-        Conn::Unix(s) => refuse_io(s, refusal).await,
+        ClientStream::Tcp(s, _) => refuse_io(s, refusal).await,
+        ClientStream::Unix(s) => refuse_io(s, refusal).await,
     }
     drop(counted);
 }
@@ -118,7 +118,7 @@ async fn refuse_io<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, refusal: Refusal
 }
 
 /// A connection ready for the runtime.
-pub enum Conn {
+pub enum ClientStream {
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
     Unix(tokio::net::UnixStream),
 }

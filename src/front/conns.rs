@@ -226,10 +226,6 @@ impl Table {
         self.draining.store(true, Ordering::Release);
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     pub fn open(&self) -> usize {
         self.m.open.get().max(0) as usize
     }

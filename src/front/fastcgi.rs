@@ -33,7 +33,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::acceptor::{serve_each, Acceptor, Conn as AcceptedConn, Refusal};
+use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
 use super::listen::Listener;
 use crate::admission::{refusal, Admission, Outcome};
@@ -69,8 +69,8 @@ pub fn start(
             let front = front.clone();
             async move {
                 match conn {
-                    AcceptedConn::Tcp(s, _) => serve_conn(s, front, entry).await,
-                    AcceptedConn::Unix(s) => serve_conn(s, front, entry).await,
+                    ClientStream::Tcp(s, _) => serve_conn(s, front, entry).await,
+                    ClientStream::Unix(s) => serve_conn(s, front, entry).await,
                 }
             }
         },
@@ -147,7 +147,7 @@ where
     let (rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let writer = tokio::spawn(write_loop(wr, rx, front.cfg.send_timeout));
-    let mut conn = Conn {
+    let mut conn = PeerConn {
         front: front.clone(),
         tx,
         receiving: HashMap::new(),
@@ -182,7 +182,7 @@ where
     let _ = writer.await;
 }
 
-struct Conn {
+struct PeerConn {
     front: Arc<Admission>,
     tx: mpsc::Sender<Out>,
     receiving: HashMap<u16, Receiving>,
@@ -197,7 +197,7 @@ struct Conn {
     entry: ConnHandle,
 }
 
-impl Conn {
+impl PeerConn {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
         let mut buf = BytesMut::with_capacity(16 << 10);
         let body_timeout = self.front.cfg.body_timeout;

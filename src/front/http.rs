@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::acceptor::{serve_each, Acceptor, Conn, Refusal};
+use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
 use super::conns::{ConnHandle, Table};
 use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
@@ -56,7 +56,7 @@ pub fn start(
                 // table closes to make room.
                 let limit = front.cfg.header_timeout;
                 match conn {
-                    Conn::Tcp(s, peer) => {
+                    ClientStream::Tcp(s, peer) => {
                         tokio::select! {
                             r = tokio::time::timeout(limit, s.readable()) => if !matches!(r, Ok(Ok(()))) {
                                 return;
@@ -69,7 +69,7 @@ pub fn start(
                         };
                         serve_conn(s, origin, front, entry).await
                     }
-                    Conn::Unix(s) => {
+                    ClientStream::Unix(s) => {
                         tokio::select! {
                             r = tokio::time::timeout(limit, s.readable()) => if !matches!(r, Ok(Ok(()))) {
                                 return;

@@ -149,7 +149,7 @@ fn tcp_socket(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
         // [::]:80 and 0.0.0.0:80 given together must both bind.
         socket.set_only_v6(true)?;
     }
-    socket.set_nodelay(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;

@@ -2,9 +2,9 @@
 //! [`Job`](crate::request::Job)s for [`crate::admission`], which queues them and ends them all the same
 //! way; none of them ever talks to a worker directly.
 
-pub mod acceptor;
-pub mod conns;
-pub mod fastcgi;
-pub mod http;
+pub(crate) mod acceptor;
+pub(crate) mod conns;
+pub(crate) mod fastcgi;
+pub(crate) mod http;
 pub mod listen;
 mod timeout_io;

@@ -37,7 +37,7 @@ mod oom;
 mod process;
 mod scoreboard;
 mod serve;
-pub mod slot;
+pub(crate) mod slot;
 pub mod spawn;
 mod supervisor;
 

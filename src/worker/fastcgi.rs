@@ -24,21 +24,19 @@ use crate::request::{BodySender, ChannelBody, Job};
 const REQUEST_ID: u16 = 1;
 /// A CGI response head larger than this is not a head but a worker that forgot the blank line.
 const MAX_HEAD: usize = 64 << 10;
-/// Bodies up to this size are sent whole, with a Content-Length; larger ones stream as they come.
-const HOLD_BODY: usize = 256 << 10;
 
-pub struct Conn {
+pub struct FcgiConn {
     stream: UnixStream,
     buf: BytesMut,
     keep: bool,
 }
 
-impl Conn {
-    pub async fn connect(path: &Path) -> Result<Conn, WorkerError> {
+impl FcgiConn {
+    pub async fn connect(path: &Path) -> Result<FcgiConn, WorkerError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(WorkerError::Connect)?;
-        Ok(Conn {
+        Ok(FcgiConn {
             stream,
             buf: BytesMut::with_capacity(16 << 10),
             keep: true,
@@ -206,7 +204,7 @@ impl Answer {
         }
         if let Some((_, _, body)) = &mut self.held {
             body.extend_from_slice(&content);
-            if body.len() > HOLD_BODY {
+            if body.len() > super::WHOLE_BODY {
                 if let Some((status, headers, body)) = self.held.take() {
                     let (mut tx, chan) = ChannelBody::new();
                     // The client gets its body first: without a disk, send waits for it.

@@ -19,10 +19,7 @@ use crate::cgi::is_hop_by_hop;
 use crate::request::{ChannelBody, Job, REQUEST_ID};
 use crate::spill::BodyStream;
 
-/// Bodies up to this size, with a Content-Length, are collected before the response goes to the client.
-const SMALL_BODY: u64 = 256 << 10;
-
-pub struct Conn {
+pub struct HttpConn {
     sender: SendRequest<BodyStream>,
     /// False once the worker said it closes the connection after its response (`Connection: close`, as
     /// gunicorn's sync worker does on every one, or HTTP/1.0 without keep-alive): reusing it would race
@@ -30,8 +27,8 @@ pub struct Conn {
     keep: bool,
 }
 
-impl Conn {
-    pub async fn connect(path: &Path) -> Result<Conn, WorkerError> {
+impl HttpConn {
+    pub async fn connect(path: &Path) -> Result<HttpConn, WorkerError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(WorkerError::Connect)?;
@@ -42,7 +39,7 @@ impl Conn {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Conn { sender, keep: true })
+        Ok(HttpConn { sender, keep: true })
     }
 
     pub fn is_open(&self) -> bool {
@@ -108,7 +105,7 @@ impl Conn {
         let small = incoming
             .size_hint()
             .exact()
-            .is_some_and(|n| n <= SMALL_BODY);
+            .is_some_and(|n| n <= super::WHOLE_BODY as u64);
         if small {
             let body = incoming.collect().await.map_err(|e| {
                 if e.is_incomplete_message() {

@@ -1,6 +1,6 @@
 //! Talking to one worker: hand it one request, relay its answer to the waiting client.
 //!
-//! The worker's slot task calls [`Conn::serve`] with a request it took from the queue. The response head is
+//! The worker's slot task calls [`Link::serve`] with a request it took from the queue. The response head is
 //! sent to the client as soon as it is complete; the body follows through a channel while this task keeps
 //! reading, so the worker is free the moment it has written its answer, however slowly the client reads.
 //! The connection to the worker is kept between requests (FCGI_KEEP_CONN, HTTP keep-alive) and reopened when
@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, WorkerProtocol};
 use crate::request::Job;
+
+/// A response body up to this size is collected whole before the response goes to the client, so that it
+/// leaves with a Content-Length in one write; a larger one streams as it comes (through `spill`). The same
+/// for both worker protocols.
+const WHOLE_BODY: usize = 256 << 10;
 
 /// What went wrong with a worker, said so that the log line explains the 502.
 #[derive(Debug, thiserror::Error)]
@@ -93,16 +98,17 @@ pub struct Progress {
     pub retried_after_close: bool,
 }
 
-pub enum Conn {
-    Fastcgi(fastcgi::Conn),
-    Http(http::Conn),
+/// The kept-alive connection to a worker, in its protocol.
+pub enum WorkerConn {
+    Fastcgi(fastcgi::FcgiConn),
+    Http(http::HttpConn),
 }
 
 /// One worker's connection, opened lazily and reopened after a failure.
 pub struct Link {
     path: PathBuf,
     protocol: WorkerProtocol,
-    conn: Option<Conn>,
+    conn: Option<WorkerConn>,
 }
 
 impl Link {
@@ -170,23 +176,23 @@ impl Link {
         match self.protocol {
             WorkerProtocol::Fastcgi => {
                 let mut conn = match self.conn.take() {
-                    Some(Conn::Fastcgi(c)) if c.is_open() => c,
-                    _ => fastcgi::Conn::connect(&self.path).await?,
+                    Some(WorkerConn::Fastcgi(c)) if c.is_open() => c,
+                    _ => fastcgi::FcgiConn::connect(&self.path).await?,
                 };
                 let r = conn.serve(job, &cfg.params, progress).await;
                 if r.is_ok() && conn.keep() {
-                    self.conn = Some(Conn::Fastcgi(conn));
+                    self.conn = Some(WorkerConn::Fastcgi(conn));
                 }
                 r
             }
             WorkerProtocol::Http => {
                 let mut conn = match self.conn.take() {
-                    Some(Conn::Http(c)) if c.is_open() => c,
-                    _ => http::Conn::connect(&self.path).await?,
+                    Some(WorkerConn::Http(c)) if c.is_open() => c,
+                    _ => http::HttpConn::connect(&self.path).await?,
                 };
                 let r = conn.serve(job, progress).await;
                 if r.is_ok() && conn.keep() {
-                    self.conn = Some(Conn::Http(conn));
+                    self.conn = Some(WorkerConn::Http(conn));
                 }
                 r
             }
@@ -197,8 +203,12 @@ impl Link {
     pub async fn warm(&mut self) -> Result<(), WorkerError> {
         if self.conn.is_none() {
             self.conn = Some(match self.protocol {
-                WorkerProtocol::Fastcgi => Conn::Fastcgi(fastcgi::Conn::connect(&self.path).await?),
-                WorkerProtocol::Http => Conn::Http(http::Conn::connect(&self.path).await?),
+                WorkerProtocol::Fastcgi => {
+                    WorkerConn::Fastcgi(fastcgi::FcgiConn::connect(&self.path).await?)
+                }
+                WorkerProtocol::Http => {
+                    WorkerConn::Http(http::HttpConn::connect(&self.path).await?)
+                }
             });
         }
         Ok(())
