@@ -33,7 +33,7 @@ use crate::admin::AdminState;
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::front::acceptor::Acceptor;
-use crate::front::conns::{Table, TableMetrics};
+use crate::front::conns::{Limits, Table, TableMetrics};
 use crate::front::listen::{BindError, Listener};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -253,6 +253,7 @@ impl App {
         setup::check_backlog(&cfg);
         let limits = setup::plan_connections(&cfg);
         let dir = RuntimeDir::create()?;
+        // Handed to --user, when workers run as one.
         crate::pool::spawn::prepare(&cfg, &dir.0).map_err(|source| StartError::RuntimeDir {
             path: dir.0.clone(),
             source,
@@ -263,15 +264,7 @@ impl App {
         metrics.queue_limit.set(cfg.max_queue as i64);
         metrics.connections_limit.set(limits.max as i64);
         // One table for every public listener: --max-connections bounds them together.
-        let table = Table::new(
-            "client",
-            limits,
-            TableMetrics {
-                open: metrics.connections.clone(),
-                closed_idle: metrics.connections_idle_closed.clone(),
-                refused: metrics.connections_refused.clone(),
-            },
-        );
+        let table = client_table(limits, &metrics);
         let pool = Pool::start(
             cfg.clone(),
             queue.clone(),
@@ -561,6 +554,18 @@ fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Option<
 /// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
 /// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
 /// find them in the kernel's tables.
+fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
+    Table::new(
+        "client",
+        limits,
+        TableMetrics {
+            open: metrics.connections.clone(),
+            closed_idle: metrics.connections_idle_closed.clone(),
+            refused: metrics.connections_refused.clone(),
+        },
+    )
+}
+
 fn start_admin(l: Listener, state: AdminState, stop: &CancellationToken) {
     tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
     tokio::spawn(crate::admin::serve(l, Arc::new(state), stop.clone()));

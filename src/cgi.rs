@@ -72,6 +72,19 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
     }
     put("REQUEST_ID", job.id.as_bytes());
 
+    header_vars(job, &mut out);
+
+    for (k, v) in fixed {
+        out.retain(|(name, _)| name != k.as_bytes());
+        out.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+    out
+}
+
+/// Each request header as an `HTTP_*` variable (RFC 3875 4.1.18), less those that must not be one: the body's
+/// own (`CONTENT_*` say them), `Proxy` (httpoxy) and names with `_` (which would alias a `-` one).
+fn header_vars(job: &Job, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+    let head = &job.head;
     let mut last: Option<&HeaderName> = None;
     for (name, value) in head.headers.iter() {
         if Some(name) == last {
@@ -106,12 +119,6 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
     if !head.headers.contains_key("x-request-id") {
         out.push((b"HTTP_X_REQUEST_ID".to_vec(), job.id.as_bytes().to_vec()));
     }
-
-    for (k, v) in fixed {
-        out.retain(|(name, _)| name != k.as_bytes());
-        out.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
-    }
-    out
 }
 
 fn version_str(v: Version) -> &'static str {

@@ -201,6 +201,11 @@ fn metrics_show_the_queue_rise_and_drain_during_a_burst() {
     );
 }
 
+#[allow(
+    clippy::too_many_lines,
+    clippy::cognitive_complexity,
+    reason = "one end-to-end scenario against real workers, read top to bottom"
+)]
 #[test]
 fn status_shows_the_pool_and_explains_a_killed_worker() {
     let w = WithAdmin::start(&["--workers", "2"], &[], true);

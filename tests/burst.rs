@@ -443,6 +443,10 @@ impl Burst {
     }
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario (namespace, nginx, workers, load, counts), read top to bottom"
+)]
 fn run_burst(name: &'static str, max_queue: Option<u64>) -> Burst {
     let tools = Tools::find();
     let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/php/index.php");

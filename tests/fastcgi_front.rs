@@ -175,6 +175,10 @@ fn php_fpm() -> &'static str {
         .expect("php-fpm is not installed; run scripts/test, which installs what the tests need")
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one comparison against real php-fpm, variable by variable"
+)]
 #[test]
 fn params_parity_with_php_fpm() {
     require("php-cgi");
@@ -315,6 +319,10 @@ fn metric(text: &str, name: &str) -> f64 {
     common::metric(text, name).unwrap_or(f64::NAN)
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario of record exchanges, read top to bottom"
+)]
 #[test]
 fn multiplexed_requests_with_aborts_and_hangups_leak_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -322,6 +322,11 @@ fn prober(
     })
 }
 
+#[allow(
+    clippy::too_many_lines,
+    clippy::cognitive_complexity,
+    reason = "one fault scenario (flood, churn, probes, measurements), read top to bottom"
+)]
 #[test]
 fn silent_flood_at_the_fd_limit() {
     let long = long_form();

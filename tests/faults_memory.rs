@@ -151,6 +151,10 @@ fn logged(a: &Anteroom, status: u16) -> usize {
         .count()
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one fault scenario with its measurements, read top to bottom"
+)]
 #[test]
 fn stalled_uploads_stay_on_disk_and_complete_intact() {
     let n = 150usize;
@@ -281,6 +285,10 @@ fn stalled_uploads_stay_on_disk_and_complete_intact() {
     assert_eq!(bad_400, 0);
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one fault scenario with its measurements, read top to bottom"
+)]
 #[test]
 fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
     let n = 100usize;

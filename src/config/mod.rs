@@ -623,19 +623,8 @@ impl Config {
         let user = account(&s)?;
         let worker_rlimits = worker_rlimits(&s)?;
         let pass_env = pass_env(&s)?;
-        let listen_access = SocketAccess {
-            mode: s.listen_mode.map(|m| m.0),
-            owner: s
-                .listen_owner
-                .as_deref()
-                .map(|u| find_user("listen-owner", u).map(|a| a.1))
-                .transpose()?,
-            group: s
-                .listen_group
-                .as_deref()
-                .map(|g| find_group("listen-group", g))
-                .transpose()?,
-        };
+        let listen_access = socket_access(&s)?;
+        let ready_probe = ready_probe(s.ready_probe.clone())?;
         let listen = if !chosen.contains("listen") && !s.listen_fastcgi.is_empty() {
             // Asked for FastCGI only: no HTTP listener unless one is named.
             Vec::new()
@@ -669,15 +658,7 @@ impl Config {
                 AdminAddr::At(a) => Some(a),
             },
             admin_is_default: !chosen.contains("admin"),
-            ready_probe: match s.ready_probe {
-                Some(p) if !p.starts_with('/') || p.parse::<http::Uri>().is_err() => {
-                    return Err(invalid(
-                        "ready-probe",
-                        format!("{p:?} is not a path such as /health"),
-                    ))
-                }
-                p => p,
-            },
+            ready_probe,
             spawn_timeout: secs("spawn-timeout", s.spawn_timeout)?,
             request_timeout: secs_or_off("request-timeout", s.request_timeout)?,
             kill_grace: secs("kill-grace", s.kill_grace)?,
@@ -839,6 +820,34 @@ fn find_group(key: &'static str, group: &str) -> Result<u32, ConfigError> {
         Ok(Some(gid)) => Ok(gid),
         Ok(None) => Err(invalid(key, format!("no group '{group}' on this system"))),
         Err(e) => Err(invalid(key, format!("cannot look up group '{group}': {e}"))),
+    }
+}
+
+/// `--listen-mode`, `--listen-owner` and `--listen-group`, with names resolved to ids.
+fn socket_access(s: &Settings) -> Result<SocketAccess, ConfigError> {
+    Ok(SocketAccess {
+        mode: s.listen_mode.map(|m| m.0),
+        owner: s
+            .listen_owner
+            .as_deref()
+            .map(|u| find_user("listen-owner", u).map(|a| a.1))
+            .transpose()?,
+        group: s
+            .listen_group
+            .as_deref()
+            .map(|g| find_group("listen-group", g))
+            .transpose()?,
+    })
+}
+
+/// `--ready-probe`: a path, as the request line will carry it.
+fn ready_probe(p: Option<String>) -> Result<Option<String>, ConfigError> {
+    match p {
+        Some(p) if !p.starts_with('/') || p.parse::<http::Uri>().is_err() => Err(invalid(
+            "ready-probe",
+            format!("{p:?} is not a path such as /health"),
+        )),
+        p => Ok(p),
     }
 }
 
@@ -1210,6 +1219,10 @@ mod tests {
         Config::from_args(ServeArgs::default()).unwrap();
     }
 
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one scenario: the refusals and the conversions of the least-privilege options, read in a row"
+    )]
     #[test]
     fn privilege_options() {
         let c = parse(&[]).unwrap();
