@@ -148,7 +148,9 @@ impl Queue {
         let mut st = self.lock();
         let now = Instant::now();
         while let Some((_, job)) = st.entries.pop_first() {
-            let expired = job.deaths == 0 && now.duration_since(job.enqueued) >= self.timeout;
+            let expired = job.deaths == 0
+                && job.closes == 0
+                && now.duration_since(job.enqueued) >= self.timeout;
             if job.client_gone() || expired {
                 // Dropping the job drops its reply sender; the front answers 503 for an expired one.
                 continue;

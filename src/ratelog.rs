@@ -5,8 +5,9 @@
 //! an operator reads it. A [`LogLimit`] lets one line through per interval and counts the ones it held back,
 //! so the line that does get through says how many were suppressed.
 //!
-//! ```
-//! use anteroom::ratelog::LogLimit;
+//! ```ignore
+//! // (Not run as a doctest: the module is crate-private. The unit tests below use it the same way.)
+//! use crate::ratelog::LogLimit;
 //! static ACCEPT: LogLimit = LogLimit::per_second();
 //! if let Some(suppressed) = ACCEPT.check() {
 //!     tracing::error!(suppressed, "accept failed");

@@ -61,6 +61,9 @@ pub struct Job {
     pub reply: Option<oneshot::Sender<Reply>>,
     /// Workers that died holding this request; one death earns an idempotent request one retry.
     pub deaths: u8,
+    /// Workers that lived but closed the connection before answering it: a close also earns one retry,
+    /// the same one (never two in all), and is no death (it says nothing of the request: `pool/hidden`).
+    pub closes: u8,
     /// When a worker took it.
     pub dispatched: Option<Instant>,
     /// For a request that came in over FastCGI: its params as the peer sent them, passed on to FastCGI
@@ -98,6 +101,7 @@ impl Job {
             enqueued: Instant::now(),
             reply: None,
             deaths: 0,
+            closes: 0,
             dispatched: None,
             cgi_params: None,
         }

@@ -251,13 +251,13 @@ fn answered_ok(sh: &Shared, w: &Worker, job: &Job, a: Attempt) -> After {
 fn failed(sh: &Shared, w: &mut Worker, mut job: Job, e: WorkerError, mut a: Attempt) -> After {
     let (slot, pid) = (w.slot(), w.pid);
     if matches!(e, WorkerError::ClientGone) {
-        tracing::debug!(slot, pid, id = %job.id, "{e}; the worker's connection was closed");
+        tracing::debug!(slot, pid, request_id = %job.id, "{e}; the worker's connection was closed");
         return done_unless_exited(sh, w, a.exited);
     }
     if e.delivered_nothing() && !job.client_gone() {
         // The worker never saw it (most often: it had just died, idle): another worker takes it, first
         // in line, whatever the method; it is not this request's death.
-        tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "{e}; sending it to another worker");
+        tracing::warn!(slot, pid, request_id = %job.id, request = %job.summary(), "{e}; sending it to another worker");
         sh.queue.requeue(job);
         if let Some(st) = a.exited {
             return After::Exited(st);
@@ -285,7 +285,7 @@ fn failed(sh: &Shared, w: &mut Worker, mut job: Job, e: WorkerError, mut a: Atte
         };
     }
     if a.timed_out {
-        tracing::error!(slot, pid, id = %job.id, request = %job.summary(), "{e}; stopping the worker");
+        tracing::error!(slot, pid, request_id = %job.id, request = %job.summary(), "{e}; stopping the worker");
         if !a.progress.head_sent {
             let why = format!(
                 "The worker took longer than {:?}.",
@@ -310,7 +310,7 @@ fn failed(sh: &Shared, w: &mut Worker, mut job: Job, e: WorkerError, mut a: Atte
     }
     // The worker is alive but its answer was wrong: the client gets a 502, the worker stays.
     tracing::error!(
-        slot, pid, id = %job.id, request = %job.summary(),
+        slot, pid, request_id = %job.id, request = %job.summary(),
         sent = a.progress.sent_bytes, received = a.progress.received_bytes,
         "{e}"
     );
@@ -375,7 +375,7 @@ fn close_event(w: &Worker, job: &Job, case: &str, detail: &str) {
     tracing::warn!(
         slot = w.slot(),
         pid = w.pid,
-        id = %job.id,
+        request_id = %job.id,
         request = %job.summary(),
         case,
         "the worker closed the connection before the first byte of the response: {detail}"
@@ -387,10 +387,10 @@ fn close_event(w: &Worker, job: &Job, case: &str, detail: &str) {
 fn closed_alive(sh: &Shared, w: &Worker, mut job: Job, progress: &Progress) {
     let blocked = sh.quarantine.blocked(&fingerprint(&job)).is_some();
     // One retry in all, whether the first attempt was lost to a death or to a close.
-    let first = job.deaths == 0 && !progress.retried_after_close;
+    let first = job.deaths == 0 && job.closes == 0 && !progress.retried_after_close;
+    job.closes = job.closes.saturating_add(1);
     if first && job.idempotent() && !job.client_gone() && !blocked {
-        job.deaths += 1;
-        tracing::warn!(slot = w.slot(), pid = w.pid, id = %job.id, request = %job.summary(), "retrying it on another worker");
+        tracing::warn!(slot = w.slot(), pid = w.pid, request_id = %job.id, request = %job.summary(), "retrying it on another worker");
         sh.queue.requeue(job);
     } else {
         let why = if first {
@@ -434,14 +434,18 @@ fn died_holding(
         matches!(verdict, Verdict::Quarantined { .. }) || sh.quarantine.blocked(&fp).is_some();
     // (A new connection tried after the first one failed, but to a worker that was dying, killed nobody:
     // unlike a close, it does not use up the retry.)
-    if job.deaths == 1 && job.idempotent() && !job.client_gone() && !quarantined {
-        tracing::warn!(slot, pid, id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
+    if job.deaths == 1 && job.closes == 0 && job.idempotent() && !job.client_gone() && !quarantined
+    {
+        tracing::warn!(slot, pid, request_id = %job.id, request = %job.summary(), "the worker died holding this request; retrying it on another worker");
         sh.queue.requeue(job);
     } else {
         let why = if quarantined {
             format!("Requests for {fp} keep killing workers; this one is not retried.")
+        } else if job.closes > 0 && job.deaths == 1 {
+            "The worker died while serving this request, which was already retried once."
+                .to_string()
         } else if job.deaths > 1 {
-            tracing::error!(id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
+            tracing::error!(request_id = %job.id, request = %job.summary(), deaths = job.deaths, "poison request: it killed a second worker; not retried");
             "This request killed two workers; it is not retried.".to_string()
         } else {
             "The worker died while serving this request.".to_string()

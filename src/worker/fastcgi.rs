@@ -104,7 +104,7 @@ impl FcgiConn {
                     () = client_gone(&mut job.reply, answer.body_tx.as_ref()), if !answer.aborted => {
                         // Nobody waits for this answer: tell the worker, then read on to its
                         // END_REQUEST so that the worker is back in rotation.
-                        tracing::debug!(id = %job.id, "client gone: FCGI_ABORT_REQUEST to the worker");
+                        tracing::debug!(request_id = %job.id, "client gone: FCGI_ABORT_REQUEST to the worker");
                         answer.aborted = true;
                         abort.notify_one();
                         continue;
@@ -176,7 +176,7 @@ impl Answer {
             fcgi::STDERR => {
                 for line in String::from_utf8_lossy(&record.content).lines() {
                     if !line.trim().is_empty() {
-                        tracing::info!(target: "worker", id = %job.id, stream = "fcgi-stderr", "{line}");
+                        tracing::info!(target: "worker", request_id = %job.id, stream = "fcgi-stderr", "{line}");
                     }
                 }
             }

@@ -136,7 +136,7 @@ impl Link {
         let reused = self.conn.is_some();
         match self.serve_once(job, cfg, progress).await {
             Err(WorkerError::NotDelivered(e)) if reused => {
-                tracing::debug!(id = %job.id, "kept-alive worker connection was closed ({e}); sending on a new one");
+                tracing::debug!(request_id = %job.id, "kept-alive worker connection was closed ({e}); sending on a new one");
                 *progress = Progress::default();
                 self.serve_once(job, cfg, progress).await
             }
@@ -149,7 +149,7 @@ impl Link {
                     && progress.received_bytes == 0
                     && !job.client_gone() =>
             {
-                tracing::debug!(id = %job.id, "kept-alive worker connection failed without an answer ({e}); sending on a new one");
+                tracing::debug!(request_id = %job.id, "kept-alive worker connection failed without an answer ({e}); sending on a new one");
                 let first = *progress;
                 *progress = Progress {
                     retried_after_close: true,
