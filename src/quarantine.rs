@@ -38,13 +38,8 @@ pub const SPREAD_WINDOW: Duration = Duration::from_secs(10);
 /// At most this many recent deaths are remembered for the spread test.
 const SPREAD_KEEP: usize = 64;
 
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// Deaths that trigger quarantine; 0 turns it off.
-    pub after: u32,
-    pub window: Duration,
-    pub cooldown: Duration,
-}
+/// `--quarantine-after`, `--quarantine-window` and `--quarantine-for` (declared with the configuration).
+pub use crate::config::QuarantinePolicy as Policy;
 
 /// Why a death does not count towards quarantine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

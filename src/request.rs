@@ -4,7 +4,7 @@
 //! where it came from and the channel its answer goes back on; a front makes it with [`Job::new`] once the
 //! request is whole. Responses that anteroom makes itself (503, 502, 413...) are built with
 //! [`error_response`] and [`unavailable`] so that they all carry the request id and a `Retry-After` where
-//! one makes sense; the refusals at admission are in [`crate::admission::refusal`].
+//! one makes sense; the refusals at admission are in `admission::refusal`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,11 +15,8 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::oneshot;
 
-pub use crate::spill::{BodySender, ChannelBody, RequestBody};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every response body anteroom sends to a client.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+// The body types are defined by `spill`, below this module, which makes them.
+pub use crate::spill::{Body, BodySender, ChannelBody, RequestBody};
 
 pub const REQUEST_ID: &str = "x-request-id";
 

@@ -33,8 +33,11 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::request::BoxError;
 use crate::sync::lock;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body anteroom sends to a client.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Bytes read from a temp file at a time, towards a worker or a client.
 const CHUNK: u64 = 64 << 10;
@@ -456,7 +459,7 @@ impl http_body::Body for Whole {
 
 /// A complete response body from a worker, sent with its length: in memory when the budget allows, else
 /// from a temp file.
-pub async fn whole(settings: &'static Settings, data: Bytes) -> crate::request::Body {
+pub async fn whole(settings: &'static Settings, data: Bytes) -> Body {
     use http_body_util::BodyExt;
     let n = data.len() as u64;
     let mut charge = Charge::new(&settings.budget);

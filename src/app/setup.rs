@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::config::limits::Limits;
 use crate::config::Config;
-use crate::front::conns::Limits;
 
 use super::StartError;
 

@@ -17,7 +17,9 @@
 //! flag, a variable or the default), and from TOML by a `Deserialize` of the same unit type (`units`). The
 //! file overrides only the keys it has (see [`Settings::take_from_file`]).
 
+pub mod limits;
 mod print;
+mod sockets;
 mod units;
 
 use std::collections::BTreeSet;
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::sys::privilege::{Account, WorkerLimit};
 pub use print::print_config;
+pub use sockets::SocketsArgs;
 pub use units::{
     AdminAddr, ByteSize, ClearEnv, CrashExit, FileMode, ListenAddr, LogFormat, NameValue, Seconds,
     WorkerCount, WorkerProtocol, WorkerRlimit,
@@ -70,7 +73,7 @@ pub enum Command {
         argv: Vec<String>,
     },
     /// Show every listening socket's kernel accept queue (TCP and unix), for any server on this machine.
-    Sockets(crate::sockdiag::SocketsArgs),
+    Sockets(SocketsArgs),
 }
 
 impl Cli {
@@ -471,6 +474,15 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// When a request that keeps killing workers is refused (see `quarantine`).
+#[derive(Debug, Clone, Copy)]
+pub struct QuarantinePolicy {
+    /// Deaths that trigger quarantine; 0 turns it off.
+    pub after: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
 /// Who may connect to the unix sockets of `--listen` and `--listen-fastcgi`: each part None leaves what
 /// bind(2) made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -512,7 +524,7 @@ pub struct Config {
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub header_timeout: Duration,
-    /// None: from RLIMIT_NOFILE (see `front::conns::Limits::plan`).
+    /// None: from RLIMIT_NOFILE (see `limits::Limits::plan`).
     pub max_connections: Option<usize>,
     pub body_timeout: Duration,
     pub send_timeout: Duration,
@@ -540,7 +552,7 @@ pub struct Config {
     pub max_requests_jitter: u64,
     /// In bytes.
     pub max_rss: Option<u64>,
-    pub quarantine: crate::quarantine::Policy,
+    pub quarantine: QuarantinePolicy,
     pub crash_exit: Option<CrashExit>,
     pub graceful_timeout: Duration,
     pub access_log: bool,
@@ -668,7 +680,7 @@ impl Config {
                 Some(0) => return Err(invalid("max-rss", "must be at least 1 MiB")),
                 m => m.map(|m| m.saturating_mul(1 << 20)),
             },
-            quarantine: crate::quarantine::Policy {
+            quarantine: QuarantinePolicy {
                 after: s.quarantine_after,
                 window: secs("quarantine-window", s.quarantine_window)?,
                 cooldown: secs("quarantine-for", s.quarantine_for)?,
@@ -746,7 +758,7 @@ impl Config {
         }
         if self.max_connections.is_some() {
             // The same plan the server makes at start, with the limit it will raise itself to.
-            crate::front::conns::Limits::plan(self, crate::front::conns::nofile_target())
+            limits::Limits::plan(self, limits::nofile_target())
                 .map_err(|e| invalid("max-connections", e.to_string()))?;
         }
         if let Some(c) = self.command.first() {
