@@ -541,3 +541,43 @@ fn sigint_stops_at_once_and_sigterm_twice_too() {
         let _ = held.join();
     }
 }
+
+#[test]
+fn a_client_that_leaves_while_queued_or_at_a_worker_is_logged_once_as_499() {
+    let mut a = Anteroom::start(&["--workers", "1", "--access-log"]);
+    let addr = a.addr;
+    // The one worker is busy with the first request while the second waits in the queue; the third is at
+    // the worker when its client leaves.
+    let busy = std::thread::spawn(move || {
+        request(
+            addr,
+            b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\nX-Request-Id: busy-1\r\nConnection: close\r\n\r\n",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut queued = std::net::TcpStream::connect(addr).unwrap();
+    queued
+        .write_all(b"GET /env HTTP/1.1\r\nHost: t\r\nX-Request-Id: left-queued\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(queued);
+    assert_eq!(busy.join().unwrap().unwrap().status, 200);
+    let mut at_worker = std::net::TcpStream::connect(addr).unwrap();
+    at_worker
+        .write_all(b"GET /sleep?ms=800 HTTP/1.1\r\nHost: t\r\nX-Request-Id: left-at-worker\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(at_worker);
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(a.get("/env").status, 200, "still serving");
+    a.stop();
+    let log = a.log_text();
+    for id in ["left-queued", "left-at-worker"] {
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("id={id} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "one access line for {id}:\n{log}");
+        assert!(lines[0].contains("\" 499 "), "{}", lines[0]);
+    }
+}

@@ -25,6 +25,9 @@ pub struct Outcome {
     line: Option<AccessLine>,
     span: Span,
     metrics: Arc<Metrics>,
+    /// Set once the request is recorded; an outcome dropped before (its task dropped because the client
+    /// left while the request waited in the queue or at a worker) records itself as 499.
+    finished: bool,
 }
 
 /// How a request ended, for the metrics' `outcome` label.
@@ -82,6 +85,7 @@ impl Admission {
                 .filter(|_| self.cfg.access_log)
                 .map(|(head, origin)| AccessLine::new(head, origin)),
             metrics: self.metrics.clone(),
+            finished: false,
         }
     }
 }
@@ -100,7 +104,12 @@ impl Outcome {
     /// Ends the request with `resp`: counts it (served, refused and why, failed, or the client gone),
     /// writes its access-log line, and names its request id on the response, which it hands back to be
     /// sent (or dropped, when nobody is left to take it).
-    pub fn finish(self, mut resp: Reply) -> Reply {
+    pub fn finish(mut self, resp: Reply) -> Reply {
+        self.end(resp)
+    }
+
+    fn end(&mut self, mut resp: Reply) -> Reply {
+        self.finished = true;
         let ending = Ending::of(&resp);
         if let Ending::Refused(why) = ending {
             self.metrics.reject(why);
@@ -110,13 +119,26 @@ impl Outcome {
             resp.status().as_u16(),
             self.started.elapsed(),
         );
-        if let Some(line) = self.line {
+        if let Some(line) = self.line.take() {
             line.log(&self.id, &resp);
         }
         if let Ok(v) = HeaderValue::from_str(&self.id) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
         resp
+    }
+}
+
+impl Drop for Outcome {
+    /// A request whose task was dropped before it ended: its client left while it waited in the queue or at
+    /// a worker (hyper drops the handler of a closed connection; FastCGI drops the task of an aborted
+    /// request). It is still counted and logged once, as 499, as nginx logs a client that left.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _enter = self.span.clone().entered();
+            let gone = crate::request::client_closed(&self.id);
+            drop(self.end(gone));
+        }
     }
 }
 
@@ -218,6 +240,7 @@ mod tests {
             line: None,
             span: Span::none(),
             metrics: metrics.clone(),
+            finished: false,
         };
         let served = outcome("r-1").finish(Reply::new(full("hi")));
         assert_eq!(served.headers()[REQUEST_ID], "r-1");
@@ -228,6 +251,17 @@ mod tests {
         let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
         assert_eq!(count(r#"outcome="served",status="200"} 1"#), 1, "{text}");
         assert_eq!(count(r#"outcome="refused",status="413"} 1"#), 1, "{text}");
+        // Dropped unfinished (its client left while it waited): counted once, as 499.
+        drop(outcome("r-3"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, metrics.registry()).unwrap();
+        let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(
+            count(r#"outcome="client_closed",status="499"} 1"#),
+            1,
+            "{text}"
+        );
+        assert_eq!(count(r#"outcome="served",status="200"} 1"#), 1, "{text}");
         assert_eq!(count(r#"reason="body_too_large"} 1"#), 1, "{text}");
     }
 
