@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::{ListenAddr, SocketAccess};
@@ -65,7 +65,7 @@ impl Listener {
             }
             ListenAddr::Unix(path) => {
                 clear_stale_socket(path)?;
-                let socket = unix_socket(path, backlog as i32).map_err(io_err)?;
+                let socket = crate::sys::fd::unix_listener(path, backlog as i32).map_err(io_err)?;
                 let std: std::os::unix::net::UnixListener = socket.into();
                 Ok(Listener::Unix {
                     listener: UnixListener::from_std(std).map_err(io_err)?,
@@ -151,15 +151,6 @@ fn tcp_socket(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
     }
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
-}
-
-/// A unix listener bound at `path` with `backlog`, non-blocking.
-pub fn unix_socket(path: &Path, backlog: i32) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    socket.bind(&SockAddr::unix(path)?)?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;
     Ok(socket)

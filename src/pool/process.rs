@@ -69,7 +69,7 @@ pub(super) fn worker_socket(
 ) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
-    let s = crate::front::listen::unix_socket(path, 64)?;
+    let s = crate::sys::fd::unix_listener(path, 64)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     if let Some(a) = user {
         if crate::sys::process::effective_uid() == 0 {

@@ -1,4 +1,5 @@
-//! File descriptors: the demo worker's inherited listener, readiness, inodes, and the size of the fd table.
+//! File descriptors: the demo worker's inherited listener, unix listeners (public and the workers'),
+//! readiness, inodes, and the size of the fd table.
 
 use std::io;
 use std::os::fd::{AsFd, FromRawFd, RawFd};
@@ -40,4 +41,15 @@ pub fn grow_fd_table(n: RawFd) -> io::Result<()> {
     let dup = rustix::io::fcntl_dupfd_cloexec(io::stderr(), n)?;
     drop(dup);
     Ok(())
+}
+
+/// A unix listener bound at `path` with `backlog`, non-blocking: a public `--listen unix:` socket, or a
+/// worker's private one (below both `front` and `pool`, which each make them).
+pub fn unix_listener(path: &std::path::Path, backlog: i32) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
