@@ -68,9 +68,11 @@ fn remove_stale(base: &std::path::Path) {
             continue;
         };
         let path = e.path();
+        // Ours, or, when we are root, also one a root anteroom handed to `--user` (its owner is then that
+        // user, and nobody else would ever remove it).
         let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| {
             use std::os::unix::fs::MetadataExt;
-            m.is_dir() && m.uid() == uid
+            m.is_dir() && (m.uid() == uid || uid == 0)
         });
         if !ours || pid == std::process::id() || crate::sys::process::alive(pid) || answers(&path) {
             continue;
