@@ -587,3 +587,74 @@ fn a_socket_activated_upgrade_reports_the_new_main_pid() {
     });
     reaper.0.clear();
 }
+
+/// nginx keeps its FastCGI connections to anteroom alive and never stops sending on them under load;
+/// FastCGI has no `Connection: close`, so on an upgrade the old process closes each connection once nothing
+/// is in flight on it, and nginx sends its next request on a new connection, to the new process.
+#[test]
+fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
+    require("oha");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("anteroom");
+    install(&exe);
+    let log = dir.path().join("anteroom.log");
+    let sock = dir.path().join("fcgi.sock");
+    let mut child = Command::new(&exe)
+        .args(["--listen-fastcgi", &format!("unix:{}", sock.display())])
+        .args(["--admin", "off", "--workers", "4", "--max-queue", "10000"])
+        .env("ANTEROOM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let first = child.id();
+    let mut reaper = Reaper(vec![first]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let nginx = common::Nginx::start_with(
+        &format!("upstream ant {{ server unix:{}; keepalive 32; }}", sock.display()),
+        "  location / {\n include /etc/nginx/fastcgi_params;\n fastcgi_keep_conn on;\n fastcgi_pass ant;\n  }",
+    );
+    let addr = nginx.addr();
+    wait_until(
+        "anteroom to serve through nginx",
+        Duration::from_secs(20),
+        || get(addr, "/").is_ok_and(|r| r.status == 200),
+    );
+    let gets = Load::start(addr, 30, 12, false, dir.path().join("gets.json"));
+    let posts = Load::start(addr, 10, 12, true, dir.path().join("posts.json"));
+    thread::sleep(Duration::from_secs(4));
+    install(&exe);
+    let signalled = Instant::now();
+    signal(first, 12);
+    wait_until("the old process to exit", Duration::from_secs(30), || {
+        !alive(first)
+    });
+    // While the load still runs (8 s of it are left): the old process must not wait for nginx's
+    // connections to fall silent, which under load they never do.
+    let handover = signalled.elapsed();
+    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
+    reaper.0.push(new);
+    assert!(child.wait().unwrap().success());
+    let (get_ok, get_bad, get_detail) = gets.finish();
+    let (post_ok, post_bad, post_detail) = posts.finish();
+    eprintln!(
+        "UPGRADE-FASTCGI-RESULT get_ok={get_ok} get_failed={get_bad} post_ok={post_ok} post_failed={post_bad} old_exited_after={handover:?}"
+    );
+    assert!(
+        handover < Duration::from_secs(6),
+        "the old process took {handover:?} to hand over"
+    );
+    assert_eq!(
+        get_bad,
+        0,
+        "GETs: {get_detail}\n{}\nnginx: {}",
+        log_text(),
+        nginx.error_log()
+    );
+    assert_eq!(post_bad, 0, "POSTs: {post_detail}\n{}", log_text());
+    assert!(get_ok > 500 && post_ok > 100, "{get_detail} {post_detail}");
+    signal(new, 15);
+    wait_until("the new process to stop", Duration::from_secs(30), || {
+        !alive(new)
+    });
+}

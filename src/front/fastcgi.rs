@@ -225,7 +225,12 @@ impl PeerConn {
                             self.running.remove(&id);
                         }
                     }
-                    if self.closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
+                    // Also when anteroom is stopping or handing its listeners over: FastCGI has no
+                    // `Connection: close`, so the connection closes once it has nothing in flight, and the
+                    // peer's next request goes to a new connection, to the process that stays (nginx retries a
+                    // request that finds its kept-alive upstream connection closed on another one).
+                    let closing = self.closing || self.entry.draining();
+                    if closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
                         return Ok(());
                     }
                     continue;
