@@ -135,10 +135,8 @@ pub(super) fn plan_connections(cfg: &Config) -> Limits {
     let limits = Limits::plan(cfg, nofile).unwrap_or_else(|e| {
         // Checked against the hard limit at parse time: the soft one could not be raised to it. The default
         // is planned within whatever limit there is, so it always fits.
-        let fallback = Config {
-            max_connections: None,
-            ..cfg.clone()
-        };
+        let mut fallback = cfg.clone();
+        fallback.max_connections = None;
         let l = Limits::plan(&fallback, nofile).unwrap_or_else(|_| Limits::fixed(1024));
         tracing::warn!("max-connections: {e}; using {}", l.max);
         l

@@ -511,21 +511,15 @@ struct Merged {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Vec<ListenAddr>,
-    pub listen_fastcgi: Vec<ListenAddr>,
     /// Workers at start and at the least.
     pub workers: usize,
     /// Workers at the most (equal to `workers` for a fixed pool).
     pub workers_max: usize,
     pub idle_timeout: Duration,
-    pub worker_protocol: WorkerProtocol,
-    pub max_queue: usize,
     pub queue_timeout: Duration,
-    pub backlog: u32,
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub header_timeout: Duration,
-    /// None: from RLIMIT_NOFILE (see `limits::Limits::plan`).
-    pub max_connections: Option<usize>,
     pub body_timeout: Duration,
     pub send_timeout: Duration,
     /// Request bodies larger than this go to a temp file.
@@ -547,34 +541,38 @@ pub struct Config {
     /// None: no limit.
     pub request_timeout: Option<Duration>,
     pub kill_grace: Duration,
-    /// 0: never.
-    pub max_requests: u64,
-    pub max_requests_jitter: u64,
     /// In bytes.
     pub max_rss: Option<u64>,
     pub quarantine: QuarantinePolicy,
-    pub crash_exit: Option<CrashExit>,
     pub graceful_timeout: Duration,
-    pub access_log: bool,
-    /// /status shows query strings (off: paths only).
-    pub status_show_query: bool,
-    pub log_format: LogFormat,
-    /// Empty means the built-in demo app.
-    pub command: Vec<String>,
     /// Workers run as this account (None: as anteroom).
     pub user: Option<Account>,
-    /// anteroom becomes `user` itself after binding.
-    pub drop_privileges: bool,
     /// Workers get only PATH, LANG, `pass_env` and `env` (`--clear-env`, `auto` resolved).
     pub clear_env: bool,
     pub pass_env: Vec<String>,
     pub worker_rlimits: Vec<WorkerLimit>,
     /// Mode, owner and group of the public unix sockets.
     pub listen_access: SocketAccess,
-    /// Every option as merged, in its unit type. An option that needs no conversion and no check against
-    /// the others is read from here (`cfg.settings.name`), so adding one is a field of [`Settings`] and its
-    /// README line; the fields above keep the types and checks that code already relies on.
+    /// Every option as merged, in its unit type. An option that needs no conversion is read from here,
+    /// through `Deref` (`cfg.max_queue`), so adding one is a field of [`Settings`] and its README line; the
+    /// fields above are those converted (`Duration`s, resolved accounts...) or decided together.
     pub settings: Settings,
+}
+
+/// `cfg.name` reads an option straight from [`Settings`] when [`Config`] has no converted field of that
+/// name: the one declaration of an option is then all there is of it.
+impl std::ops::Deref for Config {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+impl std::ops::DerefMut for Config {
+    fn deref_mut(&mut self) -> &mut Settings {
+        &mut self.settings
+    }
 }
 
 impl Config {
@@ -645,18 +643,13 @@ impl Config {
         };
         let cfg = Config {
             listen,
-            listen_fastcgi: s.listen_fastcgi,
             workers: s.workers.min,
             workers_max: s.workers.max,
             idle_timeout: secs("idle-timeout", s.idle_timeout)?,
-            worker_protocol: s.worker_protocol,
-            max_queue: s.max_queue,
             queue_timeout: secs("queue-timeout", s.queue_timeout)?,
-            backlog: s.backlog,
             max_body_size: s.max_body_size.0,
             max_header_size: usize::try_from(s.max_header_size.0).unwrap_or(usize::MAX),
             header_timeout: secs("header-timeout", s.header_timeout)?,
-            max_connections: s.max_connections,
             body_timeout: secs("body-timeout", s.body_timeout)?,
             send_timeout: secs("send-timeout", s.send_timeout)?,
             body_buffer_size: s.body_buffer_size.0,
@@ -674,8 +667,6 @@ impl Config {
             spawn_timeout: secs("spawn-timeout", s.spawn_timeout)?,
             request_timeout: secs_or_off("request-timeout", s.request_timeout)?,
             kill_grace: secs("kill-grace", s.kill_grace)?,
-            max_requests: s.max_requests,
-            max_requests_jitter: s.max_requests_jitter,
             max_rss: match s.max_rss {
                 Some(0) => return Err(invalid("max-rss", "must be at least 1 MiB")),
                 m => m.map(|m| m.saturating_mul(1 << 20)),
@@ -685,12 +676,7 @@ impl Config {
                 window: secs("quarantine-window", s.quarantine_window)?,
                 cooldown: secs("quarantine-for", s.quarantine_for)?,
             },
-            crash_exit: s.crash_exit,
             graceful_timeout: secs("graceful-timeout", s.graceful_timeout)?,
-            access_log: s.access_log,
-            status_show_query: s.status_show_query,
-            log_format: s.log_format,
-            command: s.command,
             clear_env: match s.clear_env {
                 ClearEnv::Yes => true,
                 ClearEnv::No => false,
@@ -700,7 +686,6 @@ impl Config {
             },
             pass_env,
             user,
-            drop_privileges: s.drop_privileges,
             worker_rlimits,
             listen_access,
             settings,
