@@ -551,11 +551,10 @@ fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Option<
     (sockets, keep)
 }
 
-/// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
-/// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
-/// find them in the kernel's tables.
+/// The table of client connections across the public listeners; temp files take their descriptors from its
+/// budget.
 fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
-    Table::new(
+    let table = Table::new(
         "client",
         limits,
         TableMetrics {
@@ -563,9 +562,15 @@ fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
             closed_idle: metrics.connections_idle_closed.clone(),
             refused: metrics.connections_refused.clone(),
         },
-    )
+    );
+    let room = table.clone();
+    crate::spill::set_descriptor_room(move |temp_files| room.room_for_temp_file(temp_files));
+    table
 }
 
+/// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
+/// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
+/// find them in the kernel's tables.
 fn start_admin(l: Listener, state: AdminState, stop: &CancellationToken) {
     tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
     tokio::spawn(crate::admin::serve(l, Arc::new(state), stop.clone()));

@@ -24,7 +24,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
 
@@ -206,15 +206,63 @@ async fn blocking<T: Send + 'static>(
         .map_err(io::Error::other)?
 }
 
-/// A new unlinked file in `settings.dir`.
-async fn temp_file(settings: &'static Settings) -> io::Result<Arc<File>> {
-    let dir = settings.dir.clone();
-    blocking(move || tempfile::tempfile_in(dir))
-        .await
-        .map(Arc::new)
+/// Temp files open now, across the process: each holds a descriptor.
+static TEMP_FILES_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Asked before each new temp file: whether a descriptor may go to it (see [`set_descriptor_room`]).
+type Room = Box<dyn Fn(usize) -> bool + Send + Sync>;
+static DESCRIPTOR_ROOM: OnceLock<Room> = OnceLock::new();
+
+/// Temp files open now.
+pub fn temp_files_open() -> usize {
+    TEMP_FILES_OPEN.load(Ordering::Relaxed)
 }
 
-fn read_chunk(file: Arc<File>, off: u64, len: u64) -> JoinHandle<io::Result<Bytes>> {
+/// Sets who decides whether a new temp file may take a descriptor: called with the number of temp files
+/// open, it may make room (the connection table closes an idle client connection) and says whether there
+/// is room. Without it, every temp file is allowed. The first call wins.
+pub fn set_descriptor_room(room: impl Fn(usize) -> bool + Send + Sync + 'static) {
+    let _ = DESCRIPTOR_ROOM.set(Box::new(room));
+}
+
+/// An unlinked temp file, counted in [`temp_files_open`] while open.
+#[derive(Debug)]
+pub struct TempFile(File);
+
+impl std::ops::Deref for TempFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        TEMP_FILES_OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A new unlinked file in `settings.dir`, if a descriptor may go to it: the descriptors kept back for new
+/// workers and the admin listener are not given to temp files.
+async fn temp_file(settings: &'static Settings) -> io::Result<Arc<TempFile>> {
+    let open = TEMP_FILES_OPEN.fetch_add(1, Ordering::Relaxed);
+    if !DESCRIPTOR_ROOM.get().is_none_or(|room| room(open + 1)) {
+        TEMP_FILES_OPEN.fetch_sub(1, Ordering::Relaxed);
+        return Err(io::Error::other(
+            "no descriptor for a temp file: every client connection is busy and the open-files limit is reached",
+        ));
+    }
+    let dir = settings.dir.clone();
+    match blocking(move || tempfile::tempfile_in(dir)).await {
+        Ok(f) => Ok(Arc::new(TempFile(f))),
+        Err(e) => {
+            TEMP_FILES_OPEN.fetch_sub(1, Ordering::Relaxed);
+            Err(e)
+        }
+    }
+}
+
+fn read_chunk(file: Arc<TempFile>, off: u64, len: u64) -> JoinHandle<io::Result<Bytes>> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, off)?;
@@ -232,7 +280,7 @@ pub enum RequestBody {
     /// In memory; the charge is given back to the budget when the request is dropped.
     Memory(Bytes, Option<Charge>),
     /// In an unlinked temp file of this many bytes.
-    File(Arc<File>, u64),
+    File(Arc<TempFile>, u64),
 }
 
 impl Default for RequestBody {
@@ -280,7 +328,7 @@ impl RequestBody {
 
 enum Source {
     Memory(Bytes),
-    File(Arc<File>),
+    File(Arc<TempFile>),
 }
 
 /// A request body read from its start, chunk by chunk; an HTTP body of exact length for hyper.
@@ -352,7 +400,7 @@ pub struct BodyWriter {
     charge: Charge,
     /// Known to be too large for memory (its Content-Length said so): straight to disk.
     to_disk: bool,
-    file: Option<Arc<File>>,
+    file: Option<Arc<TempFile>>,
     pending: BytesMut,
     written: u64,
     len: u64,
@@ -504,7 +552,7 @@ struct State {
     mem: VecDeque<Bytes>,
     mem_bytes: u64,
     charge: Charge,
-    file: Option<Arc<File>>,
+    file: Option<Arc<TempFile>>,
     /// The file's unread bytes are `read..written`.
     read: u64,
     written: u64,

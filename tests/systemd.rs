@@ -289,6 +289,21 @@ fn install(to: &Path) {
     std::fs::rename(&tmp, to).unwrap();
 }
 
+/// Starts a copy that `install` just wrote. Another test's thread may fork while the copy is open for
+/// writing, and its child holds that descriptor until it execs: exec then fails with ETXTBSY for a moment.
+fn spawn_installed(cmd: &mut Command) -> std::process::Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 /// The pid in the last "new_pid=N" of the log.
 fn last_new_pid(log: &str) -> Option<u32> {
     log.rsplit("new_pid=")
@@ -309,14 +324,14 @@ fn upgrades_under_load_lose_no_request() {
     let log = dir.path().join("anteroom.log");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(&exe)
-        .args(["--listen", &addr.to_string(), "--admin", "off"])
-        .args(["--workers", "4", "--max-queue", "10000"])
-        .env("ANTEROOM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_installed(
+        Command::new(&exe)
+            .args(["--listen", &addr.to_string(), "--admin", "off"])
+            .args(["--workers", "4", "--max-queue", "10000"])
+            .env("ANTEROOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
     let first = child.id();
     let mut reaper = Reaper(vec![first]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -371,20 +386,20 @@ fn a_failed_upgrade_keeps_the_old_process_serving() {
     let log = dir.path().join("anteroom.log");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(&exe)
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--admin",
-            "off",
-            "--workers",
-            "1",
-        ])
-        .env("ANTEROOM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_installed(
+        Command::new(&exe)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin",
+                "off",
+                "--workers",
+                "1",
+            ])
+            .env("ANTEROOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until("anteroom to serve", Duration::from_secs(20), || {
         get(addr, "/").is_ok_and(|r| r.status == 200)
@@ -599,14 +614,14 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
     install(&exe);
     let log = dir.path().join("anteroom.log");
     let sock = dir.path().join("fcgi.sock");
-    let mut child = Command::new(&exe)
-        .args(["--listen-fastcgi", &format!("unix:{}", sock.display())])
-        .args(["--admin", "off", "--workers", "4", "--max-queue", "10000"])
-        .env("ANTEROOM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_installed(
+        Command::new(&exe)
+            .args(["--listen-fastcgi", &format!("unix:{}", sock.display())])
+            .args(["--admin", "off", "--workers", "4", "--max-queue", "10000"])
+            .env("ANTEROOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
     let first = child.id();
     let mut reaper = Reaper(vec![first]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -651,7 +666,13 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
         log_text(),
         nginx.error_log()
     );
-    assert_eq!(post_bad, 0, "POSTs: {post_detail}\n{}", log_text());
+    assert_eq!(
+        post_bad,
+        0,
+        "POSTs: {post_detail}\n{}\nnginx: {}",
+        log_text(),
+        nginx.error_log()
+    );
     assert!(get_ok > 500 && post_ok > 100, "{get_detail} {post_detail}");
     signal(new, 15);
     wait_until("the new process to stop", Duration::from_secs(30), || {

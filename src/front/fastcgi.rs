@@ -82,6 +82,9 @@ type Active = Arc<std::sync::Mutex<std::collections::HashSet<u16>>>;
 /// What the request tasks send to the connection's writer.
 enum Out {
     Bytes(Bytes),
+    /// The last bytes of the connection's last response: written, then the connection is shut down in the
+    /// same breath (see `run_request`).
+    Last(Bytes),
     /// The request that said FCGI_KEEP_CONN = 0 is complete: close after this.
     Close,
 }
@@ -384,6 +387,7 @@ impl PeerConn {
                 keep_conn: r.keep_conn,
                 tx: self.tx.clone(),
                 active: self.active.clone(),
+                conn: self.entry.clone(),
             },
         )
         .instrument(span);
@@ -453,6 +457,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     return;
                 }
             }
+            Out::Last(b) => {
+                if let Err(e) = write_timed(&mut wr, &b, send_timeout).await {
+                    tracing::debug!("FastCGI connection: {e}");
+                    return;
+                }
+                break;
+            }
             Out::Close => break,
         }
     }
@@ -499,6 +510,7 @@ struct Answer {
     keep_conn: bool,
     tx: mpsc::Sender<Out>,
     active: Active,
+    conn: ConnHandle,
 }
 
 /// One request's task, run in its span: admits it (or refuses it), ends it, and sends the answer back.
@@ -519,9 +531,21 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
         (Ok(job), None) => front.dispatch(job).await,
     };
     let resp = outcome.finish(resp);
-    if send_response(to.id, resp, &to.tx, &to.active).await.is_ok() && !to.keep_conn {
-        let _ = to.tx.send(Out::Close).await;
-    }
+    let Ok(tail) = send_response(to.id, resp, &to.tx, &to.active).await else {
+        return to.id;
+    };
+    // Stopping or handing the listeners over, and this was the connection's only request: it closes with
+    // this answer. FastCGI has no `Connection: close`, so the close itself is the signal, and it must
+    // follow END_REQUEST at once: nginx drops a kept-alive connection whose end has arrived by the time it
+    // has read the answer, but reuses one that still looks open, and a POST sent on it as it closes gets a
+    // 502 (nginx retries only idempotent requests).
+    let last = !to.keep_conn || (to.conn.draining() && to.conn.requests() == 1);
+    let _ = match (tail, last) {
+        (Some(tail), true) => to.tx.send(Out::Last(tail.freeze())).await,
+        (Some(tail), false) => to.tx.send(Out::Bytes(tail.freeze())).await,
+        (None, true) => to.tx.send(Out::Close).await,
+        (None, false) => Ok(()),
+    };
     to.id
 }
 
@@ -546,13 +570,14 @@ fn abandoned(front: &Admission, r: Receiving, timed_out: bool) {
     drop(outcome.finish(resp));
 }
 
-/// The HTTP response as a CGI response on STDOUT, then END_REQUEST.
+/// The HTTP response as a CGI response on STDOUT. Returns what ends it (STDOUT's end and END_REQUEST) for
+/// the caller to send, or None when the request was aborted meanwhile and nothing more is owed.
 async fn send_response(
     id: u16,
     resp: Reply,
     tx: &mpsc::Sender<Out>,
     active: &Active,
-) -> Result<(), ()> {
+) -> Result<Option<BytesMut>, ()> {
     let (parts, mut body) = resp.into_parts();
     let mut head = format!(
         "Status: {} {}\r\n",
@@ -600,14 +625,14 @@ async fn send_response(
     fcgi::encode_stream_end(fcgi::STDOUT, id, &mut out);
     if !lock(active).remove(&id) {
         // Aborted meanwhile: the connection's loop has answered the abort with END_REQUEST already.
-        return Ok(());
+        return Ok(None);
     }
     EndRequest {
         app_status,
         protocol_status: fcgi::REQUEST_COMPLETE,
     }
     .encode(id, &mut out);
-    send(out).await
+    Ok(Some(out))
 }
 
 /// Params that do not make an HTTP request: answered 400.
