@@ -1,8 +1,10 @@
 //! How many client connections anteroom may hold, planned from the configuration and `RLIMIT_NOFILE`.
 //!
 //! Every client connection holds a file descriptor, and so do the things anteroom cannot do without (a new
-//! worker's socket and pipes, the admin listener's clients, temp files). The plan keeps descriptors back for
-//! those and gives clients the rest, or refuses a `--max-connections` the descriptors cannot back. It lives
+//! worker's socket and pipes, the admin listener's clients). The plan keeps descriptors back for those and
+//! gives clients the rest, or refuses a `--max-connections` the descriptors cannot back. Temp files share the
+//! clients' part: each takes a descriptor as it is opened (`front/conns` closes an idle connection for it, or
+//! its request gets 503), so a burst of small requests is never charged for files it will not open. It lives
 //! with the configuration because it is checked with it, at start and by `--print-config`, before any
 //! connection exists; `front/conns` enforces it.
 
@@ -21,7 +23,8 @@ pub const ADMIN_CONNS: usize = 32;
 /// ones to make room for them (they are handed off faster than they close). Past it, the acceptor thread
 /// refuses on its own.
 pub const ACCEPT_SLACK: usize = 64;
-/// Temp files a request in progress may hold: its spilled body and its spilled response.
+/// Temp files a request in progress may hold: its spilled body and its spilled response. Also how many idle
+/// connections a starting request closes, at most, while temp files have the budget overspent.
 pub const TEMP_FILES_PER_REQUEST: usize = 2;
 /// The default is also capped here: each open connection costs memory too (its task, kernel buffers).
 pub const DEFAULT_MAX: usize = 65_536;

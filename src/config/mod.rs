@@ -307,7 +307,8 @@ pub struct Settings {
     #[arg(long, value_name = "SECS", env = "ANTEROOM_HEADER_TIMEOUT", default_value = "30")]
     pub header_timeout: f64,
     /// Most client connections open at once, across all listeners; at the limit the oldest idle ones are
-    /// closed [default: RLIMIT_NOFILE minus a reserve for workers, temp files and the admin listener, at most 65536].
+    /// closed; temp files take from the same descriptors [default: RLIMIT_NOFILE minus a reserve for workers and
+    /// the admin listener, at most 65536].
     #[arg(long, value_name = "N", env = "ANTEROOM_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Longest a client may pause between two reads of its request body, in seconds; then 408.
