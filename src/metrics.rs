@@ -39,6 +39,8 @@ pub struct CauseLabels {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     QueueFull,
+    /// The client had --max-queue-per-client requests waiting.
+    ClientLimit,
     QueueTimeout,
     Quarantined,
     NoWorkers,
@@ -55,6 +57,7 @@ impl Rejection {
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::QueueFull => "queue_full",
+            Rejection::ClientLimit => "client_limit",
             Rejection::QueueTimeout => "queue_timeout",
             Rejection::Quarantined => "quarantined",
             Rejection::NoWorkers => "no_workers",

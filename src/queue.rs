@@ -8,8 +8,15 @@
 //!
 //! Workers take requests with [`Queue::pop`]; the entries are keyed by arrival order, so removal from the
 //! middle (a disconnect, a timeout) costs a log-time lookup rather than a scan.
+//!
+//! The queue is shared by every client, so it is fair between them: each client (its IP address; behind
+//! nginx's `fastcgi_pass`, the `REMOTE_ADDR` nginx passes) has its own line, and workers take from the lines
+//! in turn, oldest first within each. A client with 1,000 requests waiting then delays a client with one by
+//! at most one request per worker, not by 1,000; with one client it is plain first-in first-out.
+//! `--max-queue-per-client` bounds one client's line, so that one client cannot fill the queue for all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +33,26 @@ pub enum Rejected {
     ShuttingDown,
     #[error("no worker can start")]
     NoWorkers,
+    #[error("this client has --max-queue-per-client requests waiting")]
+    ClientLimit,
+}
+
+/// Whose line a request waits in: the client's IP address, or None for clients on a unix socket (one line).
+type Client = Option<IpAddr>;
+
+fn client_of(job: &Job) -> Client {
+    job.origin.peer.map(|p| p.ip())
+}
+
+/// One client's waiting requests, by arrival. Sequence numbers of requests that left the queue some other
+/// way (their client hung up, a timeout) stay here until their turn and are skipped then; `waiting` is the
+/// exact count.
+struct Line {
+    /// Tells this line's turn from one of an earlier line of the same client, left in `turns` when that
+    /// line emptied.
+    id: u64,
+    seqs: VecDeque<u64>,
+    waiting: usize,
 }
 
 #[derive(Default)]
@@ -37,6 +64,58 @@ struct State {
     closed: bool,
     /// Every worker slot is failing to start: waiting would be forever, so refuse.
     no_workers: bool,
+    /// Each client with requests waiting (retries aside), and the order in which their turns come.
+    lines: HashMap<Client, Line>,
+    turns: VecDeque<(Client, u64)>,
+    next_line: u64,
+}
+
+impl State {
+    /// Takes `seq` out, keeping its client's count exact.
+    fn take(&mut self, seq: u64) -> Option<Job> {
+        let job = self.entries.remove(&seq)?;
+        if seq >= FIRST_SEQ {
+            let client = client_of(&job);
+            if let Some(line) = self.lines.get_mut(&client) {
+                line.waiting -= 1;
+                if line.waiting == 0 {
+                    // Its stale sequence numbers go with it; its turn is skipped when it comes.
+                    self.lines.remove(&client);
+                }
+            }
+        }
+        Some(job)
+    }
+
+    /// The next request in turn: a retry first, else the oldest of the client whose turn it is.
+    fn next(&mut self) -> Option<Job> {
+        if let Some((&seq, _)) = self.entries.first_key_value() {
+            if seq < FIRST_SEQ {
+                return self.take(seq);
+            }
+        }
+        while let Some((client, id)) = self.turns.pop_front() {
+            let Some(line) = self.lines.get_mut(&client).filter(|l| l.id == id) else {
+                continue; // that line has emptied since
+            };
+            while let Some(seq) = line.seqs.pop_front() {
+                if self.entries.contains_key(&seq) {
+                    let job = self.take(seq);
+                    if self.lines.get(&client).is_some_and(|l| l.id == id) {
+                        self.turns.push_back((client, id));
+                    }
+                    return job;
+                }
+            }
+        }
+        None
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.lines.clear();
+        self.turns.clear();
+    }
 }
 
 /// Ordinary requests are keyed from here up, retries from here down.
@@ -47,6 +126,8 @@ pub struct Queue {
     /// Wakes one idle worker per queued request.
     available: Notify,
     max: usize,
+    /// Most requests one client may have waiting; 0 for no limit.
+    per_client: usize,
     timeout: Duration,
     /// Smoothed time a worker takes per request, for an honest Retry-After.
     service_micros: AtomicU64,
@@ -74,7 +155,7 @@ impl Drop for Ticket {
 }
 
 impl Queue {
-    pub fn new(max: usize, timeout: Duration, workers: usize) -> Arc<Queue> {
+    pub fn new(max: usize, per_client: usize, timeout: Duration, workers: usize) -> Arc<Queue> {
         Arc::new(Queue {
             state: Mutex::new(State {
                 next_seq: FIRST_SEQ,
@@ -83,6 +164,7 @@ impl Queue {
             }),
             available: Notify::new(),
             max,
+            per_client,
             timeout,
             service_micros: AtomicU64::new(100_000),
             workers: AtomicUsize::new(workers.max(1)),
@@ -125,7 +207,24 @@ impl Queue {
             if st.entries.len() >= self.max {
                 return Err(Rejected::Full);
             }
+            let client = client_of(&job);
             let seq = st.next_seq;
+            let line_id = st.next_line;
+            let line = st.lines.entry(client).or_insert_with(|| Line {
+                id: line_id,
+                seqs: VecDeque::new(),
+                waiting: 0,
+            });
+            if self.per_client > 0 && line.waiting >= self.per_client {
+                return Err(Rejected::ClientLimit);
+            }
+            line.seqs.push_back(seq);
+            line.waiting += 1;
+            if line.id == line_id {
+                // A new line: its first turn, after those already waiting.
+                st.next_line += 1;
+                st.turns.push_back((client, line_id));
+            }
             st.next_seq += 1;
             st.entries.insert(seq, job);
             seq
@@ -140,14 +239,15 @@ impl Queue {
 
     /// Removes a request that is still waiting; false if a worker already took it.
     pub fn remove(&self, seq: u64) -> bool {
-        self.lock().entries.remove(&seq).is_some()
+        self.lock().take(seq).is_some()
     }
 
-    /// The oldest request whose client still waits and whose deadline has not passed.
+    /// The next request in turn (see the module doc) whose client still waits and whose deadline has not
+    /// passed.
     pub fn try_pop(&self) -> Option<Job> {
         let mut st = self.lock();
         let now = Instant::now();
-        while let Some((_, job)) = st.entries.pop_first() {
+        while let Some(job) = st.next() {
             let expired = job.deaths == 0
                 && job.closes == 0
                 && now.duration_since(job.enqueued) >= self.timeout;
@@ -195,7 +295,7 @@ impl Queue {
         if st.no_workers != none {
             st.no_workers = none;
             if none {
-                st.entries.clear();
+                st.clear();
             }
         }
     }
@@ -207,7 +307,7 @@ impl Queue {
 
     /// Fails every waiting request (their clients get 503): used when anteroom must stop now.
     pub fn drain(&self) {
-        self.lock().entries.clear();
+        self.lock().clear();
     }
 
     /// Feeds the service-time estimate behind Retry-After.
@@ -234,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn fifo_bound_and_removal() {
-        let q = Queue::new(2, Duration::from_secs(10), 1);
+        let q = Queue::new(2, 0, Duration::from_secs(10), 1);
         let a = q.push(job("/a")).unwrap();
         let b = q.push(job("/b")).unwrap();
         assert!(matches!(q.push(job("/c")), Err(Rejected::Full)));
@@ -248,7 +348,7 @@ mod tests {
 
     #[tokio::test]
     async fn expired_requests_are_not_served() {
-        let q = Queue::new(8, Duration::from_millis(20), 1);
+        let q = Queue::new(8, 0, Duration::from_millis(20), 1);
         let mut t = q.push(job("/old")).unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(q.try_pop().is_none());
@@ -258,7 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_worker_is_woken() {
-        let q = Queue::new(8, Duration::from_secs(10), 1);
+        let q = Queue::new(8, 0, Duration::from_secs(10), 1);
         let q2 = q.clone();
         let worker = tokio::spawn(async move { q2.pop().await.head.uri.path().to_string() });
         tokio::task::yield_now().await;
@@ -268,8 +368,81 @@ mod tests {
 
     #[tokio::test]
     async fn closed_queue_refuses() {
-        let q = Queue::new(8, Duration::from_secs(10), 1);
+        let q = Queue::new(8, 0, Duration::from_secs(10), 1);
         q.close();
         assert!(matches!(q.push(job("/x")), Err(Rejected::ShuttingDown)));
+    }
+
+    fn from(ip: &str, path: &str) -> Job {
+        let mut j = job(path);
+        j.origin.peer = Some(format!("{ip}:1000").parse().unwrap());
+        j
+    }
+
+    fn paths(q: &Queue) -> Vec<String> {
+        std::iter::from_fn(|| q.try_pop())
+            .map(|j| j.head.uri.path().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn clients_take_turns_oldest_first_within_each() {
+        let q = Queue::new(100, 0, Duration::from_secs(10), 1);
+        let mut tickets = Vec::new();
+        for i in 0..4 {
+            tickets.push(q.push(from("10.0.0.1", &format!("/big{i}"))).unwrap());
+        }
+        tickets.push(q.push(from("10.0.0.2", "/small")).unwrap());
+        tickets.push(q.push(from("10.0.0.3", "/other0")).unwrap());
+        tickets.push(q.push(from("10.0.0.3", "/other1")).unwrap());
+        assert_eq!(
+            paths(&q),
+            ["/big0", "/small", "/other0", "/big1", "/other1", "/big2", "/big3"]
+        );
+    }
+
+    #[test]
+    fn a_client_that_comes_back_waits_for_its_turn_once() {
+        let q = Queue::new(100, 0, Duration::from_secs(10), 1);
+        let a = q.push(from("10.0.0.1", "/a0")).unwrap();
+        let _b = q.push(from("10.0.0.2", "/b0")).unwrap();
+        // a's line empties (its client left) and a comes back: one turn, not two.
+        drop(a);
+        let _a1 = q.push(from("10.0.0.1", "/a1")).unwrap();
+        let _a2 = q.push(from("10.0.0.1", "/a2")).unwrap();
+        let _b1 = q.push(from("10.0.0.2", "/b1")).unwrap();
+        assert_eq!(paths(&q), ["/b0", "/a1", "/b1", "/a2"]);
+        assert!(q.lock().lines.is_empty() && q.lock().turns.is_empty());
+    }
+
+    #[test]
+    fn one_client_cannot_fill_the_queue() {
+        let q = Queue::new(100, 2, Duration::from_secs(10), 1);
+        let _a: Vec<_> = (0..2)
+            .map(|i| q.push(from("10.0.0.1", &format!("/a{i}"))).unwrap())
+            .collect();
+        assert!(matches!(
+            q.push(from("10.0.0.1", "/a2")),
+            Err(Rejected::ClientLimit)
+        ));
+        let _b = q.push(from("10.0.0.2", "/b")).unwrap();
+        // Served: room again for that client.
+        assert_eq!(q.try_pop().unwrap().head.uri.path(), "/a0");
+        assert!(q.push(from("10.0.0.1", "/a3")).is_ok());
+    }
+
+    #[test]
+    fn retries_go_first() {
+        let q = Queue::new(100, 0, Duration::from_secs(10), 1);
+        let _a = q.push(from("10.0.0.1", "/a")).unwrap();
+        // A request a worker took, whose worker died: its client still waits on the same ticket.
+        let _r = q.push(from("10.0.0.2", "/retry")).unwrap();
+        let _b = q.push(from("10.0.0.2", "/b")).unwrap();
+        let mut taken = q.try_pop().unwrap();
+        assert_eq!(taken.head.uri.path(), "/a");
+        taken = q.try_pop().unwrap();
+        assert_eq!(taken.head.uri.path(), "/retry");
+        q.requeue(taken);
+        assert_eq!(paths(&q), ["/retry", "/b"]);
     }
 }

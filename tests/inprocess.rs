@@ -132,3 +132,69 @@ async fn stop_now_refuses_what_waits() {
         .unwrap()
         .map_or(true, |resp| resp.status == 503));
 }
+
+/// A GET from the source address `from` (any 127.0.0.0/8 address is this host), sent at once; the
+/// response's status and when it arrived.
+fn get_from(
+    addr: SocketAddr,
+    from: &str,
+    path: &str,
+) -> std::thread::JoinHandle<(u16, std::time::Instant)> {
+    let (from, path) = (from.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("{from}:0").parse().unwrap();
+        s.bind(&local.into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let status = common::read_response(&mut s).map_or(0, |r| r.status);
+        (status, std::time::Instant::now())
+    })
+}
+
+/// One client cannot fill the queue (`--max-queue-per-client`), and clients take turns: a second client's
+/// request is served before the first client's later ones, not after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_take_turns_and_one_client_cannot_fill_the_queue() {
+    let r = start(&["--workers", "1", "--max-queue-per-client", "2"]);
+    assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
+    let pause = || std::thread::sleep(Duration::from_millis(100));
+    let a1 = get_from(r.addr, "127.0.0.1", "/sleep?ms=1500"); // at the worker
+    pause();
+    let a2 = get_from(r.addr, "127.0.0.1", "/sleep?ms=300"); // queued
+    pause();
+    let a3 = get_from(r.addr, "127.0.0.1", "/sleep?ms=300"); // queued: the client's limit
+    pause();
+    let a4 = get_from(r.addr, "127.0.0.1", "/sleep?ms=300");
+    let (status, _) = a4.join().unwrap();
+    assert_eq!(
+        status, 503,
+        "a third waiting request of one client is refused"
+    );
+    let b = get_from(r.addr, "127.0.0.2", "/sleep?ms=10");
+    let done = tokio::task::spawn_blocking(move || [a1, a2, a3, b].map(|h| h.join().unwrap()))
+        .await
+        .unwrap();
+    let [a1, a2, a3, b] = done;
+    assert!(
+        [a1.0, a2.0, a3.0, b.0].iter().all(|s| *s == 200),
+        "{a1:?} {a2:?} {a3:?} {b:?}"
+    );
+    assert!(
+        a2.1 < b.1,
+        "the first client's oldest waiting request goes first"
+    );
+    assert!(
+        b.1 < a3.1,
+        "then the second client's turn, before the first client's next"
+    );
+    r.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), r.done).await;
+}

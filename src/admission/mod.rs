@@ -94,6 +94,15 @@ impl Admission {
                 );
                 refused(r, Rejection::QueueFull)
             }
+            Rejected::ClientLimit => {
+                tracing::debug!("this client's line is full: refused with 503");
+                let r = unavailable(
+                    id,
+                    "Too many of your requests are waiting already.",
+                    queue.retry_after_secs(),
+                );
+                refused(r, Rejection::ClientLimit)
+            }
             Rejected::NoWorkers => {
                 let r = unavailable(
                     id,

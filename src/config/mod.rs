@@ -291,6 +291,10 @@ pub struct Settings {
     /// Most requests that may wait for a worker; beyond it, 503 at once.
     #[arg(long, value_name = "N", env = "ANTEROOM_MAX_QUEUE", default_value = "4096")]
     pub max_queue: usize,
+    /// Most requests one client (its IP address; behind nginx's fastcgi_pass, the REMOTE_ADDR nginx passes)
+    /// may have waiting; beyond it, 503 for that client only. 0: no limit.
+    #[arg(long, value_name = "N", env = "ANTEROOM_MAX_QUEUE_PER_CLIENT", default_value = "0")]
+    pub max_queue_per_client: usize,
     /// Longest a request may wait for a worker before it gets a 503, in seconds.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TIMEOUT", default_value = "30")]
     pub queue_timeout: f64,

@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_ready_replacement_clears_the_failure_at_once() {
-        let q = Queue::new(8, Duration::from_secs(10), 1);
+        let q = Queue::new(8, 0, Duration::from_secs(10), 1);
         let mut b = Board::new();
         let (s, _) = b.add(1, &q);
         let k = (1, s);
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn a_young_death_after_ready_backs_off_but_does_not_refuse() {
-        let q = Queue::new(8, Duration::from_secs(10), 1);
+        let q = Queue::new(8, 0, Duration::from_secs(10), 1);
         let mut b = Board::new();
         let (s, _) = b.add(1, &q);
         let k = (1, s);
@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn impossible_events_are_refused() {
-        let q = Queue::new(8, Duration::from_secs(10), 1);
+        let q = Queue::new(8, 0, Duration::from_secs(10), 1);
         let mut b = Board::new();
         let (s, _) = b.add(1, &q);
         assert!(b.apply((1, s), Event::Take, &q).is_err());
@@ -492,6 +492,9 @@ mod tests {
                 Err(Rejected::ShuttingDown) => {
                     return Err(TestCaseError::fail("refused: shutting down"))
                 }
+                Err(Rejected::ClientLimit) => {
+                    return Err(TestCaseError::fail("refused: no per-client limit was set"))
+                }
                 Ok(t) => drop(t),
             }
             let nr = b.not_ready(q.len(), q.max());
@@ -516,7 +519,7 @@ mod tests {
             workers in 1usize..5,
             steps in proptest::collection::vec(step(), 1..200),
         ) {
-            let q = Queue::new(4, Duration::from_secs(60), workers);
+            let q = Queue::new(4, 0, Duration::from_secs(60), workers);
             let mut b = Board::new();
             let mut generation = 1;
             for _ in 0..workers {
