@@ -39,7 +39,8 @@ use super::listen::Listener;
 use crate::admission::{refusal, Admission, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 use crate::request::{
-    client_closed, new_request_id, request_id, Job, Origin, Reply, RequestBody, RequestHead,
+    client_closed, new_request_id, request_id, BadHead, HostRule, Job, Origin, Reply, RequestBody,
+    RequestHead,
 };
 use crate::spill::BodyWriter;
 use crate::sync::lock;
@@ -522,6 +523,7 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     } = req;
     let rid = outcome.id();
     let resp = match (job, refuse) {
+        (Err(BadParams::Head(why)), _) => refusal::bad_head(rid, &why),
         (Err(why), _) => {
             tracing::debug!("bad FastCGI request: {why}");
             refusal::bad_request(rid, &why.to_string())
@@ -640,6 +642,9 @@ async fn send_response(
 enum BadParams {
     #[error("REQUEST_METHOD {0:?} is not an HTTP method")]
     Method(String),
+    /// The head fails the rules every front applies (400, or 405 for CONNECT).
+    #[error(transparent)]
+    Head(BadHead),
 }
 
 /// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
@@ -697,16 +702,18 @@ fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, BadParams> {
         peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
         local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
     };
-    Ok(HttpView {
-        id: request_id(&headers),
-        head: RequestHead {
-            method,
-            uri,
-            version,
-            headers,
-        },
-        origin,
-    })
+    let id = request_id(&headers);
+    let mut head = RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+    };
+    // The same rules as on the HTTP front, for the HTTP view. nginx enforced RFC 9112's Host rules as the
+    // HTTP server, and sends requests without HTTP_HOST (HTTP/1.0 ones, health checks), so a Host must only
+    // be valid when present. FastCGI workers get the params as they came (parity with php-fpm).
+    head.check(HostRule::IfPresent).map_err(BadParams::Head)?;
+    Ok(HttpView { id, head, origin })
 }
 
 /// The request's headers back from their CGI names (`HTTP_USER_AGENT`, `CONTENT_TYPE`...), less the
@@ -796,5 +803,38 @@ mod tests {
         assert!(
             job_from_params(p(&[("REQUEST_METHOD", "B A D")]), RequestBody::default()).is_err()
         );
+    }
+
+    #[test]
+    fn the_http_view_meets_the_rules_of_every_front() {
+        let view = |pairs: &[(&str, &str)]| job_from_params(p(pairs), RequestBody::default());
+        let refused = |pairs: &[(&str, &str)]| match view(pairs) {
+            Err(BadParams::Head(why)) => why,
+            other => panic!("{pairs:?}: {:?}", other.map(|j| j.head)),
+        };
+        // No HTTP_HOST is nginx's right (HTTP/1.0 clients, its own checks); a bad or doubled one is not.
+        assert!(view(&[("REQUEST_URI", "/")]).is_ok());
+        assert!(matches!(
+            refused(&[("HTTP_HOST", "a b")]),
+            BadHead::BadHost(_)
+        ));
+        assert_eq!(
+            refused(&[("HTTP_HOST", "a"), ("HTTP_HOST", "b")]),
+            BadHead::ManyHosts(2)
+        );
+        assert_eq!(
+            refused(&[("REQUEST_METHOD", "CONNECT"), ("HTTP_HOST", "a")]),
+            BadHead::Connect
+        );
+        // HTTP workers get no hop-by-hop header; FastCGI workers get the params as they came.
+        let job = view(&[
+            ("HTTP_HOST", "a"),
+            ("HTTP_TRANSFER_ENCODING", "chunked"),
+            ("HTTP_CONNECTION", "close"),
+        ])
+        .unwrap();
+        assert!(!job.head.headers.contains_key("transfer-encoding"));
+        assert!(!job.head.headers.contains_key("connection"));
+        assert_eq!(job.cgi_params.as_ref().unwrap().len(), 3);
     }
 }
