@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 pub use crate::spill::{Body, BodySender, ChannelBody, RequestBody};
 
 mod head;
-pub use head::{is_hop_by_hop, BadHead, HostRule};
+pub use head::{is_hop_by_hop, BadHead, HostRule, HOP_BY_HOP};
 
 pub const REQUEST_ID: &str = "x-request-id";
 

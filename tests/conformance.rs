@@ -288,7 +288,8 @@ fn a_response_with_content_length_and_transfer_encoding_is_a_502() {
 
 /// The FastCGI front (nginx's `fastcgi_pass`) applies the rules that make sense behind an HTTP server: a
 /// `HTTP_HOST` must be valid and single when given, and may be missing (nginx passes HTTP/1.0 requests
-/// without one); FastCGI workers get the params as they came.
+/// without one); the hop-by-hop headers nginx passes on as params (`HTTP_TRANSFER_ENCODING=chunked` next
+/// to the `CONTENT_LENGTH` of the body it de-chunked, `HTTP_CONNECTION`) reach no worker either.
 #[test]
 fn the_fastcgi_front_checks_the_host_it_is_given() {
     require("cgi-fcgi");
@@ -320,7 +321,11 @@ fn the_fastcgi_front_checks_the_host_it_is_given() {
             .env_clear()
             .env("REQUEST_METHOD", "GET")
             .env("REQUEST_URI", "/f")
-            .env("SERVER_PROTOCOL", "HTTP/1.1");
+            .env("SERVER_PROTOCOL", "HTTP/1.1")
+            .env("HTTP_CONNECTION", "close, X-Hop")
+            .env("HTTP_X_HOP", "1")
+            .env("HTTP_TRANSFER_ENCODING", "chunked")
+            .env("HTTP_KEEP_ALIVE", "timeout=5");
         if let Some(h) = host {
             cmd.env("HTTP_HOST", h);
         }
@@ -333,5 +338,16 @@ fn the_fastcgi_front_checks_the_host_it_is_given() {
             *status == "Status: 200",
             "{host:?}: {text}"
         );
+        for hop in [
+            "HTTP_CONNECTION",
+            "HTTP_X_HOP",
+            "HTTP_TRANSFER_ENCODING",
+            "HTTP_KEEP_ALIVE",
+        ] {
+            assert!(
+                !text.contains(hop),
+                "{host:?}: {hop} reached the worker:\n{text}"
+            );
+        }
     }
 }

@@ -61,19 +61,21 @@ impl BadHead {
     pub const ALLOW: &'static str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1); they go neither from a client
-/// to a worker nor from a worker to a client.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, and `Proxy-Connection`); they go
+/// neither from a client to a worker nor from a worker to a client.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// One of [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-connection"
-    )
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 impl RequestHead {
