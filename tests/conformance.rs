@@ -268,13 +268,16 @@ fn a_response_with_content_length_and_transfer_encoding_is_a_502() {
             ));
             continue;
         }
-        // The line that says what was wrong, and the access line with what the client got.
+        // The line that says what was wrong (at ERROR, as for every wrong answer from a worker), and the
+        // access line with what the client got.
         let logged = |log: &str| {
-            log.lines()
-                .any(|l| l.contains(&id) && l.contains("both Content-Length and Transfer-Encoding"))
-                && log
-                    .lines()
-                    .any(|l| l.contains(&format!("id={id} ")) && l.contains("\" 502 "))
+            log.lines().any(|l| {
+                l.contains(&id)
+                    && l.contains(" ERROR ")
+                    && l.contains("both Content-Length and Transfer-Encoding")
+            }) && log
+                .lines()
+                .any(|l| l.contains(&format!("id={id} ")) && l.contains("\" 502 "))
         };
         wait_until("the log lines of the 502", Duration::from_secs(3), || {
             logged(&a.log_text())
