@@ -9,6 +9,8 @@ use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use percent_encoding::percent_decode;
 
+/// Headers that describe one connection, not the message; they pass neither way.
+pub use crate::request::is_hop_by_hop;
 use crate::request::Job;
 
 pub const SERVER_SOFTWARE: &str = concat!("anteroom/", env!("CARGO_PKG_VERSION"));
@@ -82,7 +84,9 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
 }
 
 /// Each request header as an `HTTP_*` variable (RFC 3875 4.1.18), less those that must not be one: the body's
-/// own (`CONTENT_*` say them), `Proxy` (httpoxy) and names with `_` (which would alias a `-` one).
+/// own (`CONTENT_*` say them), `Proxy` (httpoxy), names with `_` (which would alias a `-` one) and hop-by-hop
+/// ones (the body is de-chunked: `HTTP_TRANSFER_ENCODING` next to `CONTENT_LENGTH` would lie). The fronts
+/// have removed the last two already ([`crate::request::RequestHead::check`]); this holds for any `Job`.
 fn header_vars(job: &Job, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
     let head = &job.head;
     let mut last: Option<&HeaderName> = None;
@@ -92,7 +96,12 @@ fn header_vars(job: &Job, out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
         }
         last = Some(name);
         let n = name.as_str();
-        if n == "content-type" || n == "content-length" || n == "proxy" || n.contains('_') {
+        if n == "content-type"
+            || n == "content-length"
+            || n == "proxy"
+            || n.contains('_')
+            || is_hop_by_hop(name)
+        {
             continue;
         }
         let mut key = String::with_capacity(5 + n.len());
@@ -162,6 +171,10 @@ pub enum CgiError {
     BadStatus(String),
     #[error("response head is not ASCII/UTF-8 text")]
     NotText,
+    /// RFC 9112 §6.3: the length of such a message is ambiguous (the shape of response smuggling), so it
+    /// is relayed to no client.
+    #[error("the response has both Content-Length and Transfer-Encoding: its length is ambiguous")]
+    LengthAndEncoding,
 }
 
 /// Where the CGI response head ends in `buf` (the index of the first body byte), if it has ended.
@@ -184,6 +197,8 @@ pub fn parse_head(head: &[u8]) -> Result<(StatusCode, HeaderMap), CgiError> {
     let text = std::str::from_utf8(head).map_err(|_| CgiError::NotText)?;
     let mut status = None;
     let mut headers = HeaderMap::new();
+    // Transfer-Encoding is dropped (anteroom frames the body itself), but not if it contradicts a length.
+    let mut encoded = false;
     for line in text.split('\n') {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.is_empty() {
@@ -207,11 +222,15 @@ pub fn parse_head(head: &[u8]) -> Result<(StatusCode, HeaderMap), CgiError> {
         let hname = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| CgiError::BadName(name.chars().take(80).collect()))?;
         if is_hop_by_hop(&hname) {
+            encoded |= hname == http::header::TRANSFER_ENCODING;
             continue;
         }
         let hvalue =
             HeaderValue::from_str(value).map_err(|_| CgiError::BadValue(name.to_string()))?;
         headers.append(hname, hvalue);
+    }
+    if encoded && headers.contains_key(CONTENT_LENGTH) {
+        return Err(CgiError::LengthAndEncoding);
     }
     let status = match status {
         Some(s) => s,
@@ -220,20 +239,6 @@ pub fn parse_head(head: &[u8]) -> Result<(StatusCode, HeaderMap), CgiError> {
         None => StatusCode::OK,
     };
     Ok((status, headers))
-}
-
-/// Headers that describe one connection, not the message; they must not pass from a worker to a client.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-connection"
-    )
 }
 
 #[cfg(test)]
@@ -299,6 +304,32 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_headers_are_no_variables() {
+        let mut j = job("/");
+        for (k, v) in [
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ] {
+            j.head.headers.insert(k, v.parse().unwrap());
+        }
+        j.body = bytes::Bytes::from_static(b"abc").into();
+        let p = params(&j, &[]);
+        for k in [
+            "HTTP_TRANSFER_ENCODING",
+            "HTTP_CONNECTION",
+            "HTTP_TE",
+            "HTTP_UPGRADE",
+        ] {
+            assert_eq!(get(&p, k), None, "{k}");
+        }
+        assert_eq!(get(&p, "HTTP_X_KEPT"), Some("1"));
+        assert_eq!(get(&p, "CONTENT_LENGTH"), Some("3"));
+    }
+
+    #[test]
     fn fixed_params_override() {
         let j = job("/x");
         let p = params(&j, &[("SCRIPT_NAME".into(), "/index.php".into())]);
@@ -336,6 +367,12 @@ mod tests {
         ));
         let (_, h) = parse_head(b"Transfer-Encoding: chunked\r\nX: y\r\n").unwrap();
         assert!(!h.contains_key("transfer-encoding"));
+        for both in [
+            &b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"[..],
+            b"transfer-encoding: gzip\nContent-Length: 5\n",
+        ] {
+            assert_eq!(parse_head(both), Err(CgiError::LengthAndEncoding));
+        }
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum Rejection {
     ShuttingDown,
     BodyTooLarge,
     BadRequest,
+    /// A method anteroom does not pass on (CONNECT): 405.
+    MethodNotAllowed,
     /// The request body stalled past --body-timeout (408).
     BodyTimeout,
     /// The request body could not be written to a temp file (503).
@@ -64,6 +66,7 @@ impl Rejection {
             Rejection::ShuttingDown => "shutting_down",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::BadRequest => "bad_request",
+            Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTimeout => "body_timeout",
             Rejection::TempFile => "temp_file",
         }

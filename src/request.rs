@@ -4,7 +4,9 @@
 //! where it came from and the channel its answer goes back on; a front makes it with [`Job::new`] once the
 //! request is whole. Responses that anteroom makes itself (503, 502, 413...) are built with
 //! [`error_response`] and [`unavailable`] so that they all carry the request id and a `Retry-After` where
-//! one makes sense; the refusals at admission are in `admission::refusal`.
+//! one makes sense; the refusals at admission are in `admission::refusal`. Every front checks the head with
+//! [`RequestHead::check`] (`request/head.rs`: Host, absolute-form targets, CONNECT, hop-by-hop headers,
+//! names with `_`) before it makes the `Job`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +19,9 @@ use tokio::sync::oneshot;
 
 // The body types are defined by `spill`, below this module, which makes them.
 pub use crate::spill::{Body, BodySender, ChannelBody, RequestBody};
+
+mod head;
+pub use head::{is_hop_by_hop, BadHead, HostRule, HOP_BY_HOP};
 
 pub const REQUEST_ID: &str = "x-request-id";
 

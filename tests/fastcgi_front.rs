@@ -253,8 +253,15 @@ fn params_parity_with_php_fpm() {
     let ant_vars = fetch("ant");
 
     // Allowed to differ: what names the process or the socket, the clock, and the header that chose the
-    // backend. Everything else nginx sent must arrive the same.
+    // backend. Everything else nginx sent must arrive the same, but for one difference on purpose: the
+    // hop-by-hop headers nginx passes on as params (here `Connection: close`) reach no anteroom worker.
+    assert_eq!(
+        fpm_vars.get("HTTP_CONNECTION").and_then(|v| v.as_str()),
+        Some("close")
+    );
+    assert!(!ant_vars.contains_key("HTTP_CONNECTION"), "{ant_vars:?}");
     let allowed = [
+        "HTTP_CONNECTION",
         "HTTP_X_BACKEND",
         "REMOTE_PORT",
         "REQUEST_TIME",

@@ -1,11 +1,11 @@
 //! The answers anteroom gives on its own when it will not (or cannot) pass a request on, each marked with
 //! its [`Rejection`] so that [`Outcome::finish`](super::Outcome::finish) counts it as refused, and why.
 
-use http::header::{HeaderValue, CONNECTION};
+use http::header::{HeaderValue, ALLOW, CONNECTION};
 use http::StatusCode;
 
 use crate::metrics::Rejection;
-use crate::request::{error_response, unavailable, Reply};
+use crate::request::{error_response, unavailable, BadHead, Reply};
 
 /// Marks `r` as a refusal for `why`.
 pub fn refused(mut r: Reply, why: Rejection) -> Reply {
@@ -43,6 +43,19 @@ pub fn bad_request(id: &str, why: &str) -> Reply {
         error_response(StatusCode::BAD_REQUEST, id, why),
         Rejection::BadRequest,
     )
+}
+
+/// A head that fails [`RequestHead::check`](crate::request::RequestHead::check): 405 with `Allow` for
+/// CONNECT (RFC 9110 §15.5.6 asks for `Allow`), else 400. Logged at debug: the client's mistake, not ours.
+pub fn bad_head(id: &str, why: &BadHead) -> Reply {
+    tracing::debug!("request refused before any worker: {why}");
+    if *why == BadHead::Connect {
+        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, id, &format!("{why}."));
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(BadHead::ALLOW));
+        return refused(r, Rejection::MethodNotAllowed);
+    }
+    bad_request(id, &format!("{why}."))
 }
 
 /// The disk is full (or out of descriptors): the body has nowhere to wait. Logged in the request's span.

@@ -15,8 +15,10 @@
 //! nothing of what is written to it for `--send-timeout`, is closed. A request the peer abandons before its
 //! STDIN is complete (an abort, or the connection ending) is counted as 499.
 //!
-//! This file only speaks the protocol and builds the [`Job`]; [`crate::admission`] queues or refuses it and
-//! ends every request as for the HTTP front: metrics, the access-log line, the request id on the answer.
+//! This file only speaks the protocol and builds the [`Job`], with the rules of every front
+//! ([`RequestHead::check`] on the params' HTTP view; a missing `HTTP_HOST` is nginx's call) and without the
+//! hop-by-hop headers nginx passes on as params; [`crate::admission`] queues or refuses it and ends every
+//! request as for the HTTP front: metrics, the access-log line, the request id on the answer.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -39,7 +41,8 @@ use super::listen::Listener;
 use crate::admission::{refusal, Admission, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 use crate::request::{
-    client_closed, new_request_id, request_id, Job, Origin, Reply, RequestBody, RequestHead,
+    client_closed, new_request_id, request_id, BadHead, HostRule, Job, Origin, Reply, RequestBody,
+    RequestHead, HOP_BY_HOP,
 };
 use crate::spill::BodyWriter;
 use crate::sync::lock;
@@ -522,6 +525,7 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     } = req;
     let rid = outcome.id();
     let resp = match (job, refuse) {
+        (Err(BadParams::Head(why)), _) => refusal::bad_head(rid, &why),
         (Err(why), _) => {
             tracing::debug!("bad FastCGI request: {why}");
             refusal::bad_request(rid, &why.to_string())
@@ -640,13 +644,47 @@ async fn send_response(
 enum BadParams {
     #[error("REQUEST_METHOD {0:?} is not an HTTP method")]
     Method(String),
+    /// The head fails the rules every front applies (400, or 405 for CONNECT).
+    #[error(transparent)]
+    Head(BadHead),
 }
 
-/// Builds the queued request from the peer's params: they go to FastCGI workers as they came; the HTTP
-/// view of them (method, target, headers) serves HTTP workers, logs and quarantine.
+/// Builds the queued request from the peer's params: they go to FastCGI workers as they came, less the
+/// hop-by-hop headers; the HTTP view of them (method, target, headers) serves HTTP workers, logs and
+/// quarantine.
 fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job, BadParams> {
     let view = http_view(&params)?;
+    let params = without_hop_by_hop(params);
     Ok(Job::new(view.id, view.head, body, view.origin).with_cgi_params(params))
+}
+
+/// The params less the hop-by-hop headers nginx passes on as `HTTP_*` (and those its `HTTP_CONNECTION`
+/// names), as the HTTP view loses them: they describe the client's connection to nginx. Above all
+/// `HTTP_TRANSFER_ENCODING`: nginx de-chunks the body and sends its `CONTENT_LENGTH`, but passes
+/// `HTTP_TRANSFER_ENCODING=chunked` on too, and a framework that trusts it (Werkzeug) reads an empty
+/// body. php-fpm behind nginx does get them; this is where anteroom's params differ from its, on purpose.
+fn without_hop_by_hop(params: Vec<(Bytes, Bytes)>) -> Vec<(Bytes, Bytes)> {
+    let var = |header: &[u8]| -> Vec<u8> {
+        let mut v = b"HTTP_".to_vec();
+        v.extend(header.iter().map(|b| match b {
+            b'-' => b'_',
+            b => b.to_ascii_uppercase(),
+        }));
+        v
+    };
+    let mut hop: Vec<Vec<u8>> = params
+        .iter()
+        .filter(|(k, _)| k.as_ref() == b"HTTP_CONNECTION")
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .map(|t| var(t.trim_ascii()))
+        // As on the HTTP front, `Connection: host` removes nothing that anteroom or the worker reads.
+        .filter(|v| v != b"HTTP_HOST" && v != b"HTTP_CONTENT_LENGTH")
+        .collect();
+    hop.extend(HOP_BY_HOP.map(|h| var(h.as_bytes())));
+    params
+        .into_iter()
+        .filter(|(k, _)| !hop.iter().any(|h| h == k.as_ref()))
+        .collect()
 }
 
 /// What the params say as HTTP: the request id, head and origin.
@@ -697,16 +735,18 @@ fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, BadParams> {
         peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
         local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
     };
-    Ok(HttpView {
-        id: request_id(&headers),
-        head: RequestHead {
-            method,
-            uri,
-            version,
-            headers,
-        },
-        origin,
-    })
+    let id = request_id(&headers);
+    let mut head = RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+    };
+    // The same rules as on the HTTP front, for the HTTP view. nginx enforced RFC 9112's Host rules as the
+    // HTTP server, and sends requests without HTTP_HOST (HTTP/1.0 ones, health checks), so a Host must only
+    // be valid when present. FastCGI workers get the params as they came (parity with php-fpm).
+    head.check(HostRule::IfPresent).map_err(BadParams::Head)?;
+    Ok(HttpView { id, head, origin })
 }
 
 /// The request's headers back from their CGI names (`HTTP_USER_AGENT`, `CONTENT_TYPE`...), less the
@@ -796,5 +836,48 @@ mod tests {
         assert!(
             job_from_params(p(&[("REQUEST_METHOD", "B A D")]), RequestBody::default()).is_err()
         );
+    }
+
+    #[test]
+    fn the_http_view_meets_the_rules_of_every_front() {
+        let view = |pairs: &[(&str, &str)]| job_from_params(p(pairs), RequestBody::default());
+        let refused = |pairs: &[(&str, &str)]| match view(pairs) {
+            Err(BadParams::Head(why)) => why,
+            other => panic!("{pairs:?}: {:?}", other.map(|j| j.head)),
+        };
+        // No HTTP_HOST is nginx's right (HTTP/1.0 clients, its own checks); a bad or doubled one is not.
+        assert!(view(&[("REQUEST_URI", "/")]).is_ok());
+        assert!(matches!(
+            refused(&[("HTTP_HOST", "a b")]),
+            BadHead::BadHost(_)
+        ));
+        assert_eq!(
+            refused(&[("HTTP_HOST", "a"), ("HTTP_HOST", "b")]),
+            BadHead::ManyHosts(2)
+        );
+        assert_eq!(
+            refused(&[("REQUEST_METHOD", "CONNECT"), ("HTTP_HOST", "a")]),
+            BadHead::Connect
+        );
+        // No worker of either protocol gets a hop-by-hop header, nor one that Connection names.
+        let job = view(&[
+            ("HTTP_HOST", "a"),
+            ("HTTP_TRANSFER_ENCODING", "chunked"),
+            ("HTTP_CONNECTION", "close, X-Hop, Host"),
+            ("HTTP_X_HOP", "1"),
+            ("CONTENT_LENGTH", "5"),
+        ])
+        .unwrap();
+        assert!(!job.head.headers.contains_key("transfer-encoding"));
+        assert!(!job.head.headers.contains_key("connection"));
+        assert!(!job.head.headers.contains_key("x-hop"));
+        let names: Vec<&[u8]> = job
+            .cgi_params
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_ref())
+            .collect();
+        assert_eq!(names, [&b"HTTP_HOST"[..], b"CONTENT_LENGTH"]);
     }
 }

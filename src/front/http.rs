@@ -1,7 +1,9 @@
 //! The HTTP/1.x front: accept every connection at once, read each request whole, queue it, relay the answer.
 //!
-//! hyper does the protocol (keep-alive, HTTP/1.0, chunked bodies, pipelining); this file adds the limits
-//! and builds the [`Job`]; [`crate::admission`] queues it or refuses it, and ends every request (metrics,
+//! hyper does the protocol (keep-alive, HTTP/1.0, chunked bodies, pipelining); this file adds the limits,
+//! checks the head as every front does ([`RequestHead::check`]: one Host, valid, the target's authority
+//! first, no CONNECT, no hop-by-hop headers nor names with `_` for the worker: 400 or 405 before any worker
+//! sees it) and builds the [`Job`]; [`crate::admission`] queues it or refuses it, and ends every request (metrics,
 //! access log, request id) as it does for the other fronts. A body is read with `--body-timeout` between
 //! reads (then 408), into memory or, when large, into a temp file (see [`crate::spill`]); a client that hangs
 //! up mid-body is counted as 499, as nginx does, not as a bad request. The request's handler future lives
@@ -31,7 +33,9 @@ use super::listen::Listener;
 use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::admission::{refusal, Admission};
 use crate::config::Config;
-use crate::request::{client_closed, request_id, Job, Origin, Reply, RequestBody, RequestHead};
+use crate::request::{
+    client_closed, request_id, HostRule, Job, Origin, Reply, RequestBody, RequestHead,
+};
 use crate::spill::BodyWriter;
 
 /// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns` and
@@ -169,11 +173,21 @@ fn front_buf_size(cfg: &Config) -> usize {
 async fn handle(req: Request<Incoming>, front: &Admission, origin: Origin) -> Reply {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let head = RequestHead::from(parts);
+    let mut head = RequestHead::from(parts);
+    // hyper parsed the syntax; what the worker would trust (Host, the target, hop-by-hop headers) is
+    // checked here, before the account opens, so that the log shows the head a worker would have seen.
+    let checked = head.check(HostRule::Required);
     let outcome = front.open(started, request_id(&head.headers), Some((&head, &origin)));
-    let resp = admit(head, body, front, origin, outcome.id())
-        .instrument(outcome.span().clone())
-        .await;
+    let resp = match checked {
+        Err(why) => outcome
+            .span()
+            .in_scope(|| refusal::bad_head(outcome.id(), &why)),
+        Ok(()) => {
+            admit(head, body, front, origin, outcome.id())
+                .instrument(outcome.span().clone())
+                .await
+        }
+    };
     outcome.finish(resp)
 }
 

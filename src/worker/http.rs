@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -89,6 +89,13 @@ impl HttpConn {
             }
         })?;
         let (mut parts, incoming) = resp.into_parts();
+        if parts.headers.contains_key(CONTENT_LENGTH)
+            && parts.headers.contains_key(TRANSFER_ENCODING)
+        {
+            // Nothing of it goes to the client (a 502 does), and the connection is not reused: its body
+            // is unread and the worker's framing is in doubt.
+            return Err(WorkerError::Protocol(BadResponse::LengthAndEncoding));
+        }
         self.keep = keeps_alive(&parts);
         let hop: Vec<_> = parts
             .headers
@@ -203,8 +210,11 @@ fn build_request(job: &Job) -> Result<Request<BodyStream>, WorkerError> {
         .parse()
         .map_err(|e: http::uri::InvalidUri| BadResponse::Request(Box::new(e)))?;
     let h = req.headers_mut();
+    // The fronts have removed hop-by-hop headers and names with `_` (`RequestHead::check`); this holds for
+    // any `Job`, as `cgi::params` does for FastCGI workers.
     for (name, value) in head.headers.iter() {
-        if !is_hop_by_hop(name) && name != CONTENT_LENGTH && name != REQUEST_ID {
+        let forwarded = !is_hop_by_hop(name) && !name.as_str().contains('_');
+        if forwarded && name != CONTENT_LENGTH && name != REQUEST_ID {
             h.append(name.clone(), value.clone());
         }
     }

@@ -56,6 +56,10 @@ pub enum BadResponse {
     /// The request itself could not be put in the worker's terms (FastCGI params, the HTTP target).
     #[error("cannot encode the request for the worker: {0}")]
     Request(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// RFC 9112 §6.3: both Content-Length and Transfer-Encoding. hyper's client decodes such a response as
+    /// chunked and keeps both headers, so relaying it would send a client a length the body does not have.
+    #[error("the response has both Content-Length and Transfer-Encoding: its length is ambiguous")]
+    LengthAndEncoding,
     /// Wrong in a way no decoder reports: said in our words.
     #[error("{0}")]
     Worker(String),
