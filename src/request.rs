@@ -231,6 +231,23 @@ pub fn unavailable(id: &str, why: &str, retry_after: u64) -> Reply {
     r
 }
 
+/// The header that tells the application when anteroom received a request (`t=` and microseconds since the
+/// epoch), as Heroku's router and nginx's `t=${msec}` do: New Relic, Judoscale and Sentry subtract it from
+/// the time the app starts the request to show, and scale on, the time it waited.
+pub const REQUEST_START: http::header::HeaderName =
+    http::header::HeaderName::from_static("x-request-start");
+
+/// The value of [`REQUEST_START`] for a request whose head arrived at `at`.
+pub fn request_start(at: Instant) -> HeaderValue {
+    let wall = std::time::SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or_else(std::time::SystemTime::now);
+    let micros = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    HeaderValue::from_str(&format!("t={micros}")).unwrap_or(HeaderValue::from_static("t=0"))
+}
+
 /// The client's `X-Request-Id` when it is sane (so ids can be followed across hosts), else a new one.
 pub fn request_id(headers: &HeaderMap) -> String {
     if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {

@@ -254,7 +254,13 @@ fn params_parity_with_php_fpm() {
 
     // Allowed to differ: what names the process or the socket, the clock, and the header that chose the
     // backend. Everything else nginx sent must arrive the same, but for one difference on purpose: the
-    // hop-by-hop headers nginx passes on as params (here `Connection: close`) reach no anteroom worker.
+    // hop-by-hop headers nginx passes on as params (here `Connection: close`) reach no anteroom worker. And
+    // one addition: anteroom tells its workers when it received the request (`X-Request-Start`).
+    let start = ant_vars
+        .get("HTTP_X_REQUEST_START")
+        .and_then(|v| v.as_str());
+    assert!(start.is_some_and(|t| t.starts_with("t=")), "{ant_vars:?}");
+    assert!(!fpm_vars.contains_key("HTTP_X_REQUEST_START"));
     assert_eq!(
         fpm_vars.get("HTTP_CONNECTION").and_then(|v| v.as_str()),
         Some("close")
@@ -262,6 +268,7 @@ fn params_parity_with_php_fpm() {
     assert!(!ant_vars.contains_key("HTTP_CONNECTION"), "{ant_vars:?}");
     let allowed = [
         "HTTP_CONNECTION",
+        "HTTP_X_REQUEST_START",
         "HTTP_X_BACKEND",
         "REMOTE_PORT",
         "REQUEST_TIME",

@@ -105,3 +105,58 @@ fn python_gunicorn_http() {
         "{close}"
     );
 }
+
+/// Starts the README's command `cmd` with one worker, keeps it busy for 700 ms, and returns what a request
+/// sent meanwhile says it waited (the examples print it from `X-Request-Start`).
+fn waited_ms(opts: &[&str], cmd: &[&str]) -> u64 {
+    require(cmd[0]);
+    let mut args = vec!["--workers", "1"];
+    args.extend_from_slice(opts);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    let mut a = Anteroom::start(&args);
+    let addr = a.addr;
+    // Warm: the worker is up and has served once.
+    assert_eq!(get(addr, "/").status, 200, "{}", a.log_text());
+    let busy = thread::spawn(move || get(addr, "/?ms=700"));
+    thread::sleep(Duration::from_millis(150));
+    let queued = get(addr, "/");
+    assert_eq!(busy.join().unwrap().status, 200);
+    a.stop();
+    let text = queued.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("waited ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no wait reported:\n{text}"))
+}
+
+/// `X-Request-Start` (`HTTP_X_REQUEST_START`) reaches the app in each language, FastCGI and HTTP workers,
+/// and tells how long the request waited in anteroom: here about 550 ms behind a 700 ms request.
+#[test]
+fn each_language_is_told_when_anteroom_received_the_request() {
+    let php = format!(
+        "SCRIPT_FILENAME={}/examples/php/index.php",
+        root().display()
+    );
+    let psgi = format!("{}/examples/perl/app.psgi", root().display());
+    let flup = format!("{}/examples/python/app_flup.py", root().display());
+    let py = format!("{}/examples/python", root().display());
+    let cases: [(&str, Vec<&str>, Vec<&str>); 4] = [
+        ("php-cgi", vec!["--param", &php], vec!["php-cgi"]),
+        (
+            "plackup",
+            vec![],
+            vec!["plackup", "-s", "FCGI", "--manager=", &psgi],
+        ),
+        ("flup", vec![], vec!["python3", &flup]),
+        (
+            "gunicorn",
+            vec!["--worker-protocol", "http"],
+            vec!["gunicorn", "-w", "1", "--chdir", &py, "app_wsgi:app"],
+        ),
+    ];
+    for (name, opts, cmd) in &cases {
+        let ms = waited_ms(opts, cmd);
+        eprintln!("X-REQUEST-START {name}: waited {ms} ms");
+        assert!((400..2000).contains(&ms), "{name}: waited {ms} ms");
+    }
+}

@@ -18,5 +18,10 @@ my $app = sub {
     my $text = "Hello from Perl $^V (pid $$)\n"
       . "$env->{REQUEST_METHOD} $env->{REQUEST_URI}\n"
       . ($body ne '' ? "body: $body\n" : '');
+    # anteroom says when it received the request (t=microseconds since the epoch), as Heroku's router does.
+    if (($env->{HTTP_X_REQUEST_START} // '') =~ /^t=(\d+)$/) {
+        $text .= sprintf("waited %d ms for this worker (X-Request-Start)\n",
+            (Time::HiRes::time() * 1e6 - $1) / 1000);
+    }
     return [200, ['Content-Type' => 'text/plain', 'X-Worker-Language' => 'perl'], [$text]];
 };

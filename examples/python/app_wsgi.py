@@ -25,6 +25,11 @@ def app(environ, start_response):
         sys.version.split()[0], os.getpid(), environ["REQUEST_METHOD"], uri)
     if body:
         text += "body: %s\n" % body.decode("utf-8", "replace")
+    # anteroom says when it received the request (t=microseconds since the epoch), as Heroku's router does.
+    start = environ.get("HTTP_X_REQUEST_START", "")
+    if start.startswith("t=") and start[2:].isdigit():
+        text += "waited %d ms for this worker (X-Request-Start)\n" % (
+            (time.time() * 1e6 - int(start[2:])) / 1000)
     data = text.encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("X-Worker-Language", "python"),
                               ("Content-Length", str(len(data)))])

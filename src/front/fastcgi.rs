@@ -41,8 +41,8 @@ use super::listen::Listener;
 use crate::admission::{refusal, Admission, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
 use crate::request::{
-    client_closed, new_request_id, request_id, BadHead, HostRule, Job, Origin, Reply, RequestBody,
-    RequestHead, HOP_BY_HOP,
+    client_closed, new_request_id, request_id, request_start, BadHead, HostRule, Job, Origin,
+    Reply, RequestBody, RequestHead, HOP_BY_HOP, REQUEST_START,
 };
 use crate::spill::BodyWriter;
 use crate::sync::lock;
@@ -367,7 +367,7 @@ impl PeerConn {
                 RequestBody::default()
             }
         };
-        let job = job_from_params(params, body);
+        let job = job_from_params(params, body).map(|j| stamp_start(j, r.started));
         // The account opens at BEGIN_REQUEST's time, with the id and head the params give.
         let outcome = match &job {
             Ok(job) => {
@@ -658,6 +658,23 @@ fn job_from_params(params: Vec<(Bytes, Bytes)>, body: RequestBody) -> Result<Job
     Ok(Job::new(view.id, view.head, body, view.origin).with_cgi_params(params))
 }
 
+/// Adds `X-Request-Start` (`HTTP_X_REQUEST_START`) from BEGIN_REQUEST's time, unless the peer set one: it
+/// is the web server in front (`fastcgi_param HTTP_X_REQUEST_START "t=${msec}";`), which saw the request
+/// first.
+fn stamp_start(mut job: Job, began: Instant) -> Job {
+    if !job.head.headers.contains_key(REQUEST_START) {
+        let v = request_start(began);
+        if let Some(p) = job.cgi_params.as_mut() {
+            p.push((
+                Bytes::from_static(b"HTTP_X_REQUEST_START"),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
+        }
+        job.head.headers.insert(REQUEST_START, v);
+    }
+    job
+}
+
 /// The params less the hop-by-hop headers nginx passes on as `HTTP_*` (and those its `HTTP_CONNECTION`
 /// names), as the HTTP view loses them: they describe the client's connection to nginx. Above all
 /// `HTTP_TRANSFER_ENCODING`: nginx de-chunks the body and sends its `CONTENT_LENGTH`, but passes
@@ -789,6 +806,38 @@ mod tests {
             .iter()
             .map(|(k, v)| (Bytes::from(k.to_string()), Bytes::from(v.to_string())))
             .collect()
+    }
+
+    #[test]
+    fn request_start_is_added_unless_the_web_server_set_one() {
+        let base = [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/")];
+        let start = |job: &Job| {
+            let params = job.cgi_params.as_ref().unwrap();
+            let given: Vec<_> = params
+                .iter()
+                .filter(|(k, _)| k.as_ref() == b"HTTP_X_REQUEST_START")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            (given, job.head.headers.get(REQUEST_START).cloned())
+        };
+        let ours = stamp_start(
+            job_from_params(p(&base), RequestBody::default()).unwrap(),
+            Instant::now(),
+        );
+        let (given, header) = start(&ours);
+        assert_eq!(given.len(), 1);
+        assert!(
+            given[0].starts_with("t=") && given[0].len() > 12,
+            "{given:?}"
+        );
+        assert_eq!(header.unwrap().to_str().unwrap(), given[0]);
+        let mut theirs = base.to_vec();
+        theirs.push(("HTTP_X_REQUEST_START", "t=1700000000.123"));
+        let kept = stamp_start(
+            job_from_params(p(&theirs), RequestBody::default()).unwrap(),
+            Instant::now(),
+        );
+        assert_eq!(start(&kept).0, ["t=1700000000.123"]);
     }
 
     #[test]

@@ -34,7 +34,8 @@ use super::timeout_io::{ArmOnDrop, HeadTimeoutIo};
 use crate::admission::{refusal, Admission};
 use crate::config::Config;
 use crate::request::{
-    client_closed, request_id, HostRule, Job, Origin, Reply, RequestBody, RequestHead,
+    client_closed, request_id, request_start, HostRule, Job, Origin, Reply, RequestBody,
+    RequestHead, REQUEST_START,
 };
 use crate::spill::BodyWriter;
 
@@ -177,6 +178,8 @@ async fn handle(req: Request<Incoming>, front: &Admission, origin: Origin) -> Re
     // hyper parsed the syntax; what the worker would trust (Host, the target, hop-by-hop headers) is
     // checked here, before the account opens, so that the log shows the head a worker would have seen.
     let checked = head.check(HostRule::Required);
+    // Ours, never the client's: an app that autoscales on queue time must not be steered by a client.
+    head.headers.insert(REQUEST_START, request_start(started));
     let outcome = front.open(started, request_id(&head.headers), Some((&head, &origin)));
     let resp = match checked {
         Err(why) => outcome
