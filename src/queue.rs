@@ -187,6 +187,17 @@ impl Queue {
         self.len() == 0
     }
 
+    /// Distinct clients with requests waiting (retries aside): with the depth, it shows whether one client
+    /// fills the queue or many share it.
+    pub fn clients(&self) -> usize {
+        self.lock().lines.len()
+    }
+
+    /// `--max-queue-per-client`; 0 for no limit.
+    pub fn per_client(&self) -> usize {
+        self.per_client
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in a few lines below; the data stays consistent.
         crate::sync::lock(&self.state)
@@ -426,6 +437,7 @@ mod tests {
             Err(Rejected::ClientLimit)
         ));
         let _b = q.push(from("10.0.0.2", "/b")).unwrap();
+        assert_eq!((q.len(), q.clients()), (3, 2));
         // Served: room again for that client.
         assert_eq!(q.try_pop().unwrap().head.uri.path(), "/a0");
         assert!(q.push(from("10.0.0.1", "/a3")).is_ok());

@@ -189,6 +189,13 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
     let depth: Gauge = Gauge::default();
     depth.set(st.queue.len() as i64);
     now.register("queue_depth", "Requests waiting for a worker now", depth);
+    let clients: Gauge = Gauge::default();
+    clients.set(st.queue.clients() as i64);
+    now.register(
+        "queue_clients",
+        "Distinct clients (IP addresses) with requests waiting now; they are served in turns",
+        clients,
+    );
     // Every connection and request is a task: a leak shows here first.
     let tasks: Gauge = Gauge::default();
     tasks.set(
@@ -308,6 +315,10 @@ struct App {
 struct QueueStatus {
     depth: usize,
     limit: usize,
+    /// Distinct clients with requests waiting, served in turns.
+    clients: usize,
+    /// `--max-queue-per-client`; 0 for none.
+    per_client_limit: usize,
     timeout_s: f64,
     /// Mean wait of the requests a worker took over the last `window_s`; null if it took none.
     wait_mean_ms: Option<f64>,
@@ -381,6 +392,8 @@ pub(super) fn status_json(
         queue: QueueStatus {
             depth: st.queue.len(),
             limit: st.queue.max(),
+            clients: st.queue.clients(),
+            per_client_limit: st.queue.per_client(),
             timeout_s: st.queue.timeout().as_secs_f64(),
             wait_mean_ms: round(rates.wait_mean_ms),
         },
