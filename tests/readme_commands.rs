@@ -9,16 +9,21 @@ use std::time::Duration;
 
 use common::*;
 
-/// Starts the README's command `cmd` (after `--`) with `opts` before it, sends a GET that takes 3 s,
-/// SIGKILLs the process serving it (the spawned one, or its child when `child`), and returns the answer's
-/// status and anteroom's log.
-fn kill_during_get(opts: &[&str], cmd: &[&str], child: bool, id: &str) -> (u16, String) {
+/// anteroom with one worker, `opts`, and the README's command `cmd` after `--`.
+fn start_one_worker(opts: &[&str], cmd: &[&str]) -> Anteroom {
     require(cmd[0]);
     let mut args = vec!["--workers", "1"];
     args.extend_from_slice(opts);
     args.push("--");
     args.extend_from_slice(cmd);
-    let mut a = Anteroom::start(&args);
+    Anteroom::start(&args)
+}
+
+/// Starts the README's command `cmd` (after `--`) with `opts` before it, sends a GET that takes 3 s,
+/// SIGKILLs the process serving it (the spawned one, or its child when `child`), and returns the answer's
+/// status and anteroom's log.
+fn kill_during_get(opts: &[&str], cmd: &[&str], child: bool, id: &str) -> (u16, String) {
+    let mut a = start_one_worker(opts, cmd);
     let addr = a.addr;
     let req = format!(
         "GET /?ms=3000 HTTP/1.1\r\nHost: t\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
@@ -109,12 +114,7 @@ fn python_gunicorn_http() {
 /// Starts the README's command `cmd` with one worker, keeps it busy for 700 ms, and returns what a request
 /// sent meanwhile says it waited (the examples print it from `X-Request-Start`).
 fn waited_ms(opts: &[&str], cmd: &[&str]) -> u64 {
-    require(cmd[0]);
-    let mut args = vec!["--workers", "1"];
-    args.extend_from_slice(opts);
-    args.push("--");
-    args.extend_from_slice(cmd);
-    let mut a = Anteroom::start(&args);
+    let mut a = start_one_worker(opts, cmd);
     let addr = a.addr;
     // Warm: the worker is up and has served once.
     assert_eq!(get(addr, "/").status, 200, "{}", a.log_text());
