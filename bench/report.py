@@ -331,7 +331,9 @@ def idle_section(meta, results, targets, g):
         f"{g['IDLE_FD_RESERVE']} for everything else, to anteroom (its own process, not the workers) and to "
         "nginx (master and workers summed), each in front of the same gunicorn pool "
         f"({g['IDLE_WORKERS']} sync workers), with header and keep-alive timeouts of {g['IDLE_TIMEOUT_S']} s "
-        "so that nothing is closed during the run. **RSS baseline** = `VmRSS` after the warm-up, before any "
+        "so that nothing is closed during the run, in a network namespace of their own with "
+        f"`{g.get('IDLE_PORT_RANGE', '?')}` (with the default range, finding a free source port makes the "
+        "connects ten times slower). **RSS baseline** = `VmRSS` after the warm-up, before any "
         "connection; **never spoke** = every connection open and silent (no byte sent); **after one "
         "request** = every connection has sent one trivial request (at most "
         f"{g['IDLE_REQUEST_CONCURRENCY']} at a time), read its response, and stays open, kept alive. **Per "
@@ -485,7 +487,9 @@ def header(meta, g):
         f"- Idle connections: {meta.get('idle_connections', '?')} per server (open-files limit "
         f"{meta.get('nofile', '?')}), anteroom and nginx in front of {g['IDLE_WORKERS']} gunicorn workers. "
         f"CPU per request: {p.get('cpu_n', '?')} requests at concurrency {g['CPU_CONCURRENCY']}, anteroom "
-        f"and nginx in front of {g['CPU_WORKERS']} gunicorn workers. Same namespace as overhead.",
+        f"and nginx in front of {g['CPU_WORKERS']} gunicorn workers, same namespace as overhead; idle "
+        "connections in a namespace of their own with a wider ephemeral port range "
+        f"(`{g.get('IDLE_PORT_RANGE', '?')}`).",
         "- nginx: `worker_processes auto` (2), `worker_connections 16384`, `multi_accept on`, access log "
         "off, read timeouts 300 s. To the peers as usually deployed: `fastcgi_pass` to php-fpm, "
         "`proxy_pass` to gunicorn and Starman, a new upstream connection per request (gunicorn's sync "
