@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use futures_util::future::Either;
 use http::header::EXPECT;
 use http::HeaderMap;
 use tokio::io::AsyncWrite;
@@ -64,19 +65,18 @@ pub fn start(
         Refusal::Http503,
         conns,
         move |conn, entry| {
-            let front = front.clone();
-            async move {
-                match conn {
-                    ClientStream::Tcp(s, peer) => {
-                        let origin = Origin {
-                            peer: Some(peer),
-                            local: s.local_addr().ok(),
-                        };
-                        Conn::new(s, origin, front, entry).serve().await;
-                    }
-                    ClientStream::Unix(s) => {
-                        Conn::new(s, Origin::default(), front, entry).serve().await;
-                    }
+            // One future per connection type, of which this task holds the one it needs, not both side by
+            // side (which an `async` block with a `match` would hold: measured 1544 bytes against 712).
+            match conn {
+                ClientStream::Tcp(s, peer) => {
+                    let origin = Origin {
+                        peer: Some(peer),
+                        local: s.local_addr().ok(),
+                    };
+                    Either::Left(Conn::new(s, origin, front.clone(), entry).serve())
+                }
+                ClientStream::Unix(s) => {
+                    Either::Right(Conn::new(s, Origin::default(), front.clone(), entry).serve())
                 }
             }
         },
@@ -151,20 +151,16 @@ impl<S: Socket> Conn<S> {
 
     async fn serve(mut self) {
         loop {
-            let next = match self.next_head().await {
-                NextHead::Gone => return,
-                NextHead::Refused(reply) => {
-                    let _ = self
-                        .write_response(reply, false, http::Version::HTTP_11, false)
-                        .await;
-                    Next::Linger
-                }
-                NextHead::Head(head, started) => self.request(head, started).await,
-            };
-            match next {
+            // Idle, this task is only as large as waiting for a byte takes; reading the head and serving
+            // the request are boxed, allocated while a request is under way (measured: 6.4 KiB unboxed).
+            let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
+            if self.buf.is_empty() && !self.wait_for_bytes(deadline).await {
+                return;
+            }
+            match Box::pin(self.one(deadline)).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
-                Next::Linger => return write::linger(&mut self.io).await,
+                Next::Linger => return Box::pin(write::linger(&mut self.io)).await,
             }
             if self.buf.is_empty() {
                 // Idle: the connection holds no buffer until the client speaks again.
@@ -173,12 +169,33 @@ impl<S: Socket> Conn<S> {
         }
     }
 
+    /// Waits for the client's next bytes; false when it closed, stayed silent past `deadline`, or the
+    /// table closed the idle connection to make room.
+    async fn wait_for_bytes(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.io.readable()) => matches!(r, Ok(Ok(()))),
+            () = self.entry.closed() => false,
+        }
+    }
+
+    /// Reads one head and serves its request.
+    async fn one(&mut self, deadline: tokio::time::Instant) -> Next {
+        match self.next_head(deadline).await {
+            NextHead::Gone => Next::Close,
+            NextHead::Refused(reply) => {
+                let v = http::Version::HTTP_11;
+                let _ = Box::pin(self.write_response(reply, false, v, false)).await;
+                Next::Linger
+            }
+            NextHead::Head(head, started) => self.request(head, started).await,
+        }
+    }
+
     /// Reads until a whole head is in, within `--header-timeout`.
-    async fn next_head(&mut self) -> NextHead {
+    async fn next_head(&mut self, deadline: tokio::time::Instant) -> NextHead {
         let limits = http1::Limits {
             max_head: self.front.cfg.max_header_size,
         };
-        let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
         let mut fresh = !self.buf.is_empty();
         loop {
             if fresh {
@@ -288,7 +305,8 @@ impl<S: Socket> Conn<S> {
         };
         let reply = outcome.finish(reply);
         let keep = keep_alive && body_read && !self.entry.draining();
-        match self.write_response(reply, is_head, version, keep).await {
+        // Boxed: the request's future then holds the body's or the queue's state, not also this.
+        match Box::pin(self.write_response(reply, is_head, version, keep)).await {
             Ok(true) => Next::KeepAlive,
             Ok(false) if !body_read => Next::Linger,
             Ok(false) => Next::Close,
@@ -307,7 +325,7 @@ impl<S: Socket> Conn<S> {
         expect_continue: bool,
         id: &str,
     ) -> Admitted {
-        let body = match self.read_body(framing, expect_continue, id).await {
+        let body = match Box::pin(self.read_body(framing, expect_continue, id)).await {
             Ok(b) => b,
             Err(body::Failed::Answer(r)) => return Admitted::BodyUnread(r),
             Err(body::Failed::Gone) => return Admitted::Gone,
