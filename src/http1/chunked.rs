@@ -19,7 +19,7 @@ pub enum ChunkError {
     LineEnd,
     #[error("a chunk's data is not followed by CRLF")]
     DataEnd,
-    #[error("a chunk extension holds a control byte")]
+    #[error("a chunk extension is malformed")]
     Extension,
     #[error("a chunk line is longer than {MAX_LINE} bytes")]
     LineTooLong,
@@ -47,9 +47,10 @@ enum State {
         size: u64,
         digits: u8,
     },
-    /// After the size: optional whitespace and extensions, up to CR.
+    /// After the size: chunk extensions, up to CR.
     Ext {
         size: u64,
+        at: Ext,
     },
     /// CR seen at the end of a size line.
     SizeLf {
@@ -62,12 +63,34 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
-    /// Inside a trailer line.
+    /// In a trailer's name, up to its colon.
+    TrailerName,
+    /// In a trailer's value.
     Trailer,
     TrailerLf,
     /// CR of the final empty line seen.
     EndLf,
     Done,
+}
+
+/// Where in `*( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )` (RFC 9112 §7.1.1) a size
+/// line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext {
+    /// Whitespace after the size or a value: a `;` must come.
+    Bws,
+    /// After `;`: a name must come.
+    NameBws,
+    Name,
+    /// Whitespace after a name: `=` or `;` must come.
+    NameEndBws,
+    /// After `=`: a value must come.
+    ValueBws,
+    Token,
+    Quoted,
+    Escape,
+    /// Right after a quoted value.
+    ValueEnd,
 }
 
 #[derive(Debug)]
@@ -143,17 +166,19 @@ impl ChunkedDecoder {
                     }
                     _ if digits == 0 => return Err(ChunkError::Size),
                     (None, b'\r') => State::SizeLf { size },
-                    (None, b' ' | b'\t' | b';') => State::Ext { size },
+                    (None, b' ' | b'\t') => State::Ext { size, at: Ext::Bws },
+                    (None, b';') => State::Ext {
+                        size,
+                        at: Ext::NameBws,
+                    },
                     _ => return Err(ChunkError::Size),
                 }
             }
-            State::Ext { size } => {
+            State::Ext { size, at } => {
                 self.count_line()?;
-                match b {
-                    b'\r' => State::SizeLf { size },
-                    b'\t' => State::Ext { size },
-                    0..=0x1f | 0x7f => return Err(ChunkError::Extension),
-                    _ => State::Ext { size },
+                match extension(at, b)? {
+                    Some(at) => State::Ext { size, at },
+                    None => State::SizeLf { size },
                 }
             }
             State::SizeLf { size } => {
@@ -170,12 +195,26 @@ impl ChunkedDecoder {
             State::DataCr if b == b'\r' => State::DataLf,
             State::DataLf if b == b'\n' => State::Size { size: 0, digits: 0 },
             State::DataCr | State::DataLf => return Err(ChunkError::DataEnd),
-            State::TrailerStart => match b {
-                b'\r' => State::EndLf,
-                b' ' | b'\t' | b':' => return Err(ChunkError::Trailer), // obs-fold or no name
-                _ => self.trailer_byte(b)?,
-            },
-            State::Trailer => self.trailer_byte(b)?,
+            State::TrailerStart if b == b'\r' => State::EndLf,
+            // A trailer is `name: value`; anything else (obs-fold, no name, a request line) is refused.
+            State::TrailerStart | State::TrailerName if is_tchar(b) => {
+                self.count_trailer()?;
+                State::TrailerName
+            }
+            State::TrailerName if b == b':' => {
+                self.count_trailer()?;
+                State::Trailer
+            }
+            State::TrailerStart | State::TrailerName => return Err(ChunkError::Trailer),
+            State::Trailer => {
+                self.count_trailer()?;
+                match b {
+                    b'\r' => State::TrailerLf,
+                    b'\t' => State::Trailer,
+                    0..=0x1f | 0x7f => return Err(ChunkError::Trailer),
+                    _ => State::Trailer,
+                }
+            }
             State::TrailerLf if b == b'\n' => State::TrailerStart,
             State::TrailerLf => return Err(ChunkError::LineEnd),
             State::EndLf if b == b'\n' => State::Done,
@@ -184,17 +223,12 @@ impl ChunkedDecoder {
         })
     }
 
-    fn trailer_byte(&mut self, b: u8) -> Result<State, ChunkError> {
+    fn count_trailer(&mut self) -> Result<(), ChunkError> {
         self.trailers += 1;
         if self.trailers > MAX_TRAILERS {
             return Err(ChunkError::TrailersTooLarge);
         }
-        match b {
-            b'\r' => Ok(State::TrailerLf),
-            b'\t' => Ok(State::Trailer),
-            0..=0x1f | 0x7f => Err(ChunkError::Trailer),
-            _ => Ok(State::Trailer),
-        }
+        Ok(())
     }
 
     fn count_line(&mut self) -> Result<(), ChunkError> {
@@ -204,6 +238,41 @@ impl ChunkedDecoder {
         }
         Ok(())
     }
+}
+
+/// The next place in a chunk extension after `b`; None at the CR that ends the size line.
+fn extension(at: Ext, b: u8) -> Result<Option<Ext>, ChunkError> {
+    let ws = b == b' ' || b == b'\t';
+    let next = match at {
+        Ext::Bws if ws => Ext::Bws,
+        Ext::Bws | Ext::Name | Ext::NameEndBws | Ext::Token | Ext::ValueEnd if b == b';' => {
+            Ext::NameBws
+        }
+        Ext::NameBws if ws => Ext::NameBws,
+        Ext::NameBws | Ext::Name if is_tchar(b) => Ext::Name,
+        Ext::Name | Ext::Token | Ext::ValueEnd if b == b'\r' => return Ok(None),
+        Ext::Name | Ext::NameEndBws if ws => Ext::NameEndBws,
+        Ext::Name | Ext::NameEndBws if b == b'=' => Ext::ValueBws,
+        Ext::ValueBws if ws => Ext::ValueBws,
+        Ext::ValueBws if b == b'"' => Ext::Quoted,
+        Ext::ValueBws | Ext::Token if is_tchar(b) => Ext::Token,
+        Ext::Token | Ext::ValueEnd if ws => Ext::Bws,
+        Ext::Quoted if b == b'"' => Ext::ValueEnd,
+        Ext::Quoted if b == b'\\' => Ext::Escape,
+        // qdtext, and what a quoted-pair may escape: HTAB, SP, visible and obs-text bytes.
+        Ext::Quoted | Ext::Escape
+            if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 =>
+        {
+            Ext::Quoted
+        }
+        _ => return Err(ChunkError::Extension),
+    };
+    Ok(Some(next))
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -250,7 +319,8 @@ mod tests {
 
     #[test]
     fn decodes_in_any_split() {
-        let raw = b"5\r\nhello\r\nA;name=\"v\"\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nGET";
+        let raw =
+            b"5 ; a ; b = c\r\nhello\r\nA;name=\"v\\\"\"\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nGET";
         for split in 1..raw.len() {
             let (data, left) = decode(raw, split).unwrap();
             assert_eq!(data, b"hello0123456789", "split {split}");
@@ -272,6 +342,13 @@ mod tests {
             (b"5\rhello", ChunkError::LineEnd),
             (b"10000000000000000\r\n", ChunkError::Overflow),
             (b"5;a\0b\r\nhello\r\n0\r\n\r\n", ChunkError::Extension),
+            (b"5 \r\nhello\r\n0\r\n\r\n", ChunkError::Extension),
+            (b"5 x\r\n", ChunkError::Extension),
+            (b"5;\r\n", ChunkError::Extension),
+            (b"5;=v\r\n", ChunkError::Extension),
+            (b"5;a=\"b\r\n", ChunkError::Extension),
+            (b"0\r\nGET / HTTP/1.1\r\n\r\n", ChunkError::Trailer),
+            (b"0\r\nX : 1\r\n\r\n", ChunkError::Trailer),
             (b"0\r\n folded\r\n\r\n", ChunkError::Trailer),
             (b"0\r\n\rX", ChunkError::LineEnd),
         ] {

@@ -111,6 +111,13 @@ pub fn parse_request(buf: &[u8], limits: Limits) -> Result<Parsed, HeadError> {
         return Err(HeadError::Syntax("incomplete request line"));
     };
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Syntax("method"))?;
+    // RFC 9112 §3.2: no fragment, only the URI's ASCII; `*` for OPTIONS alone. (httparse lets bytes above
+    // 0x7f through, and http's Uri would drop a fragment silently.)
+    if path.bytes().any(|b| b == b'#' || !b.is_ascii())
+        || (path == "*" && method != Method::OPTIONS)
+    {
+        return Err(HeadError::BadTarget);
+    }
     let uri = Uri::try_from(path).map_err(|_| HeadError::BadTarget)?;
     let version = if minor == 0 {
         Version::HTTP_10

@@ -217,9 +217,11 @@ impl<S: Socket> Conn<S> {
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return NextHead::Gone,
                 Ok(Ok(n)) => {
-                    // Parse again only when a line may have ended.
+                    // Parse again only when a line may have ended (or a bare CR may need refusing).
                     let len = self.buf.len();
-                    fresh = self.buf[len - n..].contains(&b'\n');
+                    fresh = self.buf[len - n..]
+                        .iter()
+                        .any(|&b| b == b'\n' || b == b'\r');
                 }
                 Err(_) if self.buf.is_empty() => return NextHead::Gone,
                 Err(_) => return NextHead::Refused(self.refuse_late_head()),
