@@ -22,7 +22,7 @@ use refusal::refused;
 use crate::config::Config;
 use crate::metrics::{Metrics, Rejection};
 use crate::quarantine::Quarantine;
-use crate::queue::{Queue, Rejected};
+use crate::queue::{Queue, Rejected, Ticket};
 use crate::request::{unavailable, Job, Reply};
 
 /// What every front admits requests into: shared by all listeners.
@@ -50,22 +50,40 @@ impl Admission {
 
     /// Queues a complete request and waits for its answer, or refuses it on purpose. Run in the request's
     /// span ([`Outcome::span`]): what it logs names the request by that.
-    pub async fn dispatch(&self, job: Job) -> Reply {
-        let id = job.id.clone();
-        let id = id.as_str();
+    ///
+    /// The request is queued (or refused) when this is called, not when the future is first polled, and the
+    /// future holds only the ticket and the deadline: while thousands of requests wait, each costs its
+    /// job in the queue once, not again in the future that waits for it.
+    pub fn dispatch(&self, job: Job) -> impl std::future::Future<Output = Reply> + Send + '_ {
+        let queued = self.enqueue(job);
+        async move {
+            match queued {
+                Enqueued::Waiting(id, ticket) => self.wait(&id, ticket).await,
+                Enqueued::Refused(refusal) => refusal,
+            }
+        }
+    }
+
+    /// The quarantine check and the push into the queue.
+    fn enqueue(&self, job: Job) -> Enqueued {
         if let Some((fp, left)) = self.quarantine.blocked_job(&job) {
             let r = unavailable(
-                id,
+                &job.id,
                 &format!("Requests for {fp} have been crashing workers; they are refused for now."),
                 left,
             );
-            return refused(r, Rejection::Quarantined);
+            return Enqueued::Refused(refused(r, Rejection::Quarantined));
         }
+        let id = job.id.clone();
+        match self.queue.push(job) {
+            Ok(t) => Enqueued::Waiting(id, t),
+            Err(why) => Enqueued::Refused(self.not_queued(&id, why)),
+        }
+    }
+
+    /// Waits for the answer to a queued request, at most `--queue-timeout`.
+    async fn wait(&self, id: &str, mut ticket: Ticket) -> Reply {
         let queue = &self.queue;
-        let mut ticket = match queue.push(job) {
-            Ok(t) => t,
-            Err(why) => return self.not_queued(id, why),
-        };
         let answer = tokio::select! {
             r = &mut ticket.reply => r,
             () = tokio::time::sleep(queue.timeout()) => {
@@ -126,4 +144,10 @@ impl Admission {
         );
         refused(r, Rejection::QueueTimeout)
     }
+}
+
+/// A request the queue took (its id and ticket), or the answer that refused it.
+enum Enqueued {
+    Waiting(String, Ticket),
+    Refused(Reply),
 }

@@ -120,7 +120,8 @@ struct Conn<S> {
 
 /// How reading the next head ended.
 enum NextHead {
-    Head(Head, Instant),
+    /// Boxed: a future's arguments stay in it for its whole life, and this one waits in the queue.
+    Head(Box<Head>, Instant),
     /// The client closed, went silent past the deadline before sending a byte, or the table closed the
     /// idle connection.
     Gone,
@@ -202,7 +203,7 @@ impl<S: Socket> Conn<S> {
                 match http1::parse_request(&self.buf, limits) {
                     Ok(Parsed::Complete(head, len)) => {
                         let _ = self.buf.split_to(len);
-                        return NextHead::Head(head, Instant::now());
+                        return NextHead::Head(Box::new(head), Instant::now());
                     }
                     Ok(Parsed::Partial) => {}
                     Err(e) => return NextHead::Refused(self.refuse_head(&e)),
@@ -247,7 +248,7 @@ impl<S: Socket> Conn<S> {
     }
 
     /// One request, from its parsed head to the end of its response.
-    async fn request(&mut self, parsed: Head, started: Instant) -> Next {
+    async fn request(&mut self, parsed: Box<Head>, started: Instant) -> Next {
         // Not idle from here until the response has been written: the table never closes it meanwhile.
         let _in_progress = self.entry.request_started();
         let Head {
@@ -258,7 +259,7 @@ impl<S: Socket> Conn<S> {
             framing,
             keep_alive,
             expect_continue,
-        } = parsed;
+        } = *parsed;
         if expect_continue {
             // Answered here: the worker gets the whole body, and nothing to wait for.
             headers.remove(EXPECT);
@@ -291,7 +292,7 @@ impl<S: Socket> Conn<S> {
                 let span = outcome.span().clone();
                 let id = outcome.id().to_string();
                 match self
-                    .admit(head, framing, expect_continue, &id)
+                    .admit(Box::new(head), framing, expect_continue, &id)
                     .instrument(span)
                     .await
                 {
@@ -322,7 +323,7 @@ impl<S: Socket> Conn<S> {
     /// Reads the body and hands the request to admission, watching for the client leaving meanwhile.
     async fn admit(
         &mut self,
-        head: RequestHead,
+        head: Box<RequestHead>,
         framing: Framing,
         expect_continue: bool,
         id: &str,
@@ -336,11 +337,12 @@ impl<S: Socket> Conn<S> {
             // Nothing pipelined: the request waits holding its head and body, and no buffer.
             self.buf = BytesMut::new();
         }
-        let job = Job::new(id.to_string(), head, body, self.origin.clone());
         let front = self.front.clone();
+        // Queued now; the future that waits holds the ticket, not the job.
+        let answer = front.dispatch(Job::new(id.to_string(), *head, body, self.origin.clone()));
         let max_pipelined = self.front.cfg.max_header_size;
         tokio::select! {
-            r = front.dispatch(job) => Admitted::Answer(r),
+            r = answer => Admitted::Answer(r),
             () = watch_hangup(&self.io, &mut self.buf, max_pipelined) => Admitted::Gone,
         }
     }
