@@ -23,7 +23,7 @@
 
 pub mod delay;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,6 +81,8 @@ struct State {
     next_line: u64,
     /// The controlled delay; None when off (`--queue-target 0`).
     delay: Option<Controller>,
+    /// Requests dropped in overload after waiting twice the target, until their tickets ask.
+    shed: HashSet<u64>,
 }
 
 impl State {
@@ -101,10 +103,10 @@ impl State {
     }
 
     /// The next request in turn: a retry first, else the oldest of the client whose turn it is.
-    fn next(&mut self) -> Option<Job> {
+    fn next(&mut self) -> Option<(u64, Job)> {
         if let Some((&seq, _)) = self.entries.first_key_value() {
             if seq < FIRST_SEQ {
-                return self.take(seq);
+                return self.take(seq).map(|j| (seq, j));
             }
         }
         while let Some((client, id)) = self.turns.pop_front() {
@@ -117,7 +119,7 @@ impl State {
                     if self.lines.get(&client).is_some_and(|l| l.id == id) {
                         self.turns.push_back((client, id));
                     }
-                    return job;
+                    return job.map(|j| (seq, j));
                 }
             }
         }
@@ -173,11 +175,18 @@ impl Ticket {
     pub fn withdraw(&self) -> bool {
         self.queue.remove(self.seq)
     }
+
+    /// Whether the queue dropped this request in overload (it had waited twice `--queue-target`).
+    pub fn was_shed(&self) -> bool {
+        self.queue.lock().shed.remove(&self.seq)
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.queue.remove(self.seq);
+        let mut st = self.queue.lock();
+        st.take(self.seq);
+        st.shed.remove(&self.seq);
     }
 }
 
@@ -348,16 +357,26 @@ impl Queue {
     pub fn try_pop(&self) -> Option<Job> {
         let mut st = self.lock();
         let now = Instant::now();
+        // In overload, a request that has waited twice the target is dropped rather than served: at ten
+        // times the capacity the queue that formed before overload was recognised holds seconds of work, and
+        // serving it would answer requests nobody waits for while fresh ones are refused.
+        let mut shed_after = None;
         if st.delay.is_some() {
             let sample = self.sample(&st, now);
             if let Some(ctl) = st.delay.as_mut() {
-                ctl.observe(sample);
+                if ctl.observe(sample) == Mode::Overload {
+                    shed_after = Some(ctl.settings().target * 2);
+                }
             }
         }
-        while let Some(job) = st.next() {
-            let expired = job.deaths == 0
-                && job.closes == 0
-                && now.duration_since(job.enqueued) >= self.timeout;
+        while let Some((seq, job)) = st.next() {
+            let first_try = job.deaths == 0 && job.closes == 0;
+            let waited = now.duration_since(job.enqueued);
+            let expired = first_try && waited >= self.timeout;
+            if first_try && shed_after.is_some_and(|limit| waited > limit) && !job.client_gone() {
+                st.shed.insert(seq);
+                continue;
+            }
             if job.client_gone() || expired {
                 // Dropping the job drops its reply sender; the front answers 503 for an expired one.
                 continue;
@@ -580,6 +599,14 @@ mod tests {
             q.delay_status().map(|d| (d.0, d.2)),
             Some((Mode::Overload, 1))
         );
+        // In overload, what has waited more than twice the target is dropped, not served.
+        for _ in 0..31 {
+            // Refusals keep the mode on.
+            std::thread::sleep(ms(10));
+            assert_eq!(push("/a8"), Err(Rejected::Overload));
+        }
+        assert!(q.try_pop().is_none());
+        assert!(held.iter().all(Ticket::was_shed));
         // Another client's first request is next but one in the turns: 100 ms, admitted.
         let b = q.push(from("10.0.0.2", "/b"));
         assert!(b.is_ok());

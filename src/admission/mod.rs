@@ -78,8 +78,15 @@ impl Admission {
                 (&mut ticket.reply).await
             }
         };
-        // Err: the queue dropped it, expired at the moment a worker looked, or anteroom is stopping.
-        answer.unwrap_or_else(|_| self.waited_too_long(id))
+        // Err: the queue dropped it (in overload after twice --queue-target, or expired at the moment a worker
+        // looked), or anteroom is stopping.
+        answer.unwrap_or_else(|_| {
+            if ticket.was_shed() {
+                self.not_queued(id, Rejected::Overload)
+            } else {
+                self.waited_too_long(id)
+            }
+        })
     }
 
     /// The answer to a request the queue would not take.
