@@ -587,14 +587,22 @@ mod tests {
         for i in 0..3 {
             push(&format!("/a{i}")).unwrap(); // the third faces 200 ms: above the target
         }
+        let mut next = 3;
+        let mut push_four = |push: &mut dyn FnMut(&str) -> Result<(), Rejected>| {
+            for _ in 0..4 {
+                push(&format!("/a{next}")).unwrap();
+                next += 1;
+            }
+        };
+        // Half-intervals: the first after the wait went above the target is not judged; then the queue
+        // grows by 4 (more than 3) in each of two in a row.
+        for _ in 0..2 {
+            std::thread::sleep(ms(12));
+            push_four(&mut push);
+        }
         std::thread::sleep(ms(12));
-        push("/a3").unwrap(); // half an interval above: the queue length to judge growth by
-        push("/a4").unwrap();
-        push("/a5").unwrap();
-        push("/a6").unwrap();
-        std::thread::sleep(ms(12));
-        // Grew by more than 2 over the second half: overload, and this one would wait 700 ms.
-        assert_eq!(push("/a7"), Err(Rejected::Overload));
+        // Overload now, and this one would wait 1.1 s.
+        assert_eq!(push("/a11"), Err(Rejected::Overload));
         assert_eq!(
             q.delay_status().map(|d| (d.0, d.2)),
             Some((Mode::Overload, 1))

@@ -303,9 +303,9 @@ pub struct Settings {
     /// seconds, it is overloaded and refuses (503) requests that would wait longer. 0: off (plain FIFO).
     #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TARGET", default_value = "1")]
     pub queue_target: f64,
-    /// Controlled delay: how long the queue must grow above --queue-target to be overloaded, and go without
-    /// a refusal to be normal again, in seconds. 0: off.
-    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_INTERVAL", default_value = "1")]
+    /// Controlled delay: the queue is overloaded when it grew in two half-intervals in a row (after a first)
+    /// while above --queue-target, and normal again after an interval without a refusal, in seconds. 0: off.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_INTERVAL", default_value = "0.5")]
     pub queue_interval: f64,
     /// Listen backlog asked of the kernel (clamped by net.core.somaxconn).
     #[arg(long, value_name = "N", env = "ANTEROOM_BACKLOG", default_value = "1024")]

@@ -12,9 +12,12 @@
 //! - A closed-loop burst (300 clients each sending their next request when the last is answered, the bench's
 //!   1000@300) keeps a standing queue with a 6 s wait for 20 s, and must be absorbed whole. What tells it from
 //!   overload is that it does not *grow*: its arrivals are its completions. So overload is: the expected wait
-//!   stayed above the target for a whole interval, and over the interval's second half the queue grew by more
-//!   than a tenth of what the workers drained in it (arrivals at least 10 % above capacity). The first half
-//!   is not judged: it is where a burst's clients are still opening their connections.
+//!   stayed above the target while the queue grew in two half-intervals in a row, each time by more than a
+//!   tenth of what the workers drain in an interval (arrivals at least 20 % above capacity). The first
+//!   half-interval is not judged, and one growing half-interval is not enough: a burst's clients arrive in
+//!   steps, those whose connection the kernel dropped at a full listen backlog retrying 1 s and 3 s later
+//!   (seen in `tests/burst.rs` through nginx with somaxconn 128: judging one half-interval refused 828 of
+//!   its 1000 requests).
 //!
 //! **In overload** the queue refuses at once (503) a new request whose expected wait is above the target, so
 //! the queue holds about a target's worth of work and every request served waited about the target or less.
@@ -51,9 +54,14 @@ impl Mode {
 enum Phase {
     /// The expected wait is within the target.
     Calm,
-    /// The expected wait has been above the target since `since`; `mid` is the queue length at the middle of
-    /// the interval being judged, once reached.
-    Above { since: Instant, mid: Option<usize> },
+    /// The expected wait has been above the target since the first `mark`. The queue's growth is judged
+    /// each half-interval from `mark` (its length then: `mark_len`, None for the first half, which is not
+    /// judged); `grew` counts the half-intervals in a row in which it grew.
+    Above {
+        mark: Instant,
+        mark_len: Option<usize>,
+        grew: u8,
+    },
     /// Refusing requests that would wait longer than the target; the last such refusal at `refused`.
     Overload { refused: Instant },
 }
@@ -117,37 +125,39 @@ impl Controller {
             }
             _ if s.expected_wait <= target => Phase::Calm,
             Phase::Calm => Phase::Above {
-                since: s.now,
-                mid: None,
+                mark: s.now,
+                mark_len: None,
+                grew: 0,
             },
-            Phase::Above { since, mid } => {
-                let held = s.now.saturating_duration_since(since);
-                match mid {
-                    None if held >= interval / 2 => Phase::Above {
-                        since,
-                        mid: Some(s.len),
-                    },
-                    Some(mid_len) if held >= interval => {
-                        let margin = (s.drained_per_interval / 20.0).max(2.0);
-                        if s.len as f64 > mid_len as f64 + margin {
-                            self.entered += 1;
-                            tracing::warn!(
-                                queue = s.len,
-                                "queue overloaded: it grew while new requests faced more than {target:?} \
-                                 for {interval:?}; requests that would wait longer are refused (503)"
-                            );
-                            Phase::Overload { refused: s.now }
-                        } else {
-                            // A standing queue that does not grow (a closed-loop burst): judge the next interval.
-                            Phase::Above {
-                                since: s.now,
-                                mid: None,
-                            }
-                        }
+            Phase::Above {
+                mark,
+                mark_len,
+                grew,
+            } if s.now.saturating_duration_since(mark) >= interval / 2 => {
+                // One half-interval judged: did the queue grow by more than a tenth of what the workers
+                // drain in an interval? (None: the first half, not judged.)
+                let margin = (s.drained_per_interval / 10.0).max(3.0);
+                let grew = match mark_len {
+                    Some(m) if s.len as f64 > m as f64 + margin => grew + 1,
+                    _ => 0,
+                };
+                if grew >= 2 {
+                    self.entered += 1;
+                    tracing::warn!(
+                        queue = s.len,
+                        "queue overloaded: it kept growing while new requests faced more than {target:?}; \
+                         requests that would wait longer are refused (503)"
+                    );
+                    Phase::Overload { refused: s.now }
+                } else {
+                    Phase::Above {
+                        mark: s.now,
+                        mark_len: Some(s.len),
+                        grew,
                     }
-                    _ => Phase::Above { since, mid },
                 }
             }
+            above @ Phase::Above { .. } => above,
         };
         self.mode()
     }
@@ -221,20 +231,21 @@ mod tests {
     }
 
     #[test]
-    fn sustained_overload_is_entered_within_two_seconds_and_left_when_it_ends() {
+    fn sustained_overload_is_entered_within_three_seconds_and_left_when_it_ends() {
         let t0 = Instant::now();
         let mut c = ctl();
         let mut len = 0.0;
-        // Twice the capacity: the expected wait passes 1 s at 1 s and grows on; overload is judged at 2 s.
-        open_loop(&mut c, t0, 100.0, 0, 1900, &mut len);
+        // Twice the capacity: the expected wait passes 1 s at 1 s and grows on; overload once it grew over
+        // 1.5-2 s and 2-2.5 s.
+        open_loop(&mut c, t0, 100.0, 0, 2400, &mut len);
         assert_eq!(c.mode(), Mode::Normal, "not before an interval above");
-        let refused = open_loop(&mut c, t0, 100.0, 1900, 10_000, &mut len);
+        let refused = open_loop(&mut c, t0, 100.0, 2400, 10_000, &mut len);
         assert_eq!((c.mode(), c.entered), (Mode::Overload, 1));
         // Refusals keep the queue at about a target's worth (50 requests at 20 ms each).
         assert!((40.0..=60.0).contains(&len), "{len}");
         assert!(refused > 400, "{refused}");
         // The load falls to half the capacity: the queue drains, nothing is refused, normal after an interval.
-        open_loop(&mut c, t0, 25.0, 11_900, 2000, &mut len);
+        open_loop(&mut c, t0, 25.0, 12_400, 2000, &mut len);
         assert_eq!((c.mode(), c.left), (Mode::Normal, 1));
     }
 
@@ -253,6 +264,22 @@ mod tests {
             assert!(c.admit(s.now, s.expected_wait));
         }
         assert_eq!(c.entered, 0);
+    }
+
+    #[test]
+    fn a_burst_arriving_in_steps_is_absorbed() {
+        // Through a listen backlog of 128: 130 at once, the retried connections 1 s and 3 s later, then a
+        // closed loop.
+        let t0 = Instant::now();
+        let mut c = ctl();
+        for ms in (0..20_000).step_by(10) {
+            let len = match ms {
+                0..=999 => 130,
+                1000..=2999 => 260,
+                _ => 295,
+            } - (ms as usize / 10) % 5;
+            assert_eq!(c.observe(at(t0, ms, len)), Mode::Normal, "at {ms} ms");
+        }
     }
 
     #[test]
