@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod fastcgi;
 pub mod front;
+pub mod http1;
 pub mod logfmt;
 pub(crate) mod metrics;
 pub mod pool;

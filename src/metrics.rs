@@ -53,6 +53,10 @@ pub enum Rejection {
     MethodNotAllowed,
     /// The request body stalled past --body-timeout (408).
     BodyTimeout,
+    /// The request head was larger than --max-header-size, or had too many fields (431).
+    HeadTooLarge,
+    /// The request head did not arrive within --header-timeout (408).
+    HeadTimeout,
     /// The request body could not be written to a temp file (503).
     TempFile,
 }
@@ -71,6 +75,8 @@ impl Rejection {
             Rejection::BadRequest => "bad_request",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTimeout => "body_timeout",
+            Rejection::HeadTooLarge => "head_too_large",
+            Rejection::HeadTimeout => "head_timeout",
             Rejection::TempFile => "temp_file",
         }
     }

@@ -45,6 +45,33 @@ pub fn bad_request(id: &str, why: &str) -> Reply {
     )
 }
 
+/// A head that the codec cannot read (400), too large (431), with an unknown transfer coding (501) or of
+/// HTTP/2 (505); the connection closes after it.
+pub fn bad_syntax(id: &str, why: &crate::http1::HeadError) -> Reply {
+    let status = why.status();
+    let mut r = error_response(status, id, &format!("{why}."));
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    let reason = if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+        Rejection::HeadTooLarge
+    } else {
+        Rejection::BadRequest
+    };
+    refused(r, reason)
+}
+
+/// 408 for a head that did not arrive within --header-timeout; the connection closes after it.
+pub fn head_timeout(id: &str) -> Reply {
+    let mut r = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        id,
+        "The request head did not arrive in time.",
+    );
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    refused(r, Rejection::HeadTimeout)
+}
+
 /// A head that fails [`RequestHead::check`](crate::request::RequestHead::check): 405 with `Allow` for
 /// CONNECT (RFC 9110 §15.5.6 asks for `Allow`), else 400. Logged at debug: the client's mistake, not ours.
 pub fn bad_head(id: &str, why: &BadHead) -> Reply {

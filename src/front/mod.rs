@@ -7,4 +7,3 @@ pub(crate) mod conns;
 pub(crate) mod fastcgi;
 pub(crate) mod http;
 pub mod listen;
-mod timeout_io;

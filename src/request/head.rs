@@ -61,17 +61,7 @@ impl BadHead {
     pub const ALLOW: &'static str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, and `Proxy-Connection`); they go
-/// neither from a client to a worker nor from a worker to a client.
-pub const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-connection",
-];
+pub use crate::http1::HOP_BY_HOP;
 
 /// One of [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_anteroom");
 
+/// The binary under test where a test lets it be another (`ANTEROOM_BIN`), else this crate's.
+pub fn anteroom_bin() -> PathBuf {
+    std::env::var_os("ANTEROOM_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -72,6 +77,21 @@ impl Anteroom {
         ready_path: Option<&str>,
         clear_env: bool,
     ) -> Anteroom {
+        Self::start_from(Path::new(BIN), args, env, ready_path, clear_env)
+    }
+
+    /// As [`Anteroom::start_env`] (ready on `/`), from the binary at `bin`.
+    pub fn start_bin(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Anteroom {
+        Self::start_from(bin, args, env, Some("/"), false)
+    }
+
+    fn start_from(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready_path: Option<&str>,
+        clear_env: bool,
+    ) -> Anteroom {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("anteroom.log");
         let port = free_port();
@@ -87,7 +107,7 @@ impl Anteroom {
         } else {
             &["--admin", "off"]
         };
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(bin);
         if clear_env {
             command
                 .env_clear()

@@ -1,0 +1,381 @@
+//! The HTTP/1.x front: accept every connection at once, read each request whole, queue it, relay the answer.
+//!
+//! The protocol is [`crate::http1`], our own codec, driven here one connection at a time, so that a
+//! connection holds only the bytes it has to: none while it is idle, a head buffer that starts at 1 KiB
+//! and grows only for a large head while a head arrives, and nothing but the parsed request while the
+//! request waits in the queue (the buffer is let go once the request is whole). A head that is too large
+//! gets 431, one that cannot be read 400 (501 for an unknown transfer coding, 505 for HTTP/2 over
+//! HTTP/1's syntax), one that is late 408 (`--header-timeout`; a silent connection just closes). Then the
+//! head is checked as every front does ([`RequestHead::check`]: one Host, valid, the target's authority
+//! first, no CONNECT, no hop-by-hop headers nor names with `_` for the worker: 400 or 405 before any
+//! worker sees it) and the [`Job`] is built; [`crate::admission`] queues it or refuses it, and ends every
+//! request (metrics, access log, request id) as it does for the other fronts, including the ones refused
+//! here for their syntax.
+//!
+//! A body (`body.rs`) is read with `--body-timeout` between reads (then 408), into memory or, when large,
+//! into a temp file (see [`crate::spill`]); a client that hangs up mid-body is counted as 499, as nginx
+//! does, not as a bad request. While the request waits, the connection is watched: if the client hangs up,
+//! the request's future is dropped, the [`Ticket`] with it, and the request leaves the queue before any
+//! worker sees it (bytes of a pipelined next request are kept for later). The answer is written by
+//! `write.rs`, its head and first bytes in one `writev`, each write within `--send-timeout`.
+//!
+//! [`Ticket`]: crate::queue::Ticket
+
+mod body;
+mod write;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use futures_util::future::Either;
+use http::header::EXPECT;
+use http::HeaderMap;
+use tokio::io::AsyncWrite;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
+use super::conns::{ConnHandle, Table};
+use super::listen::Listener;
+use crate::admission::{refusal, Admission};
+use crate::http1::{self, Framing, Head, HeadError, Parsed};
+use crate::request::{
+    client_closed, request_id, request_start, HostRule, Job, Origin, Reply, RequestHead,
+    REQUEST_START,
+};
+
+/// The head buffer's first size: most heads fit (nginx's `client_header_buffer_size` is 1k too).
+const HEAD_BUFFER: usize = 1024;
+
+/// Serves HTTP on `listener`: a dedicated thread accepts, each connection is a task tracked by `conns` and
+/// counted in `table` (which may close it while it is idle, to make room for a new one).
+pub fn start(
+    listener: Listener,
+    front: Arc<Admission>,
+    table: Arc<Table>,
+    conns: TaskTracker,
+) -> std::io::Result<Acceptor> {
+    serve_each(
+        listener,
+        table,
+        Refusal::Http503,
+        conns,
+        move |conn, entry| {
+            // One future per connection type, of which this task holds the one it needs, not both side by
+            // side (which an `async` block with a `match` would hold: measured 1544 bytes against 712).
+            match conn {
+                ClientStream::Tcp(s, peer) => {
+                    let origin = Origin {
+                        peer: Some(peer),
+                        local: s.local_addr().ok(),
+                    };
+                    Either::Left(Conn::new(s, origin, front.clone(), entry).serve())
+                }
+                ClientStream::Unix(s) => {
+                    Either::Right(Conn::new(s, Origin::default(), front.clone(), entry).serve())
+                }
+            }
+        },
+    )
+}
+
+/// A client socket: TCP or unix, read without an intermediate buffer of tokio's.
+pub(super) trait Socket: AsyncWrite + Unpin + Send + 'static {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl Socket for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        TcpStream::readable(self)
+    }
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl Socket for UnixStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        UnixStream::readable(self)
+    }
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        UnixStream::try_read_buf(self, buf)
+    }
+}
+
+/// One client connection.
+struct Conn<S> {
+    io: S,
+    /// Bytes read and not yet used: part of a head, of a body, or a pipelined next request. Empty and
+    /// without capacity between requests.
+    buf: BytesMut,
+    origin: Origin,
+    front: Arc<Admission>,
+    entry: ConnHandle,
+}
+
+/// How reading the next head ended.
+enum NextHead {
+    Head(Head, Instant),
+    /// The client closed, went silent past the deadline before sending a byte, or the table closed the
+    /// idle connection.
+    Gone,
+    /// A head that cannot be served: answered, then the connection closes.
+    Refused(Reply),
+}
+
+/// After a response: whether the connection carries another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+    /// Close, but let the client's unread bytes (a body we did not read) drain first, so that the
+    /// kernel does not answer them with a reset that destroys the response before it is read.
+    Linger,
+}
+
+impl<S: Socket> Conn<S> {
+    fn new(io: S, origin: Origin, front: Arc<Admission>, entry: ConnHandle) -> Conn<S> {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            origin,
+            front,
+            entry,
+        }
+    }
+
+    async fn serve(mut self) {
+        loop {
+            // Idle, this task is only as large as waiting for a byte takes; reading the head and serving
+            // the request are boxed, allocated while a request is under way (measured: 6.4 KiB unboxed).
+            let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
+            if self.buf.is_empty() && !self.wait_for_bytes(deadline).await {
+                return;
+            }
+            match Box::pin(self.one(deadline)).await {
+                Next::KeepAlive => {}
+                Next::Close => return,
+                Next::Linger => return Box::pin(write::linger(&mut self.io)).await,
+            }
+            if self.buf.is_empty() {
+                // Idle: the connection holds no buffer until the client speaks again.
+                self.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Waits for the client's next bytes; false when it closed, stayed silent past `deadline`, or the
+    /// table closed the idle connection to make room.
+    async fn wait_for_bytes(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.io.readable()) => matches!(r, Ok(Ok(()))),
+            () = self.entry.closed() => false,
+        }
+    }
+
+    /// Reads one head and serves its request.
+    async fn one(&mut self, deadline: tokio::time::Instant) -> Next {
+        match self.next_head(deadline).await {
+            NextHead::Gone => Next::Close,
+            NextHead::Refused(reply) => {
+                let v = http::Version::HTTP_11;
+                let _ = Box::pin(self.write_response(reply, false, v, false)).await;
+                Next::Linger
+            }
+            NextHead::Head(head, started) => self.request(head, started).await,
+        }
+    }
+
+    /// Reads until a whole head is in, within `--header-timeout`.
+    async fn next_head(&mut self, deadline: tokio::time::Instant) -> NextHead {
+        let limits = http1::Limits {
+            max_head: self.front.cfg.max_header_size,
+        };
+        let mut fresh = !self.buf.is_empty();
+        loop {
+            if fresh {
+                match http1::parse_request(&self.buf, limits) {
+                    Ok(Parsed::Complete(head, len)) => {
+                        let _ = self.buf.split_to(len);
+                        return NextHead::Head(head, Instant::now());
+                    }
+                    Ok(Parsed::Partial) => {}
+                    Err(e) => return NextHead::Refused(self.refuse_head(&e)),
+                }
+            }
+            let room =
+                (self.buf.len().max(HEAD_BUFFER / 2)).min(limits.max_head + 1 - self.buf.len());
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, read_some(&self.io, &mut self.buf, room)) => r,
+                () = self.entry.closed() => return NextHead::Gone,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return NextHead::Gone,
+                Ok(Ok(n)) => {
+                    // Parse again only when a line may have ended (or a bare CR may need refusing).
+                    let len = self.buf.len();
+                    fresh = self.buf[len - n..]
+                        .iter()
+                        .any(|&b| b == b'\n' || b == b'\r');
+                }
+                Err(_) if self.buf.is_empty() => return NextHead::Gone,
+                Err(_) => return NextHead::Refused(self.refuse_late_head()),
+            }
+        }
+    }
+
+    fn refuse_head(&self, e: &HeadError) -> Reply {
+        let outcome = self
+            .front
+            .open(Instant::now(), request_id(&HeaderMap::new()), None);
+        tracing::debug!(parent: outcome.span(), "request head refused: {e}");
+        let reply = refusal::bad_syntax(outcome.id(), e);
+        outcome.finish(reply)
+    }
+
+    fn refuse_late_head(&self) -> Reply {
+        let outcome = self
+            .front
+            .open(Instant::now(), request_id(&HeaderMap::new()), None);
+        let reply = refusal::head_timeout(outcome.id());
+        outcome.finish(reply)
+    }
+
+    /// One request, from its parsed head to the end of its response.
+    async fn request(&mut self, parsed: Head, started: Instant) -> Next {
+        // Not idle from here until the response has been written: the table never closes it meanwhile.
+        let _in_progress = self.entry.request_started();
+        let Head {
+            method,
+            uri,
+            version,
+            mut headers,
+            framing,
+            keep_alive,
+            expect_continue,
+        } = parsed;
+        if expect_continue {
+            // Answered here: the worker gets the whole body, and nothing to wait for.
+            headers.remove(EXPECT);
+        }
+        let mut head = RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+        };
+        let is_head = head.method == http::Method::HEAD;
+        // httparse read the syntax; what the worker would trust (Host, the target, hop-by-hop headers) is
+        // checked here, before the account opens, so that the log shows the head a worker would have seen.
+        let checked = head.check(HostRule::Required);
+        // Ours, never the client's: an app that autoscales on queue time must not be steered by a client.
+        head.headers.insert(REQUEST_START, request_start(started));
+        let outcome = self.front.open(
+            started,
+            request_id(&head.headers),
+            Some((&head, &self.origin)),
+        );
+        let (reply, body_read) = match checked {
+            Err(why) => (
+                outcome
+                    .span()
+                    .in_scope(|| refusal::bad_head(outcome.id(), &why)),
+                framing == Framing::Empty,
+            ),
+            Ok(()) => {
+                let span = outcome.span().clone();
+                let id = outcome.id().to_string();
+                match self
+                    .admit(head, framing, expect_continue, &id)
+                    .instrument(span)
+                    .await
+                {
+                    Admitted::Answer(r) => (r, true),
+                    Admitted::BodyUnread(r) => (r, false),
+                    // The client left: counted and logged as 499 by the outcome, nothing to write.
+                    Admitted::Gone => {
+                        drop(outcome.finish(client_closed(&id)));
+                        return Next::Close;
+                    }
+                }
+            }
+        };
+        let reply = outcome.finish(reply);
+        let keep = keep_alive && body_read && !self.entry.draining();
+        // Boxed: the request's future then holds the body's or the queue's state, not also this.
+        match Box::pin(self.write_response(reply, is_head, version, keep)).await {
+            Ok(true) => Next::KeepAlive,
+            Ok(false) if !body_read => Next::Linger,
+            Ok(false) => Next::Close,
+            Err(e) => {
+                tracing::debug!("could not send a response: {e}");
+                Next::Close
+            }
+        }
+    }
+
+    /// Reads the body and hands the request to admission, watching for the client leaving meanwhile.
+    async fn admit(
+        &mut self,
+        head: RequestHead,
+        framing: Framing,
+        expect_continue: bool,
+        id: &str,
+    ) -> Admitted {
+        let body = match Box::pin(self.read_body(framing, expect_continue, id)).await {
+            Ok(b) => b,
+            Err(body::Failed::Answer(r)) => return Admitted::BodyUnread(r),
+            Err(body::Failed::Gone) => return Admitted::Gone,
+        };
+        if self.buf.is_empty() {
+            // Nothing pipelined: the request waits holding its head and body, and no buffer.
+            self.buf = BytesMut::new();
+        }
+        let job = Job::new(id.to_string(), head, body, self.origin.clone());
+        let front = self.front.clone();
+        let max_pipelined = self.front.cfg.max_header_size;
+        tokio::select! {
+            r = front.dispatch(job) => Admitted::Answer(r),
+            () = watch_hangup(&self.io, &mut self.buf, max_pipelined) => Admitted::Gone,
+        }
+    }
+}
+
+enum Admitted {
+    Answer(Reply),
+    /// Answered before the body was read to its end: the connection cannot carry another request.
+    BodyUnread(Reply),
+    Gone,
+}
+
+/// Reads what the socket has (at least one byte, or 0 at its end) into `buf`, with room for up to `room`
+/// more bytes.
+async fn read_some<S: Socket>(io: &S, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+    loop {
+        io.readable().await?;
+        if buf.capacity() - buf.len() < room.min(HEAD_BUFFER) {
+            buf.reserve(room);
+        }
+        match io.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Resolves when the client hangs up (end of stream or error). Bytes it sends meanwhile (a pipelined
+/// request) are kept in `buf`, up to `max` of them; past that the socket is no longer watched.
+async fn watch_hangup<S: Socket>(io: &S, buf: &mut BytesMut, max: usize) {
+    while buf.len() < max {
+        match read_some(io, buf, HEAD_BUFFER).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}

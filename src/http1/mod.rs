@@ -1,0 +1,35 @@
+//! anteroom's own HTTP/1.1 server codec, on `httparse`: the request head, the chunked body, the response
+//! head. Pure functions over bytes, no I/O, so that they can be tested case by case and fuzzed
+//! (`fuzz/fuzz_targets/http1_request.rs`); the connection that drives them is `front/http`.
+//!
+//! Why our own and not hyper's: a request waiting in the queue is the product, and hyper keeps fixed 8 KiB
+//! buffers per connection from the first byte to the last (about 19 KiB per waiting request, measured). Here
+//! the front reads a head into a buffer that starts small and grows only for large heads, turns it into a
+//! parsed head, and lets the buffer go: a waiting request holds its head and nothing else.
+//!
+//! Strict where a lenient reading could let two parsers disagree about where a request ends (request
+//! smuggling): one `Content-Length` of digits only, `Transfer-Encoding` exactly `chunked` and never next to
+//! a `Content-Length`, chunk sizes of hex digits only with CRLF after every line, no obs-fold, no control
+//! bytes, no whitespace before a colon (httparse's defaults). Lenient where RFC 9112 says a recipient may
+//! be: empty lines before the request line, a bare LF ending a head line (as hyper and nginx accept; the
+//! request is written out again for the worker, so no other parser sees these bytes).
+
+mod chunked;
+mod request;
+mod response;
+
+pub use chunked::{ChunkError, ChunkedDecoder, Step};
+pub use request::{parse_request, Framing, Head, HeadError, Limits, Parsed};
+pub use response::{encode_head, BodyFraming};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, and `Proxy-Connection`); they go
+/// neither from a client to a worker nor from a worker to a client.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+];
