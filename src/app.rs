@@ -258,12 +258,7 @@ impl App {
             path: dir.0.clone(),
             source,
         })?;
-        let queue = Queue::new(
-            cfg.max_queue,
-            cfg.max_queue_per_client,
-            cfg.queue_timeout,
-            cfg.workers,
-        );
+        let queue = Queue::from_config(&cfg);
         let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
         let metrics = Arc::new(Metrics::new());
         metrics.queue_limit.set(cfg.max_queue as i64);

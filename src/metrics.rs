@@ -41,6 +41,8 @@ pub enum Rejection {
     QueueFull,
     /// The client had --max-queue-per-client requests waiting.
     ClientLimit,
+    /// In overload mode, the request would have waited longer than --queue-target.
+    Overload,
     QueueTimeout,
     Quarantined,
     NoWorkers,
@@ -64,6 +66,7 @@ impl Rejection {
         match self {
             Rejection::QueueFull => "queue_full",
             Rejection::ClientLimit => "client_limit",
+            Rejection::Overload => "overload",
             Rejection::QueueTimeout => "queue_timeout",
             Rejection::Quarantined => "quarantined",
             Rejection::NoWorkers => "no_workers",

@@ -14,8 +14,16 @@
 //! in turn, oldest first within each. A client with 1,000 requests waiting then delays a client with one by
 //! at most one request per worker, not by 1,000; with one client it is plain first-in first-out.
 //! `--max-queue-per-client` bounds one client's line, so that one client cannot fill the queue for all.
+//!
+//! Controlled delay ([`delay`], `--queue-target`, `--queue-interval`): when the queue keeps growing while new
+//! requests face more than the target (sustained overload, not a burst that drains), it enters overload mode
+//! and refuses at once a new request that would wait longer than the target, judged by its place in the turns
+//! of its client's line: so a client with one request still gets in while a client with hundreds waiting is
+//! refused. With `--queue-target 0` the queue is the plain bounded one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+pub mod delay;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::request::{Job, Reply};
+use delay::{Controller, DelaySettings, Mode, Sample};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
@@ -35,6 +44,8 @@ pub enum Rejected {
     NoWorkers,
     #[error("this client has --max-queue-per-client requests waiting")]
     ClientLimit,
+    #[error("the queue is overloaded and this request would wait longer than --queue-target")]
+    Overload,
 }
 
 /// Whose line a request waits in: the client's IP address, or None for clients on a unix socket (one line).
@@ -68,6 +79,10 @@ struct State {
     lines: HashMap<Client, Line>,
     turns: VecDeque<(Client, u64)>,
     next_line: u64,
+    /// The controlled delay; None when off (`--queue-target 0`).
+    delay: Option<Controller>,
+    /// Requests dropped in overload after waiting twice the target, until their tickets ask.
+    shed: HashSet<u64>,
 }
 
 impl State {
@@ -88,10 +103,10 @@ impl State {
     }
 
     /// The next request in turn: a retry first, else the oldest of the client whose turn it is.
-    fn next(&mut self) -> Option<Job> {
+    fn next(&mut self) -> Option<(u64, Job)> {
         if let Some((&seq, _)) = self.entries.first_key_value() {
             if seq < FIRST_SEQ {
-                return self.take(seq);
+                return self.take(seq).map(|j| (seq, j));
             }
         }
         while let Some((client, id)) = self.turns.pop_front() {
@@ -104,11 +119,25 @@ impl State {
                     if self.lines.get(&client).is_some_and(|l| l.id == id) {
                         self.turns.push_back((client, id));
                     }
-                    return job;
+                    return job.map(|j| (seq, j));
                 }
             }
         }
         None
+    }
+
+    /// Requests served before one that `client` pushes now, by the turns: the retries, all of its own line,
+    /// and from each other line as many as its own line will then hold.
+    fn ahead_of_new(&self, client: Client) -> usize {
+        let retries = self.entries.range(..FIRST_SEQ).count();
+        let own = self.lines.get(&client).map_or(0, |l| l.waiting);
+        let others: usize = self
+            .lines
+            .iter()
+            .filter(|(c, _)| **c != client)
+            .map(|(_, l)| l.waiting.min(own + 1))
+            .sum();
+        retries + own + others
     }
 
     fn clear(&mut self) {
@@ -146,11 +175,18 @@ impl Ticket {
     pub fn withdraw(&self) -> bool {
         self.queue.remove(self.seq)
     }
+
+    /// Whether the queue dropped this request in overload (it had waited twice `--queue-target`).
+    pub fn was_shed(&self) -> bool {
+        self.queue.lock().shed.remove(&self.seq)
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.queue.remove(self.seq);
+        let mut st = self.queue.lock();
+        st.take(self.seq);
+        st.shed.remove(&self.seq);
     }
 }
 
@@ -169,6 +205,21 @@ impl Queue {
             service_micros: AtomicU64::new(100_000),
             workers: AtomicUsize::new(workers.max(1)),
         })
+    }
+
+    /// The queue `--max-queue`, `--max-queue-per-client`, `--queue-timeout`, `--queue-target` and
+    /// `--queue-interval` ask for.
+    pub fn from_config(cfg: &crate::config::Config) -> Arc<Queue> {
+        let q = Queue::new(
+            cfg.max_queue,
+            cfg.max_queue_per_client,
+            cfg.queue_timeout,
+            cfg.workers,
+        );
+        if let Some(d) = cfg.queue_delay {
+            q.control_delay(d);
+        }
+        q
     }
 
     pub fn timeout(&self) -> Duration {
@@ -219,6 +270,18 @@ impl Queue {
                 return Err(Rejected::Full);
             }
             let client = client_of(&job);
+            if st.delay.is_some() {
+                let now = Instant::now();
+                let sample = self.sample(&st, now);
+                let ahead = st.ahead_of_new(client);
+                let wait = self.wait_for(ahead);
+                if let Some(ctl) = st.delay.as_mut() {
+                    ctl.observe(sample);
+                    if !ctl.admit(now, wait) {
+                        return Err(Rejected::Overload);
+                    }
+                }
+            }
             let seq = st.next_seq;
             let line_id = st.next_line;
             let line = st.lines.entry(client).or_insert_with(|| Line {
@@ -248,6 +311,42 @@ impl Queue {
         })
     }
 
+    /// Turns the controlled delay on (see [`delay`]).
+    pub fn control_delay(&self, settings: DelaySettings) {
+        self.lock().delay = Some(Controller::new(settings));
+    }
+
+    /// How long `ahead` requests take the workers, by the measured service time.
+    fn wait_for(&self, ahead: usize) -> Duration {
+        let per = Duration::from_micros(self.service_micros.load(Ordering::Relaxed));
+        let workers = self.workers.load(Ordering::Relaxed).max(1);
+        per.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX)) / workers as u32
+    }
+
+    fn sample(&self, st: &State, now: Instant) -> Sample {
+        let per = self.service_micros.load(Ordering::Relaxed).max(1) as f64 / 1e6;
+        let interval = st
+            .delay
+            .as_ref()
+            .map_or(0.0, |c| c.settings().interval.as_secs_f64());
+        Sample {
+            now,
+            len: st.entries.len(),
+            expected_wait: self.wait_for(st.entries.len()),
+            drained_per_interval: interval * self.workers.load(Ordering::Relaxed) as f64 / per,
+        }
+    }
+
+    /// The controlled delay's mode now (normal when it is off), its settings, and its transitions into and
+    /// out of overload.
+    pub fn delay_status(&self) -> Option<(Mode, DelaySettings, u64, u64)> {
+        let mut st = self.lock();
+        let sample = self.sample(&st, Instant::now());
+        let ctl = st.delay.as_mut()?;
+        let mode = ctl.observe(sample);
+        Some((mode, ctl.settings(), ctl.entered, ctl.left))
+    }
+
     /// Removes a request that is still waiting; false if a worker already took it.
     pub fn remove(&self, seq: u64) -> bool {
         self.lock().take(seq).is_some()
@@ -258,10 +357,26 @@ impl Queue {
     pub fn try_pop(&self) -> Option<Job> {
         let mut st = self.lock();
         let now = Instant::now();
-        while let Some(job) = st.next() {
-            let expired = job.deaths == 0
-                && job.closes == 0
-                && now.duration_since(job.enqueued) >= self.timeout;
+        // In overload, a request that has waited twice the target is dropped rather than served: at ten
+        // times the capacity the queue that formed before overload was recognised holds seconds of work, and
+        // serving it would answer requests nobody waits for while fresh ones are refused.
+        let mut shed_after = None;
+        if st.delay.is_some() {
+            let sample = self.sample(&st, now);
+            if let Some(ctl) = st.delay.as_mut() {
+                if ctl.observe(sample) == Mode::Overload {
+                    shed_after = Some(ctl.settings().target * 2);
+                }
+            }
+        }
+        while let Some((seq, job)) = st.next() {
+            let first_try = job.deaths == 0 && job.closes == 0;
+            let waited = now.duration_since(job.enqueued);
+            let expired = first_try && waited >= self.timeout;
+            if first_try && shed_after.is_some_and(|limit| waited > limit) && !job.client_gone() {
+                st.shed.insert(seq);
+                continue;
+            }
             if job.client_gone() || expired {
                 // Dropping the job drops its reply sender; the front answers 503 for an expired one.
                 continue;
@@ -456,5 +571,58 @@ mod tests {
         assert_eq!(taken.head.uri.path(), "/retry");
         q.requeue(taken);
         assert_eq!(paths(&q), ["/retry", "/b"]);
+    }
+
+    #[test]
+    fn overload_refuses_the_long_line_and_admits_a_new_client_then_ends() {
+        // One worker at the default 100 ms a request: each request waiting is 100 ms of expected wait.
+        let q = Queue::new(100, 0, Duration::from_secs(10), 1);
+        let ms = Duration::from_millis;
+        q.control_delay(DelaySettings {
+            target: ms(150),
+            interval: ms(20),
+        });
+        let mut held = Vec::new();
+        let mut push = |path: &str| q.push(from("10.0.0.1", path)).map(|t| held.push(t));
+        for i in 0..3 {
+            push(&format!("/a{i}")).unwrap(); // the third faces 200 ms: above the target
+        }
+        let mut next = 3;
+        let mut push_four = |push: &mut dyn FnMut(&str) -> Result<(), Rejected>| {
+            for _ in 0..4 {
+                push(&format!("/a{next}")).unwrap();
+                next += 1;
+            }
+        };
+        // Half-intervals: the first after the wait went above the target is not judged; then the queue
+        // grows by 4 (more than 3) in each of two in a row.
+        for _ in 0..2 {
+            std::thread::sleep(ms(12));
+            push_four(&mut push);
+        }
+        std::thread::sleep(ms(12));
+        // Overload now, and this one would wait 1.1 s.
+        assert_eq!(push("/a11"), Err(Rejected::Overload));
+        assert_eq!(
+            q.delay_status().map(|d| (d.0, d.2)),
+            Some((Mode::Overload, 1))
+        );
+        // In overload, what has waited more than twice the target is dropped, not served.
+        for _ in 0..31 {
+            // Refusals keep the mode on.
+            std::thread::sleep(ms(10));
+            assert_eq!(push("/a8"), Err(Rejected::Overload));
+        }
+        assert!(q.try_pop().is_none());
+        assert!(held.iter().all(Ticket::was_shed));
+        // Another client's first request is next but one in the turns: 100 ms, admitted.
+        let b = q.push(from("10.0.0.2", "/b"));
+        assert!(b.is_ok());
+        // An interval without a refusal: normal again.
+        std::thread::sleep(ms(25));
+        assert_eq!(
+            q.delay_status().map(|d| (d.0, d.3)),
+            Some((Mode::Normal, 1))
+        );
     }
 }

@@ -198,3 +198,81 @@ async fn clients_take_turns_and_one_client_cannot_fill_the_queue() {
     r.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), r.done).await;
 }
+
+/// Controlled delay with one worker (10 requests/s at /sleep?ms=100), a 300 ms target and a 400 ms interval:
+/// a closed-loop burst whose standing queue stays above the target is served whole; an open-loop load at
+/// five times the capacity puts the queue in overload (503 "overloaded" at once for what would wait longer);
+/// once it stops, the queue is normal again (a burst that overload would cut is served whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_entered_under_sustained_load_and_left_after_it_but_not_for_a_burst() {
+    let r = start(&[
+        "--workers",
+        "1",
+        "--queue-target",
+        "0.3",
+        "--queue-interval",
+        "0.4",
+    ]);
+    assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
+    let addr = r.addr;
+    let statuses = |n: usize, spacing: Duration| {
+        tokio::task::spawn_blocking(move || {
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    let h = std::thread::spawn(move || {
+                        let bytes =
+                            b"GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+                        request(addr, bytes).map_or((0, String::new()), |resp| {
+                            (resp.status, resp.text().to_string())
+                        })
+                    });
+                    std::thread::sleep(spacing);
+                    h
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+
+    // Closed loop: 6 clients, each sending its next request when answered, for 30 requests (3 s): 5 wait
+    // all along (500 ms ahead of each new one), but the queue does not grow.
+    let closed = tokio::task::spawn_blocking(move || {
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let bytes =
+                        b"GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+                    (0..5)
+                        .map(|_| request(addr, bytes).map_or(0, |resp| resp.status))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let closed = closed.await.unwrap();
+    assert!(closed.iter().all(|s| *s == 200), "{closed:?}");
+
+    // Open loop: 50 requests/s for 1.2 s against 10/s.
+    let open = statuses(60, Duration::from_millis(20)).await.unwrap();
+    let refused: Vec<_> = open.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(
+        !refused.is_empty() && refused.iter().all(|(_, t)| t.contains("overloaded")),
+        "{open:?}"
+    );
+    assert!(open.iter().all(|(s, _)| *s == 200 || *s == 503), "{open:?}");
+
+    // Quiet for more than an interval, then 7 at once (the last with 500 ms or more ahead of it, refused in
+    // overload): normal, all served.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = statuses(7, Duration::ZERO).await.unwrap();
+    assert!(after.iter().all(|(s, _)| *s == 200), "{after:?}");
+    r.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), r.done).await;
+}

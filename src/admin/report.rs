@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -18,6 +18,7 @@ use crate::config::ListenAddr;
 use crate::front::conns::TableView;
 use crate::metrics::Metrics;
 use crate::pool::{Death, SlotState, WorkerInfo};
+use crate::queue::delay::Mode;
 
 /// The states a scoreboard row can be in; each gets a `anteroom_workers` sample, zero or not.
 const WORKER_STATES: [SlotState; 6] = SlotState::ALL;
@@ -196,6 +197,7 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
         "Distinct clients (IP addresses) with requests waiting now; they are served in turns",
         clients,
     );
+    delay_gauges(&mut now, st);
     // Every connection and request is a task: a leak shows here first.
     let tasks: Gauge = Gauge::default();
     tasks.set(
@@ -233,6 +235,36 @@ pub(super) fn metrics_text(st: &AdminState, k: &Kernel) -> Result<String, std::f
     encode_registry(&mut out, &now)?;
     encode_eof(&mut out)?;
     Ok(out)
+}
+
+/// The controlled delay's mode and its transitions (none of it while `--queue-target` is 0).
+fn delay_gauges(now: &mut Registry, st: &AdminState) {
+    type Labels = Vec<(&'static str, String)>;
+    let Some((mode, _, entered, left)) = st.queue.delay_status() else {
+        return;
+    };
+    let modes = Family::<Labels, Gauge>::default();
+    for m in [Mode::Normal, Mode::Overload] {
+        modes
+            .get_or_create(&vec![("mode", m.as_str().to_string())])
+            .set(i64::from(m == mode));
+    }
+    now.register(
+        "queue_mode",
+        "1 for the queue's mode now: normal, or overload (requests that would wait over --queue-target are refused)",
+        modes,
+    );
+    let transitions = Family::<Labels, Counter>::default();
+    for (to, n) in [(Mode::Overload, entered), (Mode::Normal, left)] {
+        transitions
+            .get_or_create(&vec![("to", to.as_str().to_string())])
+            .inc_by(n);
+    }
+    now.register(
+        "queue_mode_transitions",
+        "Times the queue entered overload mode (to=overload) and left it (to=normal)",
+        transitions,
+    );
 }
 
 /// The kernel's listen queues of the public listeners, somaxconn and the listen drop counters.
@@ -320,6 +352,13 @@ struct QueueStatus {
     /// `--max-queue-per-client`; 0 for none.
     per_client_limit: usize,
     timeout_s: f64,
+    /// The controlled delay: "normal", "overload", or "off" (`--queue-target 0`).
+    mode: &'static str,
+    /// `--queue-target` and `--queue-interval`; null when off.
+    target_s: Option<f64>,
+    interval_s: Option<f64>,
+    /// Times the queue entered overload mode.
+    overloads: u64,
     /// Mean wait of the requests a worker took over the last `window_s`; null if it took none.
     wait_mean_ms: Option<f64>,
 }
@@ -370,6 +409,7 @@ pub(super) fn status_json(
         }
     }
     let round = |x: Option<f64>| x.map(|v| (v * 1000.0).round() / 1000.0);
+    let delay = st.queue.delay_status();
     Status {
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
@@ -395,6 +435,10 @@ pub(super) fn status_json(
             clients: st.queue.clients(),
             per_client_limit: st.queue.per_client(),
             timeout_s: st.queue.timeout().as_secs_f64(),
+            mode: delay.map_or("off", |(m, ..)| m.as_str()),
+            target_s: delay.map(|(_, d, ..)| d.target.as_secs_f64()),
+            interval_s: delay.map(|(_, d, ..)| d.interval.as_secs_f64()),
+            overloads: delay.map_or(0, |(_, _, entered, _)| entered),
             wait_mean_ms: round(rates.wait_mean_ms),
         },
         requests: Requests {

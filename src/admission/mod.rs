@@ -1,7 +1,8 @@
 //! Admission: what happens to a complete request between its front and the pool, the same for every front.
 //!
 //! A front (HTTP or FastCGI) only parses the client's protocol and builds a [`Job`]; from there this room
-//! decides: the quarantine check, the push into the queue (refused at once when it is full, when no worker
+//! decides: the quarantine check, the push into the queue (refused at once when it is full, when the client's
+//! line is full, in overload mode when the request would wait longer than `--queue-target`, when no worker
 //! can start or when anteroom is stopping), and the wait for the answer, at most `--queue-timeout`. Every
 //! refusal is a response of anteroom's own with the request id and, where coming back later helps, a
 //! `Retry-After` ([`refusal`]). Every request, whatever its front and however it ends, is then closed by one
@@ -95,8 +96,15 @@ impl Admission {
                 (&mut ticket.reply).await
             }
         };
-        // Err: the queue dropped it, expired at the moment a worker looked, or anteroom is stopping.
-        answer.unwrap_or_else(|_| self.waited_too_long(id))
+        // Err: the queue dropped it (in overload after twice --queue-target, or expired at the moment a worker
+        // looked), or anteroom is stopping.
+        answer.unwrap_or_else(|_| {
+            if ticket.was_shed() {
+                self.not_queued(id, Rejected::Overload)
+            } else {
+                self.waited_too_long(id)
+            }
+        })
     }
 
     /// The answer to a request the queue would not take.
@@ -120,6 +128,15 @@ impl Admission {
                     queue.retry_after_secs(),
                 );
                 refused(r, Rejection::ClientLimit)
+            }
+            Rejected::Overload => {
+                // Logged by the queue when the mode changes, not per request: in overload there are many.
+                let r = unavailable(
+                    id,
+                    "The server is overloaded: this request would wait too long for a worker.",
+                    queue.retry_after_secs(),
+                );
+                refused(r, Rejection::Overload)
             }
             Rejected::NoWorkers => {
                 let r = unavailable(

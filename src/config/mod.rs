@@ -28,6 +28,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::queue::delay::DelaySettings;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -298,6 +299,14 @@ pub struct Settings {
     /// Longest a request may wait for a worker before it gets a 503, in seconds.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TIMEOUT", default_value = "30")]
     pub queue_timeout: f64,
+    /// Controlled delay: when the queue keeps growing while new requests would wait longer than this, in
+    /// seconds, it is overloaded and refuses (503) requests that would wait longer. 0: off (plain FIFO).
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TARGET", default_value = "1")]
+    pub queue_target: f64,
+    /// Controlled delay: the queue is overloaded when it grew in two half-intervals in a row (after a first)
+    /// while above --queue-target, and normal again after an interval without a refusal, in seconds. 0: off.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_INTERVAL", default_value = "0.5")]
+    pub queue_interval: f64,
     /// Listen backlog asked of the kernel (clamped by net.core.somaxconn).
     #[arg(long, value_name = "N", env = "ANTEROOM_BACKLOG", default_value = "1024")]
     pub backlog: u32,
@@ -522,6 +531,8 @@ pub struct Config {
     pub workers_max: usize,
     pub idle_timeout: Duration,
     pub queue_timeout: Duration,
+    /// `--queue-target` and `--queue-interval`; None when either is 0.
+    pub queue_delay: Option<DelaySettings>,
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub header_timeout: Duration,
@@ -652,6 +663,13 @@ impl Config {
             workers_max: s.workers.max,
             idle_timeout: secs("idle-timeout", s.idle_timeout)?,
             queue_timeout: secs("queue-timeout", s.queue_timeout)?,
+            queue_delay: match (
+                secs_or_off("queue-target", s.queue_target)?,
+                secs_or_off("queue-interval", s.queue_interval)?,
+            ) {
+                (Some(target), Some(interval)) => Some(DelaySettings { target, interval }),
+                _ => None,
+            },
             max_body_size: s.max_body_size.0,
             max_header_size: usize::try_from(s.max_header_size.0).unwrap_or(usize::MAX),
             header_timeout: secs("header-timeout", s.header_timeout)?,

@@ -495,6 +495,9 @@ mod tests {
                 Err(Rejected::ClientLimit) => {
                     return Err(TestCaseError::fail("refused: no per-client limit was set"))
                 }
+                Err(Rejected::Overload) => {
+                    return Err(TestCaseError::fail("refused: no controlled delay was set"))
+                }
                 Ok(t) => drop(t),
             }
             let nr = b.not_ready(q.len(), q.max());
