@@ -300,8 +300,9 @@ pub struct Settings {
     #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TIMEOUT", default_value = "30")]
     pub queue_timeout: f64,
     /// Controlled delay: when the queue keeps growing while new requests would wait longer than this, in
-    /// seconds, it is overloaded and refuses (503) requests that would wait longer. 0: off (plain FIFO).
-    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TARGET", default_value = "1")]
+    /// seconds, it is overloaded and refuses (503) requests that would wait longer. 0 (the default): off,
+    /// the plain FIFO queue. Off by default because it misfired once in six on a closed-loop burst (README).
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TARGET", default_value = "0")]
     pub queue_target: f64,
     /// Controlled delay: the queue is overloaded when it grew in two half-intervals in a row (after a first)
     /// while above --queue-target, and normal again after an interval without a refusal, in seconds. 0: off.
