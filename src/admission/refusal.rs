@@ -27,14 +27,20 @@ pub fn too_large(id: &str, max: u64) -> Reply {
 
 /// 408 for a body that stalled past --body-timeout; the connection closes after it.
 pub fn body_timeout(id: &str) -> Reply {
-    let mut r = error_response(
+    closing(
         StatusCode::REQUEST_TIMEOUT,
         id,
         "The request body did not arrive in time.",
-    );
+        Rejection::BodyTimeout,
+    )
+}
+
+/// A refusal after which the connection closes: what the client sent next cannot be read reliably.
+fn closing(status: StatusCode, id: &str, why: &str, reason: Rejection) -> Reply {
+    let mut r = error_response(status, id, why);
     r.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
-    refused(r, Rejection::BodyTimeout)
+    refused(r, reason)
 }
 
 /// 400: the request could not be read or understood (`why` says what was wrong).
@@ -49,27 +55,22 @@ pub fn bad_request(id: &str, why: &str) -> Reply {
 /// HTTP/2 (505); the connection closes after it.
 pub fn bad_syntax(id: &str, why: &crate::http1::HeadError) -> Reply {
     let status = why.status();
-    let mut r = error_response(status, id, &format!("{why}."));
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
     let reason = if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
         Rejection::HeadTooLarge
     } else {
         Rejection::BadRequest
     };
-    refused(r, reason)
+    closing(status, id, &format!("{why}."), reason)
 }
 
 /// 408 for a head that did not arrive within --header-timeout; the connection closes after it.
 pub fn head_timeout(id: &str) -> Reply {
-    let mut r = error_response(
+    closing(
         StatusCode::REQUEST_TIMEOUT,
         id,
         "The request head did not arrive in time.",
-    );
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    refused(r, Rejection::HeadTimeout)
+        Rejection::HeadTimeout,
+    )
 }
 
 /// A head that fails [`RequestHead::check`](crate::request::RequestHead::check): 405 with `Allow` for
