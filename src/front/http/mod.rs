@@ -231,19 +231,22 @@ impl<S: Socket> Conn<S> {
     }
 
     fn refuse_head(&self, e: &HeadError) -> Reply {
-        let outcome = self
-            .front
-            .open(Instant::now(), request_id(&HeaderMap::new()), None);
-        tracing::debug!(parent: outcome.span(), "request head refused: {e}");
-        let reply = refusal::bad_syntax(outcome.id(), e);
-        outcome.finish(reply)
+        self.refuse(|id| {
+            tracing::debug!("request head refused: {e}");
+            refusal::bad_syntax(id, e)
+        })
     }
 
     fn refuse_late_head(&self) -> Reply {
+        self.refuse(refusal::head_timeout)
+    }
+
+    /// A request refused before it had a head to log: counted, under a new request id.
+    fn refuse(&self, answer: impl FnOnce(&str) -> Reply) -> Reply {
         let outcome = self
             .front
             .open(Instant::now(), request_id(&HeaderMap::new()), None);
-        let reply = refusal::head_timeout(outcome.id());
+        let reply = outcome.span().in_scope(|| answer(outcome.id()));
         outcome.finish(reply)
     }
 
