@@ -53,3 +53,13 @@ pub fn unix_listener(path: &std::path::Path, backlog: i32) -> io::Result<socket2
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
+
+/// Whether `fd` (a connected socket) has a byte to read: `Ok(true)` with data waiting, `Ok(false)` at the
+/// end of the stream, `WouldBlock` when nothing has arrived. The byte stays in the socket (`MSG_PEEK`), so
+/// a caller can learn that the peer spoke before it gives a buffer to what it will say.
+pub fn has_byte(fd: impl AsFd) -> io::Result<bool> {
+    use rustix::net::{recv, RecvFlags};
+    let mut byte = [0u8; 1];
+    let (n, _) = recv(fd, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
+    Ok(n > 0)
+}

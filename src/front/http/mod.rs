@@ -33,7 +33,7 @@ use bytes::BytesMut;
 use futures_util::future::Either;
 use http::header::EXPECT;
 use http::HeaderMap;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -87,6 +87,9 @@ pub fn start(
 pub(super) trait Socket: AsyncWrite + Unpin + Send + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Whether a byte is waiting (false: the end of the stream), without reading it; `WouldBlock` (which
+    /// clears tokio's readiness) when none is.
+    fn try_has_byte(&self) -> io::Result<bool>;
 }
 
 impl Socket for TcpStream {
@@ -96,6 +99,9 @@ impl Socket for TcpStream {
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
     }
+    fn try_has_byte(&self) -> io::Result<bool> {
+        self.try_io(Interest::READABLE, || crate::sys::fd::has_byte(self))
+    }
 }
 
 impl Socket for UnixStream {
@@ -104,6 +110,9 @@ impl Socket for UnixStream {
     }
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         UnixStream::try_read_buf(self, buf)
+    }
+    fn try_has_byte(&self) -> io::Result<bool> {
+        self.try_io(Interest::READABLE, || crate::sys::fd::has_byte(self))
     }
 }
 
@@ -375,8 +384,25 @@ async fn read_some<S: Socket>(io: &S, buf: &mut BytesMut, room: usize) -> io::Re
 
 /// Resolves when the client hangs up (end of stream or error). Bytes it sends meanwhile (a pipelined
 /// request) are kept in `buf`, up to `max` of them; past that the socket is no longer watched.
+///
+/// The buffer is given room only once a byte is really there: tokio's readiness is still set from the
+/// head that was just read (the read that took it did not drain the socket to `WouldBlock`), so waiting
+/// for it alone would hand every queued request a 1 KiB buffer for nothing (measured: 10 MB at 10,000).
 async fn watch_hangup<S: Socket>(io: &S, buf: &mut BytesMut, max: usize) {
     while buf.len() < max {
+        let spoke = loop {
+            if io.readable().await.is_err() {
+                return;
+            }
+            match io.try_has_byte() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(true) => break true,
+                Ok(false) | Err(_) => break false,
+            }
+        };
+        if !spoke {
+            return;
+        }
         match read_some(io, buf, HEAD_BUFFER).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
