@@ -17,6 +17,8 @@ pub mod refusal;
 
 use std::sync::Arc;
 
+use futures_util::future::Either;
+
 pub use outcome::Outcome;
 use refusal::refused;
 
@@ -56,12 +58,11 @@ impl Admission {
     /// future holds only the ticket and the deadline: while thousands of requests wait, each costs its
     /// job in the queue once, not again in the future that waits for it.
     pub fn dispatch(&self, job: Job) -> impl std::future::Future<Output = Reply> + Send + '_ {
-        let queued = self.enqueue(job);
-        async move {
-            match queued {
-                Enqueued::Waiting(id, ticket) => self.wait(&id, ticket).await,
-                Enqueued::Refused(refusal) => refusal,
-            }
+        // Either, not an async block over the match: that would hold the `Enqueued` (a whole reply) for
+        // as long as the request waits.
+        match self.enqueue(job) {
+            Enqueued::Waiting(id, ticket) => Either::Left(self.wait(id, ticket)),
+            Enqueued::Refused(refusal) => Either::Right(std::future::ready(refusal)),
         }
     }
 
@@ -82,27 +83,17 @@ impl Admission {
         }
     }
 
-    /// Waits for the answer to a queued request, at most `--queue-timeout`.
-    async fn wait(&self, id: &str, mut ticket: Ticket) -> Reply {
-        let queue = &self.queue;
-        let answer = tokio::select! {
-            r = &mut ticket.reply => r,
-            () = tokio::time::sleep(queue.timeout()) => {
-                if ticket.withdraw() {
-                    tracing::debug!("waited {:?} in the queue: refused with 503", queue.timeout());
-                    return self.waited_too_long(id);
-                }
-                // A worker took it just now: its answer is coming.
-                (&mut ticket.reply).await
-            }
-        };
-        // Err: the queue dropped it (in overload after twice --queue-target, or expired at the moment a worker
-        // looked), or anteroom is stopping.
+    /// Waits for the answer to a queued request. The queue itself fails a request at `--queue-timeout`
+    /// ([`Queue::expire_in_background`]), so this holds no timer of its own.
+    async fn wait(&self, id: String, mut ticket: Ticket) -> Reply {
+        let answer = (&mut ticket.reply).await;
+        // Err: the queue dropped it (past its deadline, or in overload after twice --queue-target), or
+        // anteroom is stopping.
         answer.unwrap_or_else(|_| {
             if ticket.was_shed() {
-                self.not_queued(id, Rejected::Overload)
+                self.not_queued(&id, Rejected::Overload)
             } else {
-                self.waited_too_long(id)
+                self.waited_too_long(&id)
             }
         })
     }

@@ -41,7 +41,7 @@ use tracing::Instrument;
 use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
 use super::conns::{ConnHandle, Table};
 use super::listen::Listener;
-use crate::admission::{refusal, Admission};
+use crate::admission::{refusal, Admission, Outcome};
 use crate::http1::{self, Framing, Head, HeadError, Parsed};
 use crate::request::{
     client_closed, request_id, request_start, HostRule, Job, Origin, Reply, RequestHead,
@@ -263,6 +263,55 @@ impl<S: Socket> Conn<S> {
     async fn request(&mut self, parsed: Box<Head>, started: Instant) -> Next {
         // Not idle from here until the response has been written: the table never closes it meanwhile.
         let _in_progress = self.entry.request_started();
+        // Everything the head decides is done before the first await, in a plain function, so that this
+        // future (which waits as long as the request is queued) holds the few things it still needs, not
+        // the head's parts on their way into the job.
+        let Opened {
+            outcome,
+            next,
+            framing,
+            is_head,
+            version,
+            keep_alive,
+            expect_continue,
+        } = self.open(parsed, started);
+        let (reply, body_read) = match next {
+            Err(refused) => (*refused, framing == Framing::Empty),
+            Ok(head) => {
+                let span = outcome.span().clone();
+                let admitted = self
+                    .admit(head, framing, expect_continue, outcome.id())
+                    .instrument(span)
+                    .await;
+                match admitted {
+                    Admitted::Answer(r) => (r, true),
+                    Admitted::BodyUnread(r) => (r, false),
+                    // The client left: counted and logged as 499 by the outcome, nothing to write.
+                    Admitted::Gone => {
+                        let gone = client_closed(outcome.id());
+                        drop(outcome.finish(gone));
+                        return Next::Close;
+                    }
+                }
+            }
+        };
+        let reply = outcome.finish(reply);
+        let keep = keep_alive && body_read && !self.entry.draining();
+        // Boxed: the request's future then holds the body's or the queue's state, not also this.
+        match Box::pin(self.write_response(reply, is_head, version, keep)).await {
+            Ok(true) => Next::KeepAlive,
+            Ok(false) if !body_read => Next::Linger,
+            Ok(false) => Next::Close,
+            Err(e) => {
+                tracing::debug!("could not send a response: {e}");
+                Next::Close
+            }
+        }
+    }
+
+    /// Opens the request's account and checks its head: the head a worker may see, boxed, or the answer
+    /// to one it must not.
+    fn open(&self, parsed: Box<Head>, started: Instant) -> Opened {
         let Head {
             method,
             uri,
@@ -293,42 +342,22 @@ impl<S: Socket> Conn<S> {
             request_id(&head.headers),
             Some((&head, &self.origin)),
         );
-        let (reply, body_read) = match checked {
-            Err(why) => (
+        let next = match checked {
+            Ok(()) => Ok(Box::new(head)),
+            Err(why) => Err(Box::new(
                 outcome
                     .span()
                     .in_scope(|| refusal::bad_head(outcome.id(), &why)),
-                framing == Framing::Empty,
-            ),
-            Ok(()) => {
-                let span = outcome.span().clone();
-                let id = outcome.id().to_string();
-                match self
-                    .admit(Box::new(head), framing, expect_continue, &id)
-                    .instrument(span)
-                    .await
-                {
-                    Admitted::Answer(r) => (r, true),
-                    Admitted::BodyUnread(r) => (r, false),
-                    // The client left: counted and logged as 499 by the outcome, nothing to write.
-                    Admitted::Gone => {
-                        drop(outcome.finish(client_closed(&id)));
-                        return Next::Close;
-                    }
-                }
-            }
+            )),
         };
-        let reply = outcome.finish(reply);
-        let keep = keep_alive && body_read && !self.entry.draining();
-        // Boxed: the request's future then holds the body's or the queue's state, not also this.
-        match Box::pin(self.write_response(reply, is_head, version, keep)).await {
-            Ok(true) => Next::KeepAlive,
-            Ok(false) if !body_read => Next::Linger,
-            Ok(false) => Next::Close,
-            Err(e) => {
-                tracing::debug!("could not send a response: {e}");
-                Next::Close
-            }
+        Opened {
+            outcome,
+            next,
+            framing,
+            is_head,
+            version,
+            keep_alive,
+            expect_continue,
         }
     }
 
@@ -360,6 +389,18 @@ impl<S: Socket> Conn<S> {
     }
 }
 
+/// A request whose head has been read and checked, as [`Conn::request`] holds it while it waits.
+struct Opened {
+    outcome: Outcome,
+    /// The head for the worker, or anteroom's answer (both boxed: this waits as long as the request).
+    next: Result<Box<RequestHead>, Box<Reply>>,
+    framing: Framing,
+    is_head: bool,
+    version: http::Version,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
 enum Admitted {
     Answer(Reply),
     /// Answered before the body was read to its end: the connection cannot carry another request.
@@ -389,23 +430,24 @@ async fn read_some<S: Socket>(io: &S, buf: &mut BytesMut, room: usize) -> io::Re
 /// head that was just read (the read that took it did not drain the socket to `WouldBlock`), so waiting
 /// for it alone would hand every queued request a 1 KiB buffer for nothing (measured: 10 MB at 10,000).
 async fn watch_hangup<S: Socket>(io: &S, buf: &mut BytesMut, max: usize) {
+    // One readiness future at a time, not `read_some`'s besides: this future waits as long as the request.
     while buf.len() < max {
-        let spoke = loop {
-            if io.readable().await.is_err() {
-                return;
-            }
-            match io.try_has_byte() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Ok(true) => break true,
-                Ok(false) | Err(_) => break false,
-            }
-        };
-        if !spoke {
+        if io.readable().await.is_err() {
             return;
         }
-        match read_some(io, buf, HEAD_BUFFER).await {
-            Ok(0) | Err(_) => return,
+        match io.try_has_byte() {
+            Ok(true) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(false) | Err(_) => return,
+        }
+        if buf.capacity() - buf.len() < HEAD_BUFFER {
+            buf.reserve(HEAD_BUFFER);
+        }
+        match io.try_read_buf(buf) {
+            Ok(0) => return,
             Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
     std::future::pending().await
