@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::thread;
@@ -178,6 +178,30 @@ fn limits_give_413_431_and_408() {
     let r = a.raw(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ");
     assert_eq!(r.status, 408);
     assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // Silent connections (new, and kept alive after a request) are closed without an answer by the
+    // table's sweep after --header-timeout.
+    let silent = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900),
+            "closed after {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(8), "closed after {waited:?}");
+    };
+    silent(TcpStream::connect(a.addr).unwrap());
+    let mut kept = TcpStream::connect(a.addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut kept).unwrap().status, 200);
+    silent(kept);
 }
 
 #[test]

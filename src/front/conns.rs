@@ -24,16 +24,26 @@
 //! it must. Idle connections, the ones a flood is made of, weigh one.
 //!
 //! The order of idle connections is a `BTreeMap` keyed by a sequence number taken when the connection
-//! became idle: the first key is the oldest. Each connection has a `CancellationToken` that closing it
-//! cancels; its task selects on it and drops the socket.
+//! became idle: the first key is the oldest. Closing a connection sets its flag and wakes its task (an
+//! `AtomicWaker` in the entry, not a token of its own: 10,000 idle connections are 10,000 entries), which
+//! then drops the socket.
+//!
+//! ## Silent connections
+//! An HTTP connection that stays silent for `--header-timeout` (a new one, or a kept-alive one between
+//! requests) is closed by one sweep over this order ([`Table::expire_idle_in_background`]), oldest first,
+//! rather than by a timer in each connection's task: an idle task then holds nothing but its socket.
+//! FastCGI peers (nginx's kept-alive upstream connections) are never closed for being idle.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::limits::TEMP_FILES_PER_REQUEST;
 pub use crate::config::limits::{Limits, ADMIN_CONNS};
@@ -70,20 +80,26 @@ pub struct Table {
     draining: AtomicBool,
     /// Temp files open now, which take descriptors from the same budget (`spill::temp_files_open`).
     temp_files: fn() -> usize,
+    /// Where `Entry::idle_since` counts from.
+    epoch: tokio::time::Instant,
+    /// Whether the idle sweep runs (started once, by the first HTTP listener).
+    sweeping: AtomicBool,
 }
 
 #[derive(Default)]
 struct Idle {
     next: u64,
     /// Idle connections, oldest first.
-    order: BTreeMap<u64, CancellationToken>,
+    order: BTreeMap<u64, Weak<Entry>>,
 }
 
 impl Idle {
-    fn push(&mut self, token: CancellationToken) -> u64 {
+    /// Puts `entry` last in the order, idle since `now` (milliseconds since the table's epoch).
+    fn push(&mut self, entry: &Arc<Entry>, now: u64) {
         self.next += 1;
-        self.order.insert(self.next, token);
-        self.next
+        self.order.insert(self.next, Arc::downgrade(entry));
+        entry.idle_since.store(now, Ordering::Relaxed);
+        entry.key.store(self.next, Ordering::Relaxed);
     }
 }
 
@@ -112,7 +128,67 @@ impl Table {
             name,
             draining: AtomicBool::new(false),
             temp_files: crate::spill::temp_files_open,
+            epoch: tokio::time::Instant::now(),
+            sweeping: AtomicBool::new(false),
         })
+    }
+
+    /// Milliseconds since the table's epoch, by the runtime's clock.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Closes, from now on, every connection marked [`ConnHandle::expire_when_idle`] that has been idle
+    /// for `after`. Started by the HTTP front with `--header-timeout`; later calls do nothing.
+    pub fn expire_idle_in_background(self: &Arc<Self>, after: Duration) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let table = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let next = match table.upgrade() {
+                    Some(t) => t.expire_idle(after),
+                    None => return,
+                };
+                tokio::time::sleep(next).await;
+            }
+        });
+    }
+
+    /// Closes the connections idle for `after`, oldest first; how long until the next one would be.
+    fn expire_idle(&self, after: Duration) -> Duration {
+        let limit = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let now = self.now();
+        // Upgraded entries are dropped after the lock is let go: a last reference dropped under it would
+        // take the lock again in `Entry::drop`.
+        let mut held = Vec::new();
+        let mut next = after;
+        let mut idle = lock(&self.idle);
+        let mut due = Vec::new();
+        for (&key, weak) in &idle.order {
+            let Some(e) = weak.upgrade() else { continue };
+            if e.expires.load(Ordering::Relaxed) {
+                let at = e.idle_since.load(Ordering::Relaxed).saturating_add(limit);
+                if at > now {
+                    next = Duration::from_millis(at - now);
+                    held.push(e);
+                    break;
+                }
+                due.push(key);
+            }
+            held.push(e);
+        }
+        for key in due {
+            if let Some(e) = idle.order.remove(&key).and_then(|w| w.upgrade()) {
+                e.key.store(0, Ordering::Relaxed);
+                e.close(self);
+                held.push(e);
+            }
+        }
+        drop(idle);
+        drop(held);
+        next.max(Duration::from_millis(10))
     }
 
     /// From now on, each connection closes after its current or next response (see `ConnHandle::draining`).
@@ -202,11 +278,20 @@ impl Table {
 
     /// Closes the oldest idle connection; false when there is none.
     fn close_oldest(&self, idle: &mut Idle) -> bool {
-        let Some((_, token)) = idle.order.pop_first() else {
-            return false;
+        let entry = loop {
+            let Some((_, weak)) = idle.order.pop_first() else {
+                return false;
+            };
+            // Gone already when the upgrade fails: its own drop is about to look for it.
+            if let Some(e) = weak.upgrade() {
+                break e;
+            }
         };
-        self.closing.fetch_add(1, Ordering::Relaxed);
-        token.cancel();
+        entry.key.store(0, Ordering::Relaxed);
+        entry.close(self);
+        // Should the task have ended meanwhile, this is the last reference: `Entry::drop` then finds key 0
+        // and leaves the lock, which is held here, alone.
+        drop(entry);
         self.m.closed_idle.inc();
         static LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
         if let Some(suppressed) = LOG.check() {
@@ -231,14 +316,17 @@ impl Table {
             self.refused();
             return Err(counted);
         }
-        let token = CancellationToken::new();
-        let key = idle.push(token.clone());
-        Ok(ConnHandle(Arc::new(Entry {
+        let entry = Arc::new(Entry {
             counted,
-            token,
-            key: AtomicU64::new(key),
+            closing: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            expires: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            key: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
-        })))
+        });
+        idle.push(&entry, self.now());
+        Ok(ConnHandle(entry))
     }
 }
 
@@ -266,11 +354,27 @@ impl Drop for Counted {
 
 struct Entry {
     counted: Counted,
-    token: CancellationToken,
+    /// Set once, by the table, to close this connection; its task is woken through `waker`.
+    closing: AtomicBool,
+    waker: AtomicWaker,
+    /// Closed once idle for `--header-timeout` (an HTTP client; FastCGI peers keep their connections).
+    expires: AtomicBool,
+    /// When it last became idle, in milliseconds since the table's epoch.
+    idle_since: AtomicU64,
     /// The key in the idle order while idle, 0 otherwise. Changed only under the table's lock.
     key: AtomicU64,
     /// Requests in progress on this connection (FastCGI multiplexes; HTTP/1 has at most one).
     requests: AtomicUsize,
+}
+
+impl Entry {
+    /// Tells the connection's task to close (the first time only).
+    fn close(&self, table: &Table) {
+        if !self.closing.swap(true, Ordering::AcqRel) {
+            table.closing.fetch_add(1, Ordering::Relaxed);
+            self.waker.wake();
+        }
+    }
 }
 
 impl Drop for Entry {
@@ -280,7 +384,7 @@ impl Drop for Entry {
         if key != 0 {
             lock(&table.idle).order.remove(&key);
         }
-        if self.token.is_cancelled() {
+        if self.closing.load(Ordering::Relaxed) {
             table.closing.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -291,9 +395,34 @@ impl Drop for Entry {
 pub struct ConnHandle(Arc<Entry>);
 
 impl ConnHandle {
-    /// Resolves when the table closes this connection to make room: the task then drops its socket.
-    pub async fn closed(&self) {
-        self.0.token.cancelled().await
+    /// Resolves when the table closes this connection (to make room, or silent too long): the task then
+    /// drops its socket.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(|cx| self.poll_closed(cx))
+    }
+
+    /// [`ConnHandle::closed`] for a hand-written future: one task waits on a connection.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let e = &self.0;
+        if e.closing.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        e.waker.register(cx.waker());
+        if e.closing.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// From now on, closed by the table once idle (silent) for `--header-timeout`.
+    pub fn expire_when_idle(&self) {
+        self.0.expires.store(true, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    fn is_closing(&self) -> bool {
+        self.0.closing.load(Ordering::Relaxed)
     }
 
     /// Whether this connection should close once its response is sent: anteroom is stopping or handing
@@ -340,9 +469,8 @@ impl ConnHandle {
         let table = &e.counted.table;
         let mut idle = lock(&table.idle);
         table.in_progress.fetch_sub(1, Ordering::Relaxed);
-        if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && !e.token.is_cancelled() {
-            let key = idle.push(e.token.clone());
-            e.key.store(key, Ordering::Relaxed);
+        if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && !e.closing.load(Ordering::Relaxed) {
+            idle.push(e, table.now());
         }
     }
 }
@@ -397,17 +525,48 @@ mod tests {
         let busy_a = a.request_started();
         // Full: the oldest idle one (b; a is busy) makes room.
         let d = connect(&t).unwrap();
-        assert!(b.0.token.is_cancelled());
-        assert!(!a.0.token.is_cancelled() && !c.0.token.is_cancelled());
+        assert!(b.is_closing());
+        assert!(!a.is_closing() && !c.is_closing());
         assert_eq!(t.view().closed_idle, 1);
         drop(b);
         // a ends its request: it is idle again, and now the newest idle one.
         drop(busy_a);
         let _e = connect(&t).unwrap();
-        assert!(c.0.token.is_cancelled(), "c had been idle longest");
-        assert!(!a.0.token.is_cancelled() && !d.0.token.is_cancelled());
+        assert!(c.is_closing(), "c had been idle longest");
+        assert!(!a.is_closing() && !d.is_closing());
         drop(c);
         assert_eq!(t.open(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_silent_http_connections_only() {
+        let t = table(10);
+        t.expire_idle_in_background(Duration::from_secs(10));
+        let http = connect(&t).unwrap();
+        http.expire_when_idle();
+        let peer = connect(&t).unwrap(); // a FastCGI peer: never closed for being idle
+        let busy = connect(&t).unwrap();
+        busy.expire_when_idle();
+        let _request = busy.request_started();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let later = connect(&t).unwrap();
+        later.expire_when_idle();
+        tokio::time::sleep(Duration::from_millis(5_100)).await;
+        assert!(http.is_closing(), "silent for 10 s");
+        assert!(!later.is_closing(), "silent for 5 s");
+        assert!(!peer.is_closing() && !busy.is_closing());
+        assert_eq!(
+            t.view().closed_idle,
+            0,
+            "not counted as closed to make room"
+        );
+        // Its request over, the busy one is idle from now: closed 10 s later, with the other.
+        drop(_request);
+        tokio::time::sleep(Duration::from_millis(5_000)).await;
+        assert!(later.is_closing() && !busy.is_closing());
+        tokio::time::sleep(Duration::from_millis(5_100)).await;
+        assert!(busy.is_closing() && !peer.is_closing());
+        assert_eq!(t.view().idle, 1);
     }
 
     #[test]
@@ -432,12 +591,12 @@ mod tests {
         let t = table_with(10, 10);
         let conns: Vec<_> = (0..10).map(|_| connect(&t).unwrap()).collect();
         let _requests: Vec<_> = conns[5..].iter().map(|c| c.request_started()).collect();
-        let closed = || conns.iter().filter(|c| c.0.token.is_cancelled()).count();
+        let closed = || conns.iter().filter(|c| c.is_closing()).count();
         assert_eq!(closed(), 0, "requests that open no file close nothing");
         assert!(t.room_for_temp_file(1));
         assert!(t.room_for_temp_file(2));
         assert_eq!(closed(), 2, "two idle connections made room for two files");
-        assert!(conns[0].0.token.is_cancelled() && conns[1].0.token.is_cancelled());
+        assert!(conns[0].is_closing() && conns[1].is_closing());
         for files in 3..=5 {
             assert!(t.room_for_temp_file(files));
         }
