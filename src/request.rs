@@ -164,7 +164,7 @@ impl Job {
 
     /// The request target, path and query (`/path?query`): for log lines and the status page.
     pub fn target(&self) -> &str {
-        self.head.uri.path_and_query().map_or("/", |p| p.as_str())
+        self.head.target()
     }
 
     /// `GET /path?query`, for log lines.

@@ -166,10 +166,7 @@ impl AccessLine {
             request_line: format!(
                 "{} {} {:?}",
                 head.method,
-                head.uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .replace('"', "%22"),
+                head.target().replace('"', "%22"),
                 head.version
             ),
             referer: h(REFERER),

@@ -69,6 +69,16 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 impl RequestHead {
+    /// The request target as logs show it: the path and query, or the authority of a CONNECT
+    /// (`host:port`, which has no path), else `/`.
+    pub fn target(&self) -> &str {
+        self.uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("/")
+    }
+
     /// Checks the head against the rules of this module and puts it in the one form workers get: `Host`
     /// from an absolute-form target, no hop-by-hop headers, no names with `_`. Unchanged when refused.
     pub fn check(&mut self, rule: HostRule) -> Result<(), BadHead> {
