@@ -49,6 +49,8 @@ pub struct TableMetrics {
     pub closed_idle: Counter,
     /// New connections refused because nothing could be closed.
     pub refused: Counter,
+    /// Connections closed for a missing or malformed PROXY protocol header (`--proxy-protocol`).
+    pub bad_proxy_header: Counter,
 }
 
 /// Every open client connection of a group of listeners.
@@ -294,6 +296,11 @@ impl ConnHandle {
     /// Resolves when the table closes this connection to make room: the task then drops its socket.
     pub async fn closed(&self) {
         self.0.token.cancelled().await
+    }
+
+    /// Counts this connection as closed for its PROXY protocol header.
+    pub fn bad_proxy_header(&self) {
+        self.0.counted.table.m.bad_proxy_header.inc();
     }
 
     /// Whether this connection should close once its response is sent: anteroom is stopping or handing

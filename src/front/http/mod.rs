@@ -72,6 +72,7 @@ pub fn start(
                     let origin = Origin {
                         peer: Some(peer),
                         local: s.local_addr().ok(),
+                        proxied: None,
                     };
                     Either::Left(Conn::new(s, origin, front.clone(), entry).serve())
                 }
@@ -151,6 +152,15 @@ impl<S: Socket> Conn<S> {
     }
 
     async fn serve(mut self) {
+        let cfg = &self.front.cfg;
+        if cfg.proxy_protocol {
+            let (trusted, timeout) = (&cfg.trusted_proxy, cfg.header_timeout);
+            let read = super::proxy::accept(&self.io, &self.origin, trusted, timeout, &self.entry);
+            let Some((origin, buf)) = Box::pin(read).await else {
+                return;
+            };
+            (self.origin, self.buf) = (origin, buf);
+        }
         loop {
             // Idle, this task is only as large as waiting for a byte takes; reading the head and serving
             // the request are boxed, allocated while a request is under way (measured: 6.4 KiB unboxed).
@@ -277,12 +287,21 @@ impl<S: Socket> Conn<S> {
         // httparse read the syntax; what the worker would trust (Host, the target, hop-by-hop headers) is
         // checked here, before the account opens, so that the log shows the head a worker would have seen.
         let checked = head.check(HostRule::Required);
+        // The client as a trusted proxy names it, for the log, the queue and the worker.
+        let (cfg, conn) = (&self.front.cfg, &self.origin);
+        let origin = crate::request::resolve_origin(
+            conn,
+            &head.headers,
+            &cfg.trusted_proxy,
+            cfg.forwarded_header,
+        )
+        .map(Box::new);
         // Ours, never the client's: an app that autoscales on queue time must not be steered by a client.
         head.headers.insert(REQUEST_START, request_start(started));
         let outcome = self.front.open(
             started,
             request_id(&head.headers),
-            Some((&head, &self.origin)),
+            Some((&head, origin.as_deref().unwrap_or(&self.origin))),
         );
         let (reply, body_read) = match checked {
             Err(why) => (
@@ -295,7 +314,7 @@ impl<S: Socket> Conn<S> {
                 let span = outcome.span().clone();
                 let id = outcome.id().to_string();
                 match self
-                    .admit(Box::new(head), framing, expect_continue, &id)
+                    .admit(Box::new(head), origin, framing, expect_continue, &id)
                     .instrument(span)
                     .await
                 {
@@ -327,6 +346,7 @@ impl<S: Socket> Conn<S> {
     async fn admit(
         &mut self,
         head: Box<RequestHead>,
+        origin: Option<Box<Origin>>,
         framing: Framing,
         expect_continue: bool,
         id: &str,
@@ -342,7 +362,8 @@ impl<S: Socket> Conn<S> {
         }
         let front = self.front.clone();
         // Queued now; the future that waits holds the ticket, not the job.
-        let answer = front.dispatch(Job::new(id.to_string(), *head, body, self.origin.clone()));
+        let origin = origin.map_or_else(|| self.origin.clone(), |o| *o);
+        let answer = front.dispatch(Job::new(id.to_string(), *head, body, origin));
         let max_pipelined = self.front.cfg.max_header_size;
         tokio::select! {
             r = answer => Admitted::Answer(r),
