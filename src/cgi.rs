@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn scheme_a_trusted_proxy_gave() {
-        use crate::request::Proxied;
+        use crate::request::origin::Proxied;
         let mut j = job("/");
         j.head
             .headers

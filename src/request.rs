@@ -21,8 +21,8 @@ pub use crate::spill::{Body, BodySender, ChannelBody, RequestBody};
 
 mod head;
 pub use head::{is_hop_by_hop, BadHead, HostRule, HOP_BY_HOP};
-mod origin;
-pub use origin::{is_trusted, resolve as resolve_origin, Origin, Proxied};
+pub mod origin;
+pub use origin::{is_trusted, resolve as resolve_origin, Origin};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
