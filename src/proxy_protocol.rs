@@ -95,16 +95,17 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         return Err(ProxyError::NotProxy);
     }
     let window = &buf[..buf.len().min(V1_MAX)];
-    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
-        if window.contains(&b'\n') {
-            return Err(ProxyError::V1Bad("line end"));
-        }
+    // The first line end decides, so that a longer read never turns a refusal into a header.
+    let Some(cr) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
         return if buf.len() >= V1_MAX {
             Err(ProxyError::V1TooLong)
         } else {
             Ok(Parsed::Partial)
         };
     };
+    if window[cr] == b'\n' {
+        return Err(ProxyError::V1Bad("line end"));
+    }
     match buf.get(cr + 1) {
         None if cr + 1 >= V1_MAX => return Err(ProxyError::V1TooLong),
         None => return Ok(Parsed::Partial),
@@ -112,9 +113,6 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         Some(_) => return Err(ProxyError::V1Bad("line end")),
     }
     let line = &buf[..cr];
-    if line.contains(&b'\n') {
-        return Err(ProxyError::V1Bad("line end"));
-    }
     let line = std::str::from_utf8(line).map_err(|_| ProxyError::V1Bad("character"))?;
     let rest = line.strip_prefix("PROXY ").ok_or(ProxyError::NotProxy)?;
     let header = v1_fields(rest)?;
@@ -335,6 +333,8 @@ mod tests {
             bad(b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rX"),
             ProxyError::V1Bad("line end")
         );
+        // Found by the fuzzer: a bare LF before the CR is refused whatever follows.
+        assert_eq!(bad(b"PROXY \nY \r"), ProxyError::V1Bad("line end"));
         let long = [b"PROXY UNKNOWN ".as_slice(), &[b'a'; 200]].concat();
         assert_eq!(bad(&long), ProxyError::V1TooLong);
         // Exactly at the bound without its line end: never whole.
