@@ -1131,6 +1131,46 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies() {
+        let c = parse(&[]).unwrap();
+        assert!(c.trusted_proxy.is_empty() && !c.proxy_protocol);
+        assert_eq!(c.forwarded_header, ForwardedHeader::XForwardedFor);
+        let c = parse(&[
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "unix",
+            "--forwarded-header",
+            "forwarded",
+            "--proxy-protocol",
+        ])
+        .unwrap();
+        assert_eq!(c.trusted_proxy.len(), 2);
+        assert_eq!(c.trusted_proxy[1], TrustedProxy::Unix);
+        assert_eq!(c.forwarded_header, ForwardedHeader::Forwarded);
+        let e = parse(&["--proxy-protocol"]).unwrap_err();
+        assert!(
+            e.contains("proxy-protocol") && e.contains("--trusted-proxy"),
+            "{e}"
+        );
+        let e = parse(&["--trusted-proxy", "10.0.0.1/8"]).unwrap_err();
+        assert!(
+            e.contains("--trusted-proxy") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "trusted-proxy = [\"::1\", \"unix\"]\nforwarded-header = \"x-forwarded-for\"\nproxy-protocol = true\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.trusted_proxy[0].to_string(), "::1/128");
+        assert!(c.proxy_protocol);
+    }
+
+    #[test]
     fn connection_options() {
         let c = parse(&["--max-connections", "100", "--status-show-query"]).unwrap();
         assert_eq!(c.max_connections, Some(100));
