@@ -30,8 +30,13 @@ struct Server {
 impl Server {
     /// anteroom on a free port with `opts`, a php-cgi worker printing `$_SERVER`, and an admin listener.
     fn php(opts: &[&str]) -> Server {
+        Server::php_script(opts, "tests/fixtures/server.php")
+    }
+
+    /// As [`Server::php`], serving `script` (from the repository's root).
+    fn php_script(opts: &[&str], script: &str) -> Server {
         require("php-cgi");
-        let script = root().join("tests/fixtures/server.php");
+        let script = root().join(script);
         let param = format!("SCRIPT_FILENAME={}", script.display());
         let mut args = opts.to_vec();
         args.extend([
@@ -421,4 +426,44 @@ fn an_http_worker_gets_the_proxy_protocol_client_as_its_last_hop() {
     );
     // Passed on as it came, with the peer anteroom saw appended, as any proxy does.
     assert_eq!(s(&v, "HTTP_X_FORWARDED_FOR"), "6.6.6.6, 127.0.0.2", "{v}");
+}
+
+/// The queue's per-client lines see the client a trusted proxy names: behind one nginx, two clients are two
+/// lines, so one at its `--max-queue-per-client` does not refuse the other.
+#[test]
+fn the_queue_sees_the_client_nginx_names() {
+    let a = Server::php_script(
+        &[
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--max-queue-per-client",
+            "1",
+        ],
+        "examples/php/index.php",
+    );
+    let n = Nginx::start(&format!(
+        "  location / {{\n   proxy_pass http://127.0.0.1:{};\n   \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}",
+        a.port
+    ));
+    let to = n.addr();
+    let send = |from: &'static str, path: &'static str| {
+        std::thread::spawn(move || {
+            let mut s = connect_from(from, to);
+            let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).unwrap();
+            read_response(&mut s).unwrap().status
+        })
+    };
+    // The one worker busy with the first client's request, and one more of its requests waiting.
+    let busy = send(CLIENT, "/?ms=2000");
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting = send(CLIENT, "/?ms=1");
+    std::thread::sleep(Duration::from_millis(300));
+    // The first client's line is full; the second client's is its own.
+    assert_eq!(send(CLIENT, "/?third").join().unwrap(), 503);
+    let other = send("127.0.0.3", "/?other");
+    assert_eq!(other.join().unwrap(), 200);
+    assert_eq!(busy.join().unwrap(), 200);
+    assert_eq!(waiting.join().unwrap(), 200);
 }
