@@ -562,6 +562,7 @@ fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
             open: metrics.connections.clone(),
             closed_idle: metrics.connections_idle_closed.clone(),
             refused: metrics.connections_refused.clone(),
+            bad_proxy_header: metrics.connections_bad_proxy_header.clone(),
         },
     );
     let room = table.clone();

@@ -29,8 +29,12 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
         .map(str::to_string)
         .or_else(|| local.map(|a| a.ip().to_string()))
         .unwrap_or_else(|| "localhost".into());
+    // The scheme the client used, when a trusted proxy said (`request/origin.rs`); its port is the
+    // client's, not that of anteroom's listener behind the proxy.
+    let https = job.origin.https();
     let server_port = host_port
         .map(str::to_string)
+        .or_else(|| https.then(|| "443".to_string()))
         .or_else(|| local.map(|a| a.port().to_string()))
         .unwrap_or_else(|| "80".into());
     // A unix-socket client has no address; it is on this machine, which is what 127.0.0.1 says.
@@ -49,7 +53,12 @@ pub fn params(job: &Job, fixed: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> 
     }
     put("REMOTE_ADDR", remote_addr.as_bytes());
     put("REMOTE_PORT", remote_port.as_bytes());
-    put("REQUEST_SCHEME", b"http");
+    if https {
+        put("REQUEST_SCHEME", b"https");
+        put("HTTPS", b"on");
+    } else {
+        put("REQUEST_SCHEME", b"http");
+    }
     put("REQUEST_METHOD", head.method.as_str().as_bytes());
     put(
         "REQUEST_URI",
@@ -279,6 +288,35 @@ mod tests {
         assert_eq!(get(&p, "HTTP_CONTENT_TYPE"), None);
         assert_eq!(get(&p, "SCRIPT_FILENAME"), Some("/srv/i.php"));
         assert_eq!(get(&p, "HTTP_X_REQUEST_ID"), Some("t"));
+    }
+
+    #[test]
+    fn scheme_a_trusted_proxy_gave() {
+        use crate::request::origin::Proxied;
+        let mut j = job("/");
+        j.head
+            .headers
+            .insert("host", "example.org".parse().unwrap());
+        j.origin.local = Some("127.0.0.1:8000".parse().unwrap());
+        j.origin.peer = Some("203.0.113.7:0".parse().unwrap());
+        let p = params(&j, &[]);
+        assert_eq!(get(&p, "HTTPS"), None);
+        assert_eq!(get(&p, "REQUEST_SCHEME"), Some("http"));
+        assert_eq!(get(&p, "SERVER_PORT"), Some("8000"));
+        assert_eq!(get(&p, "REMOTE_ADDR"), Some("203.0.113.7"));
+        j.origin.proxied = Some(Box::new(Proxied {
+            hop: Some("127.0.0.1:5000".parse().unwrap()),
+            https: Some(true),
+        }));
+        let p = params(&j, &[]);
+        assert_eq!(get(&p, "HTTPS"), Some("on"));
+        assert_eq!(get(&p, "REQUEST_SCHEME"), Some("https"));
+        assert_eq!(get(&p, "SERVER_PORT"), Some("443"));
+        // A port in Host is the client's own.
+        j.head
+            .headers
+            .insert("host", "example.org:8443".parse().unwrap());
+        assert_eq!(get(&params(&j, &[]), "SERVER_PORT"), Some("8443"));
     }
 
     #[test]

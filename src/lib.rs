@@ -29,6 +29,7 @@ pub mod http1;
 pub mod logfmt;
 pub(crate) mod metrics;
 pub mod pool;
+pub mod proxy_protocol;
 pub(crate) mod quarantine;
 pub(crate) mod queue;
 pub(crate) mod ratelog;

@@ -116,6 +116,7 @@ pub struct Metrics {
     pub connections_limit: Gauge,
     pub connections_idle_closed: Counter,
     pub connections_refused: Counter,
+    pub connections_bad_proxy_header: Counter,
     totals: Totals,
     registry: Registry,
 }
@@ -149,6 +150,7 @@ impl Metrics {
             connections_limit: Gauge::default(),
             connections_idle_closed: Counter::default(),
             connections_refused: Counter::default(),
+            connections_bad_proxy_header: Counter::default(),
             totals: Totals::default(),
             registry: Registry::default(),
         };
@@ -206,6 +208,11 @@ impl Metrics {
             "client_connections_refused",
             "New client connections refused at the limit because none was idle (HTTP: 503)",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "client_connections_bad_proxy_header",
+            "Client connections closed for a missing, malformed or late PROXY protocol header (--proxy-protocol)",
+            m.connections_bad_proxy_header.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -9,7 +9,6 @@
 //! names with `_`) before it makes the `Job`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -22,17 +21,10 @@ pub use crate::spill::{Body, BodySender, ChannelBody, RequestBody};
 
 mod head;
 pub use head::{is_hop_by_hop, BadHead, HostRule, HOP_BY_HOP};
+pub mod origin;
+pub use origin::{is_trusted, resolve as resolve_origin, Origin};
 
 pub const REQUEST_ID: &str = "x-request-id";
-
-/// Who sent the request and on which listener.
-#[derive(Debug, Clone, Default)]
-pub struct Origin {
-    /// None for a unix-socket client.
-    pub peer: Option<SocketAddr>,
-    /// None for a unix-socket listener.
-    pub local: Option<SocketAddr>,
-}
 
 #[derive(Debug, Clone)]
 pub struct RequestHead {

@@ -275,6 +275,7 @@ mod tests {
         let origin = Origin {
             peer: Some("10.0.0.1:5000".parse().unwrap()),
             local: None,
+            proxied: None,
         };
         let mut resp = Reply::new(full("hello"));
         resp.headers_mut()

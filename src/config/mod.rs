@@ -37,8 +37,8 @@ pub use crate::sys::privilege::{Account, WorkerLimit};
 pub use print::print_config;
 pub use sockets::SocketsArgs;
 pub use units::{
-    AdminAddr, ByteSize, ClearEnv, CrashExit, FileMode, ListenAddr, LogFormat, NameValue, Seconds,
-    WorkerCount, WorkerProtocol, WorkerRlimit,
+    AdminAddr, ByteSize, ClearEnv, CrashExit, FileMode, ForwardedHeader, ListenAddr, LogFormat,
+    NameValue, Seconds, TrustedProxy, WorkerCount, WorkerProtocol, WorkerRlimit,
 };
 
 #[derive(Debug, Parser)]
@@ -279,6 +279,22 @@ pub struct Settings {
     /// Address to serve FastCGI on (for nginx's fastcgi_pass): HOST:PORT or unix:PATH; repeatable.
     #[arg(long, value_name = "ADDR", env = "ANTEROOM_LISTEN_FASTCGI", value_delimiter = '\n')]
     pub listen_fastcgi: Vec<ListenAddr>,
+    /// A peer whose word on the client is believed (an IP address, a network as ADDR/PREFIX, or `unix` for
+    /// connections on unix listeners); repeatable. On the HTTP front, a request from one gets its client
+    /// (REMOTE_ADDR, the queue's per-client lines, the access log) from --forwarded-header, the rightmost
+    /// address that is not itself trusted, and its scheme from X-Forwarded-Proto or proto=. Others' headers
+    /// change nothing. None by default: believing a header from anyone would let any client choose its address.
+    #[arg(long, value_name = "CIDR", env = "ANTEROOM_TRUSTED_PROXY", value_delimiter = '\n')]
+    pub trusted_proxy: Vec<TrustedProxy>,
+    /// Which header a --trusted-proxy names the client in: x-forwarded-for (with X-Forwarded-Proto) or
+    /// forwarded (RFC 7239). One only: a proxy that sets one passes the other on from its client untouched.
+    #[arg(long, value_name = "HEADER", env = "ANTEROOM_FORWARDED_HEADER", default_value = "x-forwarded-for")]
+    pub forwarded_header: ForwardedHeader,
+    /// Every HTTP listener expects a PROXY protocol header (v1 or v2, as HAProxy's send-proxy and
+    /// send-proxy-v2 send) before each connection's first request, within --header-timeout; a connection
+    /// without a valid one is closed. Its client address is believed from a --trusted-proxy peer only.
+    #[arg(long, env = "ANTEROOM_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
     /// Number of worker processes, or MIN:MAX for a pool that grows while requests wait and shrinks when
     /// workers idle.
     #[arg(long, value_name = "N|MIN:MAX", env = "ANTEROOM_WORKERS", default_value = "4")]
@@ -765,6 +781,13 @@ impl Config {
                 return Err(invalid("admin", format!("{a} is also a public listener")));
             }
         }
+        if self.proxy_protocol && self.trusted_proxy.is_empty() {
+            return Err(invalid(
+                "proxy-protocol",
+                "needs --trusted-proxy naming the proxies that send the header (anyone else could choose \
+                 the client address it carries)",
+            ));
+        }
         if self.max_connections.is_some() {
             // The same plan the server makes at start, with the limit it will raise itself to.
             limits::Limits::plan(self, limits::nofile_target())
@@ -1105,6 +1128,46 @@ mod tests {
         assert!(parse(&["--workers", "8:2"])
             .unwrap_err()
             .starts_with("workers:"));
+    }
+
+    #[test]
+    fn trusted_proxies() {
+        let c = parse(&[]).unwrap();
+        assert!(c.trusted_proxy.is_empty() && !c.proxy_protocol);
+        assert_eq!(c.forwarded_header, ForwardedHeader::XForwardedFor);
+        let c = parse(&[
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "unix",
+            "--forwarded-header",
+            "forwarded",
+            "--proxy-protocol",
+        ])
+        .unwrap();
+        assert_eq!(c.trusted_proxy.len(), 2);
+        assert_eq!(c.trusted_proxy[1], TrustedProxy::Unix);
+        assert_eq!(c.forwarded_header, ForwardedHeader::Forwarded);
+        let e = parse(&["--proxy-protocol"]).unwrap_err();
+        assert!(
+            e.contains("proxy-protocol") && e.contains("--trusted-proxy"),
+            "{e}"
+        );
+        let e = parse(&["--trusted-proxy", "10.0.0.1/8"]).unwrap_err();
+        assert!(
+            e.contains("--trusted-proxy") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "trusted-proxy = [\"::1\", \"unix\"]\nforwarded-header = \"x-forwarded-for\"\nproxy-protocol = true\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.trusted_proxy[0].to_string(), "::1/128");
+        assert!(c.proxy_protocol);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! a form those accept, for `--print-config`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -27,7 +27,7 @@ macro_rules! deserialize_from_str {
     )*};
 }
 
-deserialize_from_str!(ListenAddr, AdminAddr, CrashExit, FileMode);
+deserialize_from_str!(ListenAddr, AdminAddr, CrashExit, FileMode, TrustedProxy);
 
 /// `Serialize` through `Display`: the text that `FromStr` reads back.
 macro_rules! serialize_as_text {
@@ -46,7 +46,8 @@ serialize_as_text!(
     CrashExit,
     FileMode,
     ClearEnv,
-    WorkerRlimit
+    WorkerRlimit,
+    TrustedProxy
 );
 
 /// Where a listener lives: a TCP address or a unix socket path.
@@ -94,6 +95,110 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
         }
+    }
+}
+
+/// `--trusted-proxy`: the peers whose word on the client is believed: an IP network (`10.0.0.0/8`,
+/// `fd00::/8`), one address (`127.0.0.1`, `::1`), or `unix` for every connection on a unix listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrustedProxy {
+    /// `addr/prefix`, with the host bits cleared.
+    Net {
+        addr: IpAddr,
+        prefix: u8,
+    },
+    Unix,
+}
+
+impl TrustedProxy {
+    /// Whether `ip` is in this network (an IPv4 address mapped into IPv6 counts as the IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let TrustedProxy::Net { addr, prefix } = *self else {
+            return false;
+        };
+        match (addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask(u128::from(u32::from(ip)), prefix, 32) == u128::from(u32::from(net))
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask(u128::from(ip), prefix, 128) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `bits` (of a `width`-bit address) with all but the first `prefix` cleared.
+fn mask(bits: u128, prefix: u8, width: u8) -> u128 {
+    let host = u32::from(width.saturating_sub(prefix));
+    if host >= 128 {
+        0
+    } else {
+        bits >> host << host
+    }
+}
+
+impl FromStr for TrustedProxy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "unix" {
+            return Ok(TrustedProxy::Unix);
+        }
+        let bad = || format!("'{s}' is neither an IP address, ADDRESS/PREFIX nor unix");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+        let width: u8 = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= width => p,
+                _ => return Err(format!("'{s}': the prefix must be 0 to {width}")),
+            },
+        };
+        let addr = match ip {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(
+                u32::try_from(mask(u128::from(u32::from(a)), prefix, 32)).unwrap_or(0),
+            )),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(mask(u128::from(a), prefix, 128))),
+        };
+        if addr != ip {
+            return Err(format!(
+                "'{s}' has host bits set: did you mean {addr}/{prefix}?"
+            ));
+        }
+        Ok(TrustedProxy::Net { addr, prefix })
+    }
+}
+
+impl fmt::Display for TrustedProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrustedProxy::Unix => f.write_str("unix"),
+            TrustedProxy::Net { addr, prefix } => write!(f, "{addr}/{prefix}"),
+        }
+    }
+}
+
+/// `--forwarded-header`: which header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (and `X-Forwarded-Proto`): what nginx, HAProxy and most load balancers send.
+    XForwardedFor,
+    /// RFC 7239's `Forwarded` (`for=`, `proto=`).
+    Forwarded,
+}
+
+impl fmt::Display for ForwardedHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        })
     }
 }
 

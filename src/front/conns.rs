@@ -59,6 +59,8 @@ pub struct TableMetrics {
     pub closed_idle: Counter,
     /// New connections refused because nothing could be closed.
     pub refused: Counter,
+    /// Connections closed for a missing or malformed PROXY protocol header (`--proxy-protocol`).
+    pub bad_proxy_header: Counter,
 }
 
 /// Every open client connection of a group of listeners.
@@ -423,6 +425,11 @@ impl ConnHandle {
     #[cfg(test)]
     fn is_closing(&self) -> bool {
         self.0.closing.load(Ordering::Relaxed)
+    }
+
+    /// Counts this connection as closed for its PROXY protocol header.
+    pub fn bad_proxy_header(&self) {
+        self.0.counted.table.m.bad_proxy_header.inc();
     }
 
     /// Whether this connection should close once its response is sent: anteroom is stopping or handing

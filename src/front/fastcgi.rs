@@ -751,6 +751,7 @@ fn http_view(params: &[(Bytes, Bytes)]) -> Result<HttpView, BadParams> {
     let origin = Origin {
         peer: ip(get("REMOTE_ADDR"), get("REMOTE_PORT")),
         local: ip(get("SERVER_ADDR"), get("SERVER_PORT")),
+        proxied: None,
     };
     let id = request_id(&headers);
     let mut head = RequestHead {

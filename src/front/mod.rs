@@ -7,3 +7,4 @@ pub(crate) mod conns;
 pub(crate) mod fastcgi;
 pub(crate) mod http;
 pub mod listen;
+pub(crate) mod proxy;

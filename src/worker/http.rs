@@ -228,7 +228,8 @@ fn build_request(job: &Job) -> Result<Request<BodyStream>, WorkerError> {
     if let Ok(v) = HeaderValue::from_str(&job.id) {
         h.insert(REQUEST_ID, v);
     }
-    if let Some(peer) = job.origin.peer {
+    // The peer that connected, as any proxy appends it: the worker's own trusted-proxy rules then decide.
+    if let Some(peer) = job.origin.hop() {
         let ip = peer.ip().to_string();
         let xff = match head
             .headers

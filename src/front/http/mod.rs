@@ -75,6 +75,7 @@ pub fn start(
                     let origin = Origin {
                         peer: Some(peer),
                         local: s.local_addr().ok(),
+                        proxied: None,
                     };
                     Either::Left(Conn::new(s, origin, front.clone(), entry).serve())
                 }
@@ -168,6 +169,15 @@ impl<S: Socket> Conn<S> {
     }
 
     async fn serve(mut self) {
+        let cfg = &self.front.cfg;
+        if cfg.proxy_protocol {
+            let (trusted, timeout) = (&cfg.trusted_proxy, cfg.header_timeout);
+            let read = super::proxy::accept(&self.io, &self.origin, trusted, timeout, &self.entry);
+            let Some((origin, buf)) = Box::pin(read).await else {
+                return;
+            };
+            (self.origin, self.buf) = (origin, buf);
+        }
         loop {
             // Idle, this task is only as large as waiting for a byte takes (no timer: the table closes a
             // connection silent for --header-timeout); reading the head and serving the request are
@@ -281,6 +291,7 @@ impl<S: Socket> Conn<S> {
         let Opened {
             outcome,
             next,
+            origin,
             framing,
             is_head,
             version,
@@ -292,7 +303,7 @@ impl<S: Socket> Conn<S> {
             Ok(head) => {
                 let span = outcome.span().clone();
                 let admitted = self
-                    .admit(head, framing, expect_continue, outcome.id())
+                    .admit(head, origin, framing, expect_continue, outcome.id())
                     .instrument(span)
                     .await;
                 match admitted {
@@ -347,12 +358,21 @@ impl<S: Socket> Conn<S> {
         // httparse read the syntax; what the worker would trust (Host, the target, hop-by-hop headers) is
         // checked here, before the account opens, so that the log shows the head a worker would have seen.
         let checked = head.check(HostRule::Required);
+        // The client as a trusted proxy names it, for the log, the queue and the worker.
+        let (cfg, conn) = (&self.front.cfg, &self.origin);
+        let origin = crate::request::resolve_origin(
+            conn,
+            &head.headers,
+            &cfg.trusted_proxy,
+            cfg.forwarded_header,
+        )
+        .map(Box::new);
         // Ours, never the client's: an app that autoscales on queue time must not be steered by a client.
         head.headers.insert(REQUEST_START, request_start(started));
         let outcome = self.front.open(
             started,
             request_id(&head.headers),
-            Some((&head, &self.origin)),
+            Some((&head, origin.as_deref().unwrap_or(&self.origin))),
         );
         let next = match checked {
             Ok(()) => Ok(Box::new(head)),
@@ -365,6 +385,7 @@ impl<S: Socket> Conn<S> {
         Opened {
             outcome,
             next,
+            origin,
             framing,
             is_head,
             version,
@@ -377,6 +398,7 @@ impl<S: Socket> Conn<S> {
     async fn admit(
         &mut self,
         head: Box<RequestHead>,
+        origin: Option<Box<Origin>>,
         framing: Framing,
         expect_continue: bool,
         id: &str,
@@ -392,7 +414,8 @@ impl<S: Socket> Conn<S> {
         }
         let front = self.front.clone();
         // Queued now; the future that waits holds the ticket, not the job.
-        let answer = front.dispatch(Job::new(id.to_string(), *head, body, self.origin.clone()));
+        let origin = origin.map_or_else(|| self.origin.clone(), |o| *o);
+        let answer = front.dispatch(Job::new(id.to_string(), *head, body, origin));
         let max_pipelined = self.front.cfg.max_header_size;
         tokio::select! {
             r = answer => Admitted::Answer(r),
@@ -406,6 +429,8 @@ struct Opened {
     outcome: Outcome,
     /// The head for the worker, or anteroom's answer (both boxed: this waits as long as the request).
     next: Result<Box<RequestHead>, Box<Reply>>,
+    /// The client a trusted proxy named, when it is not the peer.
+    origin: Option<Box<Origin>>,
     framing: Framing,
     is_head: bool,
     version: http::Version,
@@ -420,11 +445,16 @@ enum Admitted {
     Gone,
 }
 
+/// Waits until the socket may be read (see [`Socket`] for why it is polled).
+pub(super) async fn readable<S: Socket>(io: &S) -> io::Result<()> {
+    std::future::poll_fn(|cx| io.poll_read_ready(cx)).await
+}
+
 /// Reads what the socket has (at least one byte, or 0 at its end) into `buf`, with room for up to `room`
 /// more bytes.
 async fn read_some<S: Socket>(io: &S, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
     loop {
-        std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
+        readable(io).await?;
         if buf.capacity() - buf.len() < room.min(HEAD_BUFFER) {
             buf.reserve(room);
         }
@@ -444,10 +474,7 @@ async fn read_some<S: Socket>(io: &S, buf: &mut BytesMut, room: usize) -> io::Re
 async fn watch_hangup<S: Socket>(io: &S, buf: &mut BytesMut, max: usize) {
     // One readiness future at a time, not `read_some`'s besides: this future waits as long as the request.
     while buf.len() < max {
-        if std::future::poll_fn(|cx| io.poll_read_ready(cx))
-            .await
-            .is_err()
-        {
+        if readable(io).await.is_err() {
             return;
         }
         match io.try_has_byte() {
