@@ -1,7 +1,8 @@
 //! The slow-request log (`--slowlog-timeout`) with a real flup worker sleeping in a function of a known
 //! name: one event per slow request with the kernel's view of the worker, the dumper's output in it
 //! (py-spy, installed by scripts/test), the status document's slow requests, nothing for a fast request,
-//! and the events-per-minute budget.
+//! and the events-per-minute budget; the README's gdb recipes for PHP (php-cgi) and Perl (FCGI), run as
+//! written, name the PHP or Perl function too.
 
 mod common;
 
@@ -58,22 +59,31 @@ fn a_slow_request_logs_one_event_with_the_kernels_view_and_goes_on() {
         "slot=0",
         "pid=",
         "running_ms=1",
-        "state=\"S (sleeping)\"",
-        "wchan=",
+        "state=",
         "syscall=",
-        "syscall_nr=",
+        "kernel_stack=",
         "cpu_ms=",
         "rss_bytes=",
     ] {
         assert!(event.contains(needle), "{needle} missing from: {event}");
     }
-    // Python's time.sleep, named from its number: clock_nanosleep or (pselect6) select, by version.
-    assert!(
-        ["clock_nanosleep(", "pselect6(", "select(", "nanosleep("]
-            .iter()
-            .any(|call| event.contains(&format!("syscall={call}"))),
-        "{event}"
-    );
+    // flup serves the request on a thread of its pool, while the main thread waits in select: the
+    // sleeping thread is among `threads`, in Python's time.sleep (clock_nanosleep since 3.11, select
+    // before), its call named from its number.
+    let threads = event
+        .split("threads=\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no threads field: {event}"));
+    let threads = &threads[..threads.find('"').unwrap_or(threads.len())];
+    // "TID STATE WCHAN SYSCALL(ARGS)", one a line (escaped as \n in the text log).
+    let sleeping = threads.split("\\n").any(|t| {
+        let f: Vec<&str> = t.split(' ').collect();
+        f.len() >= 4
+            && f[1] == "S"
+            && f[2] != "-"
+            && (f[3].starts_with("clock_nanosleep(") || f[3].starts_with("select("))
+    });
+    assert!(sleeping, "no thread asleep in time.sleep, with its wchan: {event}");
     assert!(!event.contains("dump="), "no command, no dump: {event}");
     // Once per request, though it ran three times the threshold.
     thread::sleep(Duration::from_millis(300));
@@ -99,7 +109,7 @@ fn with_py_spy_the_event_names_the_function_the_worker_is_in() {
         "dump_command=\"py-spy dump --pid ",
         "dump_end=exit code 0",
         "sleepy_known_function",
-        "wchan=",
+        "syscall=",
     ] {
         assert!(event.contains(needle), "{needle} missing from: {event}");
     }
@@ -184,4 +194,61 @@ fn the_status_document_lists_the_slow_request_while_it_runs() {
     assert_eq!(busy.len(), 1, "{s}");
     assert_eq!(client.join().unwrap().status, 200);
     assert_eq!(status()["slow_requests"].as_array().map(Vec::len), Some(0));
+}
+
+/// One slow request on one worker started with `opts` and `cmd`; its event.
+fn event_with(opts: &[&str], cmd: &[&str], path: &str) -> String {
+    let mut args = opts.to_vec();
+    args.push("--");
+    args.extend_from_slice(cmd);
+    let a = Anteroom::start(&args);
+    let client = get_with_id(a.addr, path, "recipe-1");
+    let event = wait_for_event(&a, Duration::from_secs(20));
+    assert_eq!(client.join().unwrap().status, 200, "{}", a.log_text());
+    event
+}
+
+#[test]
+fn the_php_recipe_names_the_php_function() {
+    require("php-cgi");
+    require("gdb");
+    let script = format!("SCRIPT_FILENAME={}/tests/fixtures/slow.php", root().display());
+    let event = event_with(
+        &[
+            "--workers",
+            "1",
+            "--slowlog-timeout",
+            "1",
+            "--slowlog-command",
+            "gdb -p {pid} -batch -x examples/slowlog/php-backtrace.gdb 2>&1",
+            "--param",
+            &script,
+        ],
+        &["php-cgi"],
+        "/?s=2.5",
+    );
+    for needle in ["recipe-1", "[function] => sleepy_known_function", "slow.php"] {
+        assert!(event.contains(needle), "{needle} missing from: {event}");
+    }
+}
+
+#[test]
+fn the_perl_recipe_names_the_perl_function() {
+    require("perl");
+    require("gdb");
+    let event = event_with(
+        &[
+            "--workers",
+            "1",
+            "--slowlog-timeout",
+            "1",
+            "--slowlog-command",
+            "gdb -p {pid} -batch -x examples/slowlog/perl-backtrace.gdb 2>&1",
+        ],
+        &["perl", "tests/fixtures/slow_fcgi.pl"],
+        "/?s=2.5",
+    );
+    for needle in ["recipe-1", "main::sleepy_known_function", "slow_fcgi.pl"] {
+        assert!(event.contains(needle), "{needle} missing from: {event}");
+    }
 }

@@ -140,6 +140,7 @@ fn log_event(
         syscall = s.syscall.as_ref().map(tracing::field::display),
         syscall_nr = s.syscall.as_ref().and_then(proc::Syscall::number),
         kernel_stack = s.stack.as_deref(),
+        threads = proc::threads_text(&s.threads),
         cpu_ms,
         rss_bytes = s.rss_bytes,
         dump_command = dump.map(|d| d.command.as_str()),

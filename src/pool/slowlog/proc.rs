@@ -143,7 +143,12 @@ pub(crate) fn parse_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// One look at a process.
+/// Threads beyond the first shown in the event, at the most.
+const MAX_THREADS: usize = 32;
+
+/// One look at a process: its main thread (the pid's own files), its CPU time and RSS (the whole
+/// process), and what each of its other threads is doing, since many workers serve a request on a thread
+/// that is not the main one (flup's thread pool, even with `multithreaded=False`).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Sample {
     pub(crate) stat: Option<Stat>,
@@ -151,6 +156,77 @@ pub(crate) struct Sample {
     pub(crate) syscall: Option<Syscall>,
     pub(crate) stack: Option<String>,
     pub(crate) rss_bytes: Option<u64>,
+    /// The other threads, by thread id (empty for a single-threaded worker).
+    pub(crate) threads: Vec<ThreadSample>,
+}
+
+/// What one thread is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ThreadSample {
+    pub(crate) tid: u32,
+    pub(crate) state: Option<char>,
+    pub(crate) wchan: Option<String>,
+    pub(crate) syscall: Option<Syscall>,
+}
+
+/// `31914 S hrtimer_nanosleep clock_nanosleep(0x1, ...)`, `-` for what could not be read.
+impl fmt::Display for ThreadSample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} ",
+            self.tid,
+            self.state.unwrap_or('-'),
+            self.wchan.as_deref().unwrap_or("-")
+        )?;
+        match &self.syscall {
+            Some(s) => write!(f, "{s}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The event's `threads` field: one thread a line.
+pub(crate) fn threads_text(threads: &[ThreadSample]) -> Option<String> {
+    (!threads.is_empty()).then(|| {
+        threads
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+fn read_wchan(path: &str) -> Option<String> {
+    // "0" is what the kernel says for a task on a CPU (or when it hides the symbol).
+    std::fs::read_to_string(path)
+        .ok()
+        .filter(|w| !w.is_empty() && w != "0")
+}
+
+/// The threads of `pid` other than the main one, lowest id first, at most [`MAX_THREADS`].
+fn other_threads(pid: u32) -> Vec<ThreadSample> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut tids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|t| *t != pid)
+        .collect();
+    tids.sort_unstable();
+    tids.truncate(MAX_THREADS);
+    tids.into_iter()
+        .map(|tid| {
+            let base = format!("/proc/{pid}/task/{tid}");
+            let text = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).ok();
+            ThreadSample {
+                tid,
+                state: text("stat").as_deref().and_then(parse_stat).map(|s| s.state),
+                wchan: read_wchan(&format!("{base}/wchan")),
+                syscall: text("syscall").as_deref().and_then(parse_syscall),
+            }
+        })
+        .collect()
 }
 
 fn read(pid: u32, file: &str) -> Option<String> {
@@ -166,11 +242,11 @@ pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
 pub(crate) fn sample(pid: u32) -> Sample {
     Sample {
         stat: read(pid, "stat").as_deref().and_then(parse_stat),
-        // "0" is what the kernel says for a process on a CPU (or when it hides the symbol).
-        wchan: read(pid, "wchan").filter(|w| !w.is_empty() && w != "0"),
+        wchan: read_wchan(&format!("/proc/{pid}/wchan")),
         syscall: read(pid, "syscall").as_deref().and_then(parse_syscall),
         stack: read(pid, "stack").as_deref().and_then(parse_stack),
         rss_bytes: read(pid, "status").as_deref().and_then(parse_rss),
+        threads: other_threads(pid),
     }
 }
 
@@ -265,8 +341,37 @@ mod tests {
     }
 
     #[test]
+    fn threads_one_a_line() {
+        let t = [
+            ThreadSample {
+                tid: 7,
+                state: Some('S'),
+                wchan: Some("hrtimer_nanosleep".into()),
+                syscall: parse_syscall("230 0x1 0x1 0x2 0x0 0x0 0x0 0x0 0x0"),
+            },
+            ThreadSample {
+                tid: 8,
+                state: None,
+                wchan: None,
+                syscall: None,
+            },
+        ];
+        let text = threads_text(&t).unwrap();
+        assert!(text.starts_with("7 S hrtimer_nanosleep "), "{text}");
+        assert!(text.ends_with("\n8 - - -"), "{text}");
+        assert_eq!(threads_text(&[]), None);
+    }
+
+    #[test]
     fn sample_of_this_process() {
+        // A second thread, asleep, to be found among the others.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || rx.recv());
+        std::thread::sleep(std::time::Duration::from_millis(50));
         let s = sample(std::process::id());
+        assert!(s.threads.iter().any(|t| t.state == Some('S')), "{s:?}");
+        drop(tx);
+        let _ = sleeper.join();
         assert!(s.stat.is_some());
         assert!(s.rss_bytes.unwrap_or(0) > 0);
         assert!(cpu_ticks(std::process::id()).is_some());
