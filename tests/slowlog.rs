@@ -83,7 +83,10 @@ fn a_slow_request_logs_one_event_with_the_kernels_view_and_goes_on() {
             && f[2] != "-"
             && (f[3].starts_with("clock_nanosleep(") || f[3].starts_with("select("))
     });
-    assert!(sleeping, "no thread asleep in time.sleep, with its wchan: {event}");
+    assert!(
+        sleeping,
+        "no thread asleep in time.sleep, with its wchan: {event}"
+    );
     assert!(!event.contains("dump="), "no command, no dump: {event}");
     // Once per request, though it ran three times the threshold.
     thread::sleep(Duration::from_millis(300));
@@ -175,12 +178,16 @@ fn the_status_document_lists_the_slow_request_while_it_runs() {
     assert_eq!(status()["slowlog_timeout_s"].as_f64(), Some(0.5));
     let client = get_with_id(a.addr, "/sleepy?s=2", "shown-1");
     let mut seen = None;
-    wait_until("the slow request on /status", Duration::from_secs(5), || {
-        let s = status();
-        let slow = s["slow_requests"].as_array().cloned().unwrap_or_default();
-        seen = slow.first().cloned();
-        seen.is_some()
-    });
+    wait_until(
+        "the slow request on /status",
+        Duration::from_secs(5),
+        || {
+            let s = status();
+            let slow = s["slow_requests"].as_array().cloned().unwrap_or_default();
+            seen = slow.first().cloned();
+            seen.is_some()
+        },
+    );
     let seen = seen.unwrap();
     assert_eq!(seen["request_id"], "shown-1", "{seen}");
     assert!(seen["running_ms"].as_u64().unwrap() >= 500, "{seen}");
@@ -212,7 +219,10 @@ fn event_with(opts: &[&str], cmd: &[&str], path: &str) -> String {
 fn the_php_recipe_names_the_php_function() {
     require("php-cgi");
     require("gdb");
-    let script = format!("SCRIPT_FILENAME={}/tests/fixtures/slow.php", root().display());
+    let script = format!(
+        "SCRIPT_FILENAME={}/tests/fixtures/slow.php",
+        root().display()
+    );
     let event = event_with(
         &[
             "--workers",
@@ -227,7 +237,11 @@ fn the_php_recipe_names_the_php_function() {
         &["php-cgi"],
         "/?s=2.5",
     );
-    for needle in ["recipe-1", "[function] => sleepy_known_function", "slow.php"] {
+    for needle in [
+        "recipe-1",
+        "[function] => sleepy_known_function",
+        "slow.php",
+    ] {
         assert!(event.contains(needle), "{needle} missing from: {event}");
     }
 }

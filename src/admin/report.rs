@@ -422,18 +422,7 @@ pub(super) fn status_json(
             }
         }
     }
-    let mut slow_requests: Vec<SlowRunning> = workers
-        .iter()
-        .filter(|w| w.slow)
-        .map(|w| SlowRunning {
-            slot: w.slot,
-            pid: w.pid,
-            request_id: w.request_id.clone(),
-            request: w.request.clone(),
-            running_ms: w.state_ms,
-        })
-        .collect();
-    slow_requests.sort_by_key(|r| std::cmp::Reverse(r.running_ms));
+    let slow_requests = slow_requests(&workers);
     let round = |x: Option<f64>| x.map(|v| (v * 1000.0).round() / 1000.0);
     let delay = st.queue.delay_status();
     Status {
@@ -489,6 +478,23 @@ pub(super) fn status_json(
             listen_drops: k.drops,
         },
     }
+}
+
+/// The requests running longer than `--slowlog-timeout`, longest first.
+fn slow_requests(workers: &[WorkerInfo]) -> Vec<SlowRunning> {
+    let mut slow: Vec<SlowRunning> = workers
+        .iter()
+        .filter(|w| w.slow)
+        .map(|w| SlowRunning {
+            slot: w.slot,
+            pid: w.pid,
+            request_id: w.request_id.clone(),
+            request: w.request.clone(),
+            running_ms: w.state_ms,
+        })
+        .collect();
+    slow.sort_by_key(|r| std::cmp::Reverse(r.running_ms));
+    slow
 }
 
 /// Cuts a request target (or "METHOD target") at its query string: queries carry tokens and passwords.

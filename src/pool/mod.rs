@@ -37,8 +37,8 @@ mod oom;
 mod process;
 mod scoreboard;
 mod serve;
-mod slowlog;
 pub(crate) mod slot;
+mod slowlog;
 pub mod spawn;
 mod supervisor;
 
@@ -276,8 +276,8 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         // A failed start, or a death soon after starting with nothing answered: the next start waits, so
         // that a crash loop costs no CPU. Only a failed start makes the slot failing (see `slot`).
         // (A worker replaced for age did not die: it may have had no request in a short lifetime.)
-        let young = end.failed_start
-            || (end.served == 0 && !end.holds_aging && started.elapsed() < YOUNG);
+        let young =
+            end.failed_start || (end.served == 0 && !end.holds_aging && started.elapsed() < YOUNG);
         if !young {
             life.backoff.reset();
         } else if !back_off(&sh, &mut life).await {

@@ -117,7 +117,12 @@ pub(super) async fn serve<E: Future<Output = io::Result<ExitStatus>>>(
         // Replacement on purpose happens here, between requests, so that it never fails one.
         if let Some((why, slot_ends)) = retire_reason(sh, w, max_requests, &mut age_check) {
             w.end.retire_slot = slot_ends;
-            tracing::info!(slot = w.slot(), pid = w.pid, reason = why.reason(), "retiring worker: {why}");
+            tracing::info!(
+                slot = w.slot(),
+                pid = w.pid,
+                reason = why.reason(),
+                "retiring worker: {why}"
+            );
             return w.stop(sh, Cause::Retired, link, exit).await;
         }
         let job = match next_job(sh, w, exit, age_check).await {

@@ -12,7 +12,7 @@
 //! which reads `/proc` on a blocking thread, then runs the dumper (bounded to [`DUMP_MAX_BYTES`] and
 //! [`DUMP_TIMEOUT`], its whole process group killed at the limit) and logs ONE event with all of it. One
 //! event rather than a second one for the dump, because the event is already off the serve loop: waiting
-//! delays only the log line (py-spy takes about 0.1 s), and one line per slow request is what an operator
+//! delays only the log line (py-spy takes about 0.2 s, gdb about 1 s), and one line per slow request is what an operator
 //! greps and alerts on. The kernel's view is read before the dumper runs, since a ptrace-based dumper stops
 //! the process (state `t`) while it looks.
 //!
@@ -66,8 +66,7 @@ impl Budget {
     /// `Some(n)` if an event may be logged at `now`, `n` being how many were held back before it.
     fn take(&self, now: Instant) -> Option<u64> {
         let mut w = lock(&self.window);
-        if w
-            .start
+        if w.start
             .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(60))
         {
             w.start = Some(now);
@@ -340,8 +339,9 @@ mod tests {
         // Killed, and reaped by init or a subreaper: gone within a moment.
         let gone = (0..50).any(|_| {
             std::thread::sleep(Duration::from_millis(20));
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .map_or(true, |s| proc::parse_stat(&s).is_some_and(|st| st.state == 'Z'))
+            std::fs::read_to_string(format!("/proc/{child}/stat")).map_or(true, |s| {
+                proc::parse_stat(&s).is_some_and(|st| st.state == 'Z')
+            })
         });
         assert!(gone, "the dumper's child {child} survived");
     }

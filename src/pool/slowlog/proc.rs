@@ -221,7 +221,10 @@ fn other_threads(pid: u32) -> Vec<ThreadSample> {
             let text = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).ok();
             ThreadSample {
                 tid,
-                state: text("stat").as_deref().and_then(parse_stat).map(|s| s.state),
+                state: text("stat")
+                    .as_deref()
+                    .and_then(parse_stat)
+                    .map(|s| s.state),
                 wchan: read_wchan(&format!("{base}/wchan")),
                 syscall: text("syscall").as_deref().and_then(parse_syscall),
             }
@@ -333,10 +336,7 @@ mod tests {
             Some("hrtimer_nanosleep+0x74/0xf0 <- common_nsleep_timens+0x3d/0xa0 <- do_syscall_64+0x71/0x280")
         );
         assert_eq!(parse_stack(""), None);
-        assert_eq!(
-            parse_rss("Name:\tx\nVmRSS:\t   10240 kB\n"),
-            Some(10 << 20)
-        );
+        assert_eq!(parse_rss("Name:\tx\nVmRSS:\t   10240 kB\n"), Some(10 << 20));
         assert_eq!(parse_rss("Name:\tx\n"), None);
     }
 
