@@ -1132,6 +1132,38 @@ mod tests {
     }
 
     #[test]
+    fn slowlog_and_lifetime_options() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.slowlog_timeout, c.max_worker_lifetime, c.slowlog_rate),
+            (None, None, 10)
+        );
+        let c = parse(&[
+            "--slowlog-timeout",
+            "2.5",
+            "--slowlog-command",
+            "py-spy dump --pid {pid}",
+            "--max-worker-lifetime",
+            "3600",
+        ])
+        .unwrap();
+        assert_eq!(c.slowlog_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(c.max_worker_lifetime, Some(Duration::from_secs(3600)));
+        for (args, key) in [
+            (&["--slowlog-rate", "0"][..], "slowlog-rate"),
+            (
+                &["--slowlog-command", "gdb -p {pid}"][..],
+                "slowlog-command",
+            ),
+            (&["--slowlog-timeout=-1"][..], "slowlog-timeout"),
+            (&["--max-worker-lifetime=-5"][..], "max-worker-lifetime"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(key), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn dynamic_pool() {
         let c = parse(&["--workers", "2:8"]).unwrap();
         assert_eq!((c.workers, c.workers_max), (2, 8));
