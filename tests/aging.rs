@@ -129,9 +129,10 @@ fn workers_age_out_one_at_a_time_under_load_and_no_request_fails() {
         .lines()
         .filter(|l| l.contains("retiring worker") && l.contains("reason=\"lifetime\""))
         .count();
-    // 3 workers, 2 to 2.2 s each, over 10 s, one at a time: about 10 replacements.
-    assert!(aged >= 6, "{aged} replaced by age:\n{log}");
-    assert!(w.pids.len() >= 3 + 6, "{} distinct pids seen", w.pids.len());
+    // 3 workers, 2 to 2.2 s each, over 10 s, one at a time: about 10 replacements here (11 measured);
+    // fewer on a machine so busy that each replacement takes a second or more.
+    assert!(aged >= 4, "{aged} replaced by age:\n{log}");
+    assert!(w.pids.len() >= 3 + 4, "{} distinct pids seen", w.pids.len());
     // Never more than one slot out of service for age: the other two were always ready.
     assert!(
         w.least_ready >= 2,
