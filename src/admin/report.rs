@@ -328,12 +328,26 @@ pub(super) struct Status {
     queue: QueueStatus,
     requests: Requests,
     workers: Vec<WorkerInfo>,
+    /// `--slowlog-timeout`, in seconds; null when off.
+    slowlog_timeout_s: Option<f64>,
+    /// The requests a worker has held longer than that, longest first.
+    slow_requests: Vec<SlowRunning>,
     /// Newest first.
     deaths: Vec<Death>,
     listeners: Vec<ListenerQueue>,
     /// The public listeners' connection table.
     connections: TableView,
     kernel: KernelStatus,
+}
+
+/// A request running longer than `--slowlog-timeout`.
+#[derive(Debug, Serialize)]
+struct SlowRunning {
+    slot: usize,
+    pid: u32,
+    request_id: Option<String>,
+    request: Option<String>,
+    running_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -408,6 +422,7 @@ pub(super) fn status_json(
             }
         }
     }
+    let slow_requests = slow_requests(&workers);
     let round = |x: Option<f64>| x.map(|v| (v * 1000.0).round() / 1000.0);
     let delay = st.queue.delay_status();
     Status {
@@ -452,6 +467,8 @@ pub(super) fn status_json(
             failed_per_s: round(rates.failed_per_s),
         },
         workers,
+        slowlog_timeout_s: st.cfg.slowlog_timeout.map(|d| d.as_secs_f64()),
+        slow_requests,
         deaths,
         listeners: k.listeners.clone(),
         connections: st.conns.view(),
@@ -461,6 +478,23 @@ pub(super) fn status_json(
             listen_drops: k.drops,
         },
     }
+}
+
+/// The requests running longer than `--slowlog-timeout`, longest first.
+fn slow_requests(workers: &[WorkerInfo]) -> Vec<SlowRunning> {
+    let mut slow: Vec<SlowRunning> = workers
+        .iter()
+        .filter(|w| w.slow)
+        .map(|w| SlowRunning {
+            slot: w.slot,
+            pid: w.pid,
+            request_id: w.request_id.clone(),
+            request: w.request.clone(),
+            running_ms: w.state_ms,
+        })
+        .collect();
+    slow.sort_by_key(|r| std::cmp::Reverse(r.running_ms));
+    slow
 }
 
 /// Cuts a request target (or "METHOD target") at its query string: queries carry tokens and passwords.

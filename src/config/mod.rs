@@ -451,6 +451,23 @@ pub struct Settings {
     /// Replace a worker whose resident memory exceeds this many MiB, checked between requests.
     #[arg(long, value_name = "MIB", env = "ANTEROOM_MAX_RSS")]
     pub max_rss: Option<u64>,
+    /// Replace a worker once it has lived this long, in seconds, times a random factor between 1 and 1.1
+    /// of its own; between requests, and one worker at a time (the next waits until the replacement is
+    /// ready); 0 = never.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_MAX_WORKER_LIFETIME", default_value = "0")]
+    pub max_worker_lifetime: f64,
+    /// Log one event (worker state, wchan, syscall, kernel stack, CPU, RSS) for a request a worker has held
+    /// this long, in seconds; the request goes on; 0 = off.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_SLOWLOG_TIMEOUT", default_value = "0")]
+    pub slowlog_timeout: f64,
+    /// With --slowlog-timeout, a command run through `sh -c` for a slow request, `{pid}` replaced by the
+    /// worker's pid (also in ANTEROOM_SLOW_PID), such as `py-spy dump --pid {pid}`; its output (at most
+    /// 64 KiB, 10 seconds) goes into the event.
+    #[arg(long, value_name = "CMD", env = "ANTEROOM_SLOWLOG_COMMAND")]
+    pub slowlog_command: Option<String>,
+    /// At most this many slow-request events a minute, all workers together (the rest are counted).
+    #[arg(long, value_name = "N", env = "ANTEROOM_SLOWLOG_RATE", default_value = "10")]
+    pub slowlog_rate: u32,
     /// Quarantine a request fingerprint (method and path) after it killed this many workers within the window, in at most twice as many of its requests (OOM kills and widespread deaths do not count); 0 = off.
     #[arg(long, value_name = "N", env = "ANTEROOM_QUARANTINE_AFTER", default_value = "3")]
     pub quarantine_after: u32,
@@ -576,6 +593,10 @@ pub struct Config {
     pub kill_grace: Duration,
     /// In bytes.
     pub max_rss: Option<u64>,
+    /// None: workers are not replaced by age.
+    pub max_worker_lifetime: Option<Duration>,
+    /// None: no slow-request log.
+    pub slowlog_timeout: Option<Duration>,
     pub quarantine: QuarantinePolicy,
     pub graceful_timeout: Duration,
     /// Workers run as this account (None: as anteroom).
@@ -711,6 +732,8 @@ impl Config {
                 Some(0) => return Err(invalid("max-rss", "must be at least 1 MiB")),
                 m => m.map(|m| m.saturating_mul(1 << 20)),
             },
+            max_worker_lifetime: secs_or_off("max-worker-lifetime", s.max_worker_lifetime)?,
+            slowlog_timeout: secs_or_off("slowlog-timeout", s.slowlog_timeout)?,
             quarantine: QuarantinePolicy {
                 after: s.quarantine_after,
                 window: secs("quarantine-window", s.quarantine_window)?,
@@ -748,6 +771,18 @@ impl Config {
             return Err(invalid(
                 "workers",
                 format!("{} is not between 1 and 4096", self.workers),
+            ));
+        }
+        if self.slowlog_rate == 0 {
+            return Err(invalid(
+                "slowlog-rate",
+                "must be at least 1 (--slowlog-timeout 0 turns the log off)",
+            ));
+        }
+        if self.slowlog_command.is_some() && self.slowlog_timeout.is_none() {
+            return Err(invalid(
+                "slowlog-command",
+                "needs --slowlog-timeout, which says when to run it",
             ));
         }
         if self.max_queue == 0 {
@@ -1117,6 +1152,38 @@ mod tests {
         );
         let e = parse(&["--crash-exit", "10"]).unwrap_err();
         assert!(e.contains("--crash-exit"), "{e}");
+    }
+
+    #[test]
+    fn slowlog_and_lifetime_options() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.slowlog_timeout, c.max_worker_lifetime, c.slowlog_rate),
+            (None, None, 10)
+        );
+        let c = parse(&[
+            "--slowlog-timeout",
+            "2.5",
+            "--slowlog-command",
+            "py-spy dump --pid {pid}",
+            "--max-worker-lifetime",
+            "3600",
+        ])
+        .unwrap();
+        assert_eq!(c.slowlog_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(c.max_worker_lifetime, Some(Duration::from_secs(3600)));
+        for (args, key) in [
+            (&["--slowlog-rate", "0"][..], "slowlog-rate"),
+            (
+                &["--slowlog-command", "gdb -p {pid}"][..],
+                "slowlog-command",
+            ),
+            (&["--slowlog-timeout=-1"][..], "slowlog-timeout"),
+            (&["--max-worker-lifetime=-5"][..], "max-worker-lifetime"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(key), "{args:?}: {e}");
+        }
     }
 
     #[test]

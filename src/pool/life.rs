@@ -36,6 +36,9 @@ pub(super) struct WorkerEnd {
     pub(super) failed_start: bool,
     /// It idled out of a dynamic pool (already taken off the slot count).
     pub(super) left_pool: bool,
+    /// It was replaced for age and took the pool's aging token: the slot gives it back once its next
+    /// worker is ready (or the slot ends).
+    pub(super) holds_aging: bool,
 }
 
 /// Why a worker never became ready.
@@ -81,7 +84,7 @@ enum Readiness {
 pub(super) struct Worker {
     pub(super) key: Key,
     pub(super) pid: u32,
-    started: Instant,
+    pub(super) started: Instant,
     /// Its last output lines, for its death event.
     tail: Tail,
     /// Its listening socket's inode, to see when it accepts and who does.
@@ -297,6 +300,9 @@ async fn ready(sh: &Shared, link: &mut Link, inode: Option<u64>) -> Result<(), S
 /// worker of a reload's slot lets an old one retire; whether it hides processes is looked at once.
 fn became_ready(sh: &Shared, life: &mut SlotLife, w: &Worker) {
     transition(sh, w.key, Event::Ready, |_| {});
+    if std::mem::take(&mut life.holds_aging) {
+        sh.aging.store(false, std::sync::atomic::Ordering::Release);
+    }
     if !life.handed_off {
         life.handed_off = true;
         sh.gens.became_ready(w.key.0);

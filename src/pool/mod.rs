@@ -38,6 +38,7 @@ mod process;
 mod scoreboard;
 mod serve;
 pub(crate) mod slot;
+mod slowlog;
 pub mod spawn;
 mod supervisor;
 
@@ -93,6 +94,11 @@ pub(super) struct Shared {
     oom: OomWatch,
     /// Workers holding a request now.
     busy: AtomicUsize,
+    /// The slow-request log's events-per-minute budget.
+    slow_budget: slowlog::Budget,
+    /// Held by the one slot replacing its worker for age (`--max-worker-lifetime`) until the replacement
+    /// is ready, so that aging never takes more than one worker out of service at a time.
+    aging: AtomicBool,
     stop: CancellationToken,
     /// Every slot task, so that stopping can wait for them all.
     tasks: TaskTracker,
@@ -133,6 +139,8 @@ impl Pool {
             crashes: CrashLoop::new(),
             oom: OomWatch::new(),
             busy: AtomicUsize::new(0),
+            slow_budget: slowlog::Budget::new(cfg.slowlog_rate),
+            aging: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -232,6 +240,9 @@ pub(super) struct SlotLife {
     hidden_warned: Arc<AtomicBool>,
     /// Workers started in this slot, for their socket names.
     started: u64,
+    /// Its last worker was replaced for age: the pool's aging token is this slot's until a new worker
+    /// is ready.
+    holds_aging: bool,
 }
 
 /// A slot: one worker after another, with a backoff after a failed start, until the pool stops, the
@@ -244,6 +255,7 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         handed_off: false,
         hidden_warned: Arc::new(AtomicBool::new(false)),
         started: 0,
+        holds_aging: false,
     };
     let mut left_pool = false;
     while !sh.stop.is_cancelled() {
@@ -256,18 +268,24 @@ async fn run_slot(sh: Arc<Shared>, slot: usize, generation: u64) {
         let end = life::run_worker(&sh, &mut life, &path).await;
         let _ = std::fs::remove_file(&path);
         left_pool = end.left_pool;
+        life.holds_aging |= end.holds_aging;
         if sh.stop.is_cancelled() || end.retire_slot || end.left_pool {
             break;
         }
         life.quiet = end.failed_start;
         // A failed start, or a death soon after starting with nothing answered: the next start waits, so
         // that a crash loop costs no CPU. Only a failed start makes the slot failing (see `slot`).
-        let young = end.failed_start || (end.served == 0 && started.elapsed() < YOUNG);
+        // (A worker replaced for age did not die: it may have had no request in a short lifetime.)
+        let young =
+            end.failed_start || (end.served == 0 && !end.holds_aging && started.elapsed() < YOUNG);
         if !young {
             life.backoff.reset();
         } else if !back_off(&sh, &mut life).await {
             break;
         }
+    }
+    if life.holds_aging {
+        sh.aging.store(false, Ordering::Release);
     }
     let change = lock(&sh.board).remove(life.key, &sh.queue);
     announce(&sh, change);

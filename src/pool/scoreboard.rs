@@ -25,6 +25,8 @@ pub struct WorkerInfo {
     pub request: Option<String>,
     pub served: u64,
     pub rss_bytes: Option<u64>,
+    /// Busy with one request for longer than --slowlog-timeout (false when that is off).
+    pub slow: bool,
 }
 
 impl PoolView {
@@ -39,6 +41,7 @@ impl PoolView {
             .rows()
             .map(|(k, r)| (*k, r.clone()))
             .collect();
+        let slow_after = self.0.cfg.slowlog_timeout;
         rows.into_iter()
             .map(|((generation, slot), r)| WorkerInfo {
                 slot,
@@ -46,6 +49,9 @@ impl PoolView {
                 pid: r.pid,
                 state: r.state(),
                 state_ms: r.since.elapsed().as_millis() as u64,
+                // Busy since it took the request: the time in this state is the request's.
+                slow: r.state() == SlotState::Busy
+                    && slow_after.is_some_and(|t| r.since.elapsed() >= t),
                 request_id: r.request.as_ref().map(|x| x.0.clone()),
                 request: r.request.map(|x| x.1),
                 served: r.served,

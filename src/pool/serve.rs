@@ -21,6 +21,7 @@ use http::StatusCode;
 use super::life::Worker;
 use super::scoreboard::rss_bytes;
 use super::slot::Event;
+use super::slowlog;
 use super::{transition, update, Cause, HeldRequest, Shared};
 use crate::quarantine::{fingerprint, Verdict};
 use crate::request::{error_response, Job};
@@ -28,6 +29,41 @@ use crate::worker::{Link, Progress, WorkerError};
 
 /// How long a worker whose connection failed is given to show that it exited.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How often a worker past its --max-worker-lifetime looks again whether it may go (another slot is
+/// replacing its own for age meanwhile).
+const AGING_RETRY: Duration = Duration::from_millis(250);
+
+/// Why a worker is replaced on purpose, between requests; `reason` in its log line.
+enum Retire {
+    Requests(u64),
+    Rss(u64),
+    Reload,
+    Lifetime(Duration),
+}
+
+impl Retire {
+    fn reason(&self) -> &'static str {
+        match self {
+            Retire::Requests(_) => "max_requests",
+            Retire::Rss(_) => "max_rss",
+            Retire::Reload => "reload",
+            Retire::Lifetime(_) => "lifetime",
+        }
+    }
+}
+
+impl std::fmt::Display for Retire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Retire::Requests(n) => write!(f, "served {n} requests"),
+            Retire::Rss(rss) => write!(f, "resident memory {} MiB over --max-rss", rss >> 20),
+            Retire::Reload => f.write_str("reload: a new worker took over"),
+            Retire::Lifetime(lived) => {
+                write!(f, "lived {lived:.1?}, past its --max-worker-lifetime")
+            }
+        }
+    }
+}
 
 /// What to do after one request.
 enum After {
@@ -71,14 +107,25 @@ pub(super) async fn serve<E: Future<Output = io::Result<ExitStatus>>>(
         0 => u64::MAX,
         n => n + fastrand::u64(0..=sh.cfg.max_requests_jitter),
     };
+    // Its own lifetime, 1 to 1.1 times the option's, so that workers started together do not all come
+    // due together; when several do, they go one after another all the same (`sh.aging`).
+    let mut age_check = sh
+        .cfg
+        .max_worker_lifetime
+        .map(|l| w.started + l.mul_f64(1.0 + fastrand::f64() / 10.0));
     loop {
         // Replacement on purpose happens here, between requests, so that it never fails one.
-        if let Some((why, slot_ends)) = retire_reason(sh, w, max_requests) {
+        if let Some((why, slot_ends)) = retire_reason(sh, w, max_requests, &mut age_check) {
             w.end.retire_slot = slot_ends;
-            tracing::info!(slot = w.slot(), pid = w.pid, "retiring worker: {why}");
+            tracing::info!(
+                slot = w.slot(),
+                pid = w.pid,
+                reason = why.reason(),
+                "retiring worker: {why}"
+            );
             return w.stop(sh, Cause::Retired, link, exit).await;
         }
-        let job = match next_job(sh, w, exit).await {
+        let job = match next_job(sh, w, exit, age_check).await {
             Next::Job(job) => job,
             Next::Again => continue,
             Next::Exited(st) => return st,
@@ -93,11 +140,17 @@ pub(super) async fn serve<E: Future<Output = io::Result<ExitStatus>>>(
 }
 
 /// Why a ready worker is replaced on purpose now, between requests, if it is; true if its slot ends too
-/// (a reload handed its place to a new generation).
-fn retire_reason(sh: &Shared, w: &Worker, max_requests: u64) -> Option<(String, bool)> {
+/// (a reload handed its place to a new generation). `age_check`: when its lifetime is over, or when to look
+/// again whether it may go.
+fn retire_reason(
+    sh: &Shared,
+    w: &mut Worker,
+    max_requests: u64,
+    age_check: &mut Option<Instant>,
+) -> Option<(Retire, bool)> {
     let served = w.end.served;
     if served >= max_requests {
-        return Some((format!("served {served} requests"), false));
+        return Some((Retire::Requests(served), false));
     }
     if let Some(rss) = sh
         .cfg
@@ -106,13 +159,23 @@ fn retire_reason(sh: &Shared, w: &Worker, max_requests: u64) -> Option<(String, 
         .filter(|_| served > 0)
         .and_then(|max| rss_bytes(w.pid).filter(|r| *r > max))
     {
-        return Some((
-            format!("resident memory {} MiB over --max-rss", rss >> 20),
-            false,
-        ));
+        return Some((Retire::Rss(rss), false));
     }
     if sh.gens.replaced(w.key.0) && sh.gens.take_handoff() {
-        return Some(("reload: a new worker took over".into(), true));
+        return Some((Retire::Reload, true));
+    }
+    let now = Instant::now();
+    if age_check.is_some_and(|at| at <= now) {
+        // One slot at a time: the token is given back when this slot's next worker is ready.
+        if sh
+            .aging
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            w.end.holds_aging = true;
+            return Some((Retire::Lifetime(w.started.elapsed()), false));
+        }
+        *age_check = Some(now + AGING_RETRY);
     }
     None
 }
@@ -122,13 +185,17 @@ async fn next_job<E: Future<Output = io::Result<ExitStatus>>>(
     sh: &Shared,
     w: &mut Worker,
     exit: &mut Pin<&mut E>,
+    age_check: Option<Instant>,
 ) -> Next {
     let dynamic = sh.cfg.workers_max > sh.cfg.workers;
+    let aged = age_check.unwrap_or_else(Instant::now);
     tokio::select! {
         biased;
         st = exit.as_mut() => Next::Exited(st),
         () = sh.stop.cancelled() => Next::Stop,
         () = sh.gens.handoff_ready.notified(), if sh.gens.replaced(w.key.0) => Next::Again,
+        // An idle worker past its lifetime goes too, without waiting for a request.
+        () = tokio::time::sleep_until(aged.into()), if age_check.is_some() => Next::Again,
         () = tokio::time::sleep(sh.cfg.idle_timeout), if dynamic => {
             if !sh.gens.leave_if_above_min(sh.cfg.workers) {
                 return Next::Again;
@@ -158,7 +225,12 @@ async fn serve_one<E: Future<Output = io::Result<ExitStatus>>>(
     transition(sh, w.key, Event::Take, |r| {
         r.request = Some((job.id.clone(), job.summary()))
     });
-    let mut a = attempt(sh, link, exit, &mut job, begun).await;
+    // The worker's CPU time now, for the slow-request event's "CPU used by this request".
+    let cpu_at_start = sh
+        .cfg
+        .slowlog_timeout
+        .and_then(|_| slowlog::cpu_ticks(w.pid));
+    let mut a = attempt(sh, w, link, exit, &mut job, (begun, cpu_at_start)).await;
     sh.busy.fetch_sub(1, Ordering::Relaxed);
     // Served means answered: a request the worker died on is not counted.
     let answered = u64::from(a.result.is_ok());
@@ -184,37 +256,63 @@ async fn serve_one<E: Future<Output = io::Result<ExitStatus>>>(
     failed(sh, w, job, e, a)
 }
 
-/// Runs the request on the worker, watching for its exit, the request timeout and a fast stop.
+/// Runs the request on the worker, watching for its exit, the request timeout and a fast stop; at
+/// --slowlog-timeout, hands the slow-request event to a task of its own and goes on waiting.
 async fn attempt<E: Future<Output = io::Result<ExitStatus>>>(
     sh: &Shared,
+    w: &Worker,
     link: &mut Link,
     exit: &mut Pin<&mut E>,
     job: &mut Job,
-    begun: Instant,
+    (begun, cpu_at_start): (Instant, Option<u64>),
 ) -> Attempt {
     let mut progress = Progress::default();
     let mut exited = None;
     let mut timed_out = false;
+    let limit = sh.cfg.request_timeout;
+    let timeout_at = tokio::time::Instant::from(begun + limit.unwrap_or(Duration::ZERO));
+    // Made before the request is lent to the link, and only with the slow-request log on.
+    let mut slow = sh.cfg.slowlog_timeout.map(|d| {
+        let req = slowlog::SlowRequest {
+            id: job.id.clone(),
+            method: job.head.method.to_string(),
+            target: job.target().to_string(),
+            slot: w.slot(),
+            pid: w.pid,
+            begun,
+            cpu_at_start,
+        };
+        (tokio::time::Instant::from(begun + d), req)
+    });
     let result = {
         let serve = link.serve(job, &sh.cfg, &mut progress);
         tokio::pin!(serve);
-        let limit = sh.cfg.request_timeout;
-        tokio::select! {
-            r = &mut serve => r,
-            st = exit.as_mut() => {
-                exited = Some(st);
-                // What the worker wrote before exiting is still in the socket: read it out.
-                match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
-                    Ok(r) => r,
-                    Err(_) => Err(WorkerError::Exited),
+        loop {
+            let slow_at = slow.as_ref().map_or(timeout_at, |(at, _)| *at);
+            break tokio::select! {
+                r = &mut serve => r,
+                st = exit.as_mut() => {
+                    exited = Some(st);
+                    // What the worker wrote before exiting is still in the socket: read it out.
+                    match tokio::time::timeout(Duration::from_secs(1), &mut serve).await {
+                        Ok(r) => r,
+                        Err(_) => Err(WorkerError::Exited),
+                    }
                 }
-            }
-            () = tokio::time::sleep(limit.unwrap_or(Duration::MAX)), if limit.is_some() => {
-                timed_out = true;
-                Err(WorkerError::Timeout(limit.unwrap_or_default()))
-            }
-            // A fast stop (or the end of a graceful one) does not wait for requests.
-            () = sh.stop.cancelled() => Err(WorkerError::Stopping),
+                () = tokio::time::sleep_until(timeout_at), if limit.is_some() => {
+                    timed_out = true;
+                    Err(WorkerError::Timeout(limit.unwrap_or_default()))
+                }
+                // A fast stop (or the end of a graceful one) does not wait for requests.
+                () = sh.stop.cancelled() => Err(WorkerError::Stopping),
+                // Once per attempt; the request goes on.
+                () = tokio::time::sleep_until(slow_at), if slow.is_some() => {
+                    if let Some((_, req)) = slow.take() {
+                        slowlog::report(&sh.slow_budget, sh.cfg.slowlog_command.as_deref(), req);
+                    }
+                    continue;
+                }
+            };
         }
     };
     Attempt {
