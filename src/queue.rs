@@ -579,10 +579,10 @@ mod tests {
         // One worker at the default 100 ms a request: each request waiting is 100 ms of expected wait.
         let q = Queue::new(100, 0, Duration::from_secs(10), 1);
         let ms = Duration::from_millis;
-        // Growth is judged in sixths of the interval: 10 ms.
+        // Growth is judged in twelfths of the interval: 10 ms.
         q.control_delay(DelaySettings {
             target: ms(150),
-            interval: ms(60),
+            interval: ms(120),
         });
         let mut held = Vec::new();
         let mut push = |path: &str| q.push(from("10.0.0.1", path)).map(|t| held.push(t));
@@ -590,17 +590,18 @@ mod tests {
             push(&format!("/a{i}")).unwrap(); // the third faces 200 ms: above the target
         }
         // Each round of five closes one part (the sleeps may be longer, never shorter): the first has
-        // nothing to compare with, the second grew from 2 to 3 only, then six in a row grew by 5 (more than
-        // 3); the sixth is judged at the next push.
-        for round in 0..7 {
+        // nothing to compare with, the second grew from 0 to 3 only (not by more than 3), then the queue
+        // grows by 5 a part; at the eleventh growth in a row, judged at the first push after the last
+        // round, it has grown through twelve parts.
+        for round in 0..12 {
             std::thread::sleep(ms(12));
             for i in 0..5 {
                 push(&format!("/a{}", 3 + round * 5 + i)).unwrap();
             }
         }
         std::thread::sleep(ms(12));
-        // Overload now, and this one would wait 3.8 s.
-        assert_eq!(push("/a38"), Err(Rejected::Overload));
+        // Overload now, and this one would wait 6.3 s.
+        assert_eq!(push("/a63"), Err(Rejected::Overload));
         assert_eq!(
             q.delay_status().map(|d| (d.0, d.2)),
             Some((Mode::Overload, 1))

@@ -306,11 +306,13 @@ pub struct Settings {
     /// the plain FIFO queue.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_TARGET", default_value = "1")]
     pub queue_target: f64,
-    /// Controlled delay: the queue is overloaded only when it grew all through this long (judged in sixths)
-    /// while new requests faced more than --queue-target, in seconds; normal again when they face less than
-    /// half of it. Longer than a burst's arrival (clients the kernel's backlog dropped retry 1 s and 3 s
-    /// later), so that a closed-loop burst is never taken for overload. 0: off.
-    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_INTERVAL", default_value = "3")]
+    /// Controlled delay: the queue is overloaded only when it grew all through this long (judged in twelfths)
+    /// and new requests face more than --queue-target, in seconds; normal again when they face less than half
+    /// of it. 2.5 by default: longer than a burst's clients take to arrive (those the kernel's full backlog
+    /// dropped retry 1 s and 3 s later, and on a busy machine the first two waves run together into 2 s of
+    /// growth), short enough that twice the capacity is recognised before requests wait twice the target.
+    /// 0: off.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_QUEUE_INTERVAL", default_value = "2.5")]
     pub queue_interval: f64,
     /// Listen backlog asked of the kernel (clamped by net.core.somaxconn).
     #[arg(long, value_name = "N", env = "ANTEROOM_BACKLOG", default_value = "1024")]
