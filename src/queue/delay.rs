@@ -425,7 +425,7 @@ mod tests {
                 self.busy.retain(|b| *b != ms);
                 self.served += done as u64;
                 if closed {
-                    self.due.extend(std::iter::repeat(ms + rtt_ms).take(done));
+                    self.due.extend(std::iter::repeat_n(ms + rtt_ms, done));
                 }
                 while self.busy.len() < self.workers {
                     let overload = c.observe(self.sample(c, t0, ms)) == Mode::Overload;
