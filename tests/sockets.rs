@@ -322,7 +322,7 @@ fn sample(scrape: &str, metric: &str, local: &str) -> u64 {
 }
 
 /// `--serve`: gunicorn with one sync worker, busy with a slow request while 20 more connect: its accept queue
-/// holds 20 for about half a second, then drains. A scrape afterwards finds the queue empty, as any poll at
+/// holds 20 for about 0.7 s, then drains. A scrape afterwards finds the queue empty, as any poll at
 /// that moment would, and the max gauge at 20 or more; the next scrape starts a new period, so its max is 0.
 #[test]
 fn serve_shows_a_burst_that_drained_between_scrapes_and_resets_its_max() {
@@ -367,7 +367,7 @@ fn serve_shows_a_burst_that_drained_between_scrapes_and_resets_its_max() {
     assert_eq!(sample(&before, "anteroom_listen_backlog", &local), 64);
     assert!(before.contains("process=\"gunicorn"), "{before}");
 
-    let slow = thread::spawn(move || http_get(gunicorn_addr, "/?ms=600"));
+    let slow = thread::spawn(move || http_get(gunicorn_addr, "/?ms=900"));
     // The worker has taken the slow request.
     thread::sleep(Duration::from_millis(150));
     let started = Instant::now();

@@ -406,6 +406,19 @@ mod tests {
         assert!(parse(&["--watch", "0"]).is_err());
         assert!(parse(&["--watch", "soon"]).is_err());
         assert!(parse(&["--port", "70000"]).is_err());
+        let a = parse(&["--serve", "127.0.0.1:9477", "--sample-every", "0.005"]).unwrap();
+        assert_eq!(a.serve, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(a.sample_every, Duration::from_millis(5));
+        assert_eq!(
+            parse(&["--serve", "[::1]:9477"]).unwrap().sample_every,
+            Duration::from_millis(10)
+        );
+        // An exporter neither prints JSON nor redraws; the sampling interval means nothing without it.
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--json"]).is_err());
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--watch"]).is_err());
+        assert!(parse(&["--sample-every", "0.1"]).is_err());
+        assert!(parse(&["--serve", "localhost"]).is_err());
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--sample-every", "0"]).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! anyone looks it has drained, and all that is left is the machine-wide `ListenOverflows` counter, which
 //! says a queue overflowed but not which one, nor how close the others came. So a sampler thread reads every
 //! listening socket's queue often (every 10 ms by default, one netlink dump per socket kind, about what `ss
-//! -lnt` costs), and keeps the highest value seen per socket; a scrape reports it and starts a new period.
+//! -lnt` costs), and keeps the highest value seen per socket; a scrape takes one more sample, reports the
+//! highest and starts a new period.
 //! With more than one Prometheus scraping the same exporter, each sees the highest since *any* scrape.
 //!
 //! Series are keyed by kind and local address, so they stay as many as the listening sockets: sockets
@@ -110,10 +111,10 @@ impl Sampler {
 
     /// Samples until the process ends. A failed sample is counted and skipped: one bad dump must not
     /// stop the exporter.
-    fn run(mut self, every: Duration, peaks: &Mutex<Peaks>) {
+    fn run(sampler: &Mutex<Sampler>, every: Duration, peaks: &Mutex<Peaks>) {
         let mut next = Instant::now();
         loop {
-            let result = self.sample();
+            let result = crate::sync::lock(sampler).sample();
             {
                 let mut p = crate::sync::lock(peaks);
                 match result {
@@ -135,6 +136,9 @@ impl Sampler {
 
 /// What the HTTP side reads.
 struct Exporter {
+    /// Shared with the sampler thread: a scrape takes a sample of its own, so that the queue of now is
+    /// that of now even when a busy machine has kept the thread from running for a while.
+    sampler: Arc<Mutex<Sampler>>,
     peaks: Arc<Mutex<Peaks>>,
     owners: Mutex<OwnerCache>,
     every: Duration,
@@ -142,7 +146,15 @@ struct Exporter {
 
 impl Exporter {
     fn scrape(&self) -> String {
-        let (mut sockets, max, samples, failures) = crate::sync::lock(&self.peaks).take();
+        let fresh = crate::sync::lock(&self.sampler).sample();
+        let (mut sockets, max, samples, failures) = {
+            let mut p = crate::sync::lock(&self.peaks);
+            match fresh {
+                Ok(sockets) => p.record(sockets),
+                Err(_) => p.failures += 1,
+            }
+            p.take()
+        };
         crate::sync::lock(&self.owners).attach(&mut sockets);
         render(&Scrape {
             sockets: &sockets,
@@ -333,6 +345,7 @@ pub fn serve(args: &SocketsArgs, addr: SocketAddr, every: Duration) -> Result<()
     // The first sample before serving: a kernel that cannot dump fails here, in words, not in a counter.
     let peaks = Arc::new(Mutex::new(Peaks::default()));
     crate::sync::lock(&peaks).record(sampler.sample()?);
+    let sampler = Arc::new(Mutex::new(sampler));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -341,10 +354,10 @@ pub fn serve(args: &SocketsArgs, addr: SocketAddr, every: Duration) -> Result<()
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|source| SockDiagError::Bind { addr, source })?;
     {
-        let peaks = peaks.clone();
+        let (sampler, peaks) = (sampler.clone(), peaks.clone());
         std::thread::Builder::new()
             .name("sockets-sampler".into())
-            .spawn(move || sampler.run(every, &peaks))
+            .spawn(move || Sampler::run(&sampler, every, &peaks))
             .map_err(SockDiagError::Serve)?;
     }
     eprintln!(
@@ -353,6 +366,7 @@ pub fn serve(args: &SocketsArgs, addr: SocketAddr, every: Duration) -> Result<()
         every.as_secs_f64() * 1000.0
     );
     let exporter = Arc::new(Exporter {
+        sampler,
         peaks,
         owners: Mutex::new(OwnerCache::default()),
         every,
