@@ -3,8 +3,8 @@
 
 5 workers x 100 ms (capacity 50/s) under a fixed arrival rate of 100 requests/s, with a client patience of
 5 s (a 200 later than that counts as useless), for three contenders side by side: nginx -> php-fpm, nginx ->
-anteroom + php-cgi with the plain FIFO queue (--queue-target 0, the default), and the same with the controlled delay
-(--queue-target 1). Then the fairness row: one client at 500 requests/s plus 20 clients at 1 request/s each
+anteroom + php-cgi with the plain FIFO queue (--queue-target 0), and the same with the controlled delay
+(--queue-target 1, the default). Then the fairness row: one client at 500 requests/s plus 20 clients at 1 request/s each
 (source addresses 127.0.0.2-21), straight to anteroom (behind nginx every request comes from nginx).
 
 The load generator is this file run as a script (`overload.py gen`), inside the namespace: an asyncio loop

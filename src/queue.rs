@@ -15,8 +15,9 @@
 //! at most one request per worker, not by 1,000; with one client it is plain first-in first-out.
 //! `--max-queue-per-client` bounds one client's line, so that one client cannot fill the queue for all.
 //!
-//! Controlled delay ([`delay`], `--queue-target`, `--queue-interval`): when the queue keeps growing while new
-//! requests face more than the target (sustained overload, not a burst that drains), it enters overload mode
+//! Controlled delay ([`delay`], `--queue-target`, `--queue-interval`): when the queue keeps growing all
+//! through an interval while new requests face more than the target (sustained overload, not a burst whose
+//! clients are all in), it enters overload mode
 //! and refuses at once a new request that would wait longer than the target, judged by its place in the turns
 //! of its client's line: so a client with one request still gets in while a client with hundreds waiting is
 //! refused. With `--queue-target 0` the queue is the plain bounded one.
@@ -285,7 +286,7 @@ impl Queue {
                 let wait = self.wait_for(ahead);
                 if let Some(ctl) = st.delay.as_mut() {
                     ctl.observe(sample);
-                    if !ctl.admit(now, wait) {
+                    if !ctl.admit(wait) {
                         return Err(Rejected::Overload);
                     }
                 }
@@ -682,51 +683,46 @@ mod tests {
         // One worker at the default 100 ms a request: each request waiting is 100 ms of expected wait.
         let q = Queue::new(100, 0, Duration::from_secs(10), 1);
         let ms = Duration::from_millis;
+        // Growth is judged in twelfths of the interval: 10 ms.
         q.control_delay(DelaySettings {
             target: ms(150),
-            interval: ms(20),
+            interval: ms(120),
         });
         let mut held = Vec::new();
         let mut push = |path: &str| q.push(from("10.0.0.1", path)).map(|t| held.push(t));
         for i in 0..3 {
             push(&format!("/a{i}")).unwrap(); // the third faces 200 ms: above the target
         }
-        let mut next = 3;
-        let mut push_four = |push: &mut dyn FnMut(&str) -> Result<(), Rejected>| {
-            for _ in 0..4 {
-                push(&format!("/a{next}")).unwrap();
-                next += 1;
-            }
-        };
-        // Half-intervals: the first after the wait went above the target is not judged; then the queue
-        // grows by 4 (more than 3) in each of two in a row.
-        for _ in 0..2 {
+        // Each round of five closes one part (the sleeps may be longer, never shorter): the first has
+        // nothing to compare with, the second grew from 0 to 3 only (not by more than 3), then the queue
+        // grows by 5 a part; at the eleventh growth in a row, judged at the first push after the last
+        // round, it has grown through twelve parts.
+        for round in 0..12 {
             std::thread::sleep(ms(12));
-            push_four(&mut push);
+            for i in 0..5 {
+                push(&format!("/a{}", 3 + round * 5 + i)).unwrap();
+            }
         }
         std::thread::sleep(ms(12));
-        // Overload now, and this one would wait 1.1 s.
-        assert_eq!(push("/a11"), Err(Rejected::Overload));
+        // Overload now, and this one would wait 6.3 s.
+        assert_eq!(push("/a63"), Err(Rejected::Overload));
         assert_eq!(
             q.delay_status().map(|d| (d.0, d.2)),
             Some((Mode::Overload, 1))
         );
-        // In overload, what has waited more than twice the target is dropped, not served.
-        for _ in 0..31 {
-            // Refusals keep the mode on.
-            std::thread::sleep(ms(10));
-            assert_eq!(push("/a8"), Err(Rejected::Overload));
-        }
-        assert!(q.try_pop().is_none());
-        assert!(held.iter().all(Ticket::was_shed));
         // Another client's first request is next but one in the turns: 100 ms, admitted.
-        let b = q.push(from("10.0.0.2", "/b"));
-        assert!(b.is_ok());
-        // An interval without a refusal: normal again.
-        std::thread::sleep(ms(25));
+        let b = q.push(from("10.0.0.2", "/b")).unwrap();
+        // In overload, what has waited more than twice the target is dropped, not served.
+        std::thread::sleep(ms(310));
+        assert!(q.try_pop().is_none());
+        assert!(held.iter().all(Ticket::was_shed) && b.was_shed());
+        // The queue is empty, below half the target: normal again, and a long line is admitted.
         assert_eq!(
             q.delay_status().map(|d| (d.0, d.3)),
             Some((Mode::Normal, 1))
         );
+        for i in 0..5 {
+            q.push(from("10.0.0.1", &format!("/c{i}"))).unwrap();
+        }
     }
 }

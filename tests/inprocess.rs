@@ -199,10 +199,11 @@ async fn clients_take_turns_and_one_client_cannot_fill_the_queue() {
     let _ = tokio::time::timeout(Duration::from_secs(20), r.done).await;
 }
 
-/// Controlled delay with one worker (10 requests/s at /sleep?ms=100), a 300 ms target and a 400 ms interval:
-/// a closed-loop burst whose standing queue stays above the target is served whole; an open-loop load at
-/// five times the capacity puts the queue in overload (503 "overloaded" at once for what would wait longer);
-/// once it stops, the queue is normal again (a burst that overload would cut is served whole).
+/// Controlled delay with one worker (10 requests/s at /sleep?ms=100), a 300 ms target and a 1.2 s interval
+/// (growth judged every 100 ms): a closed-loop burst whose standing queue stays above the target is served
+/// whole; an open-loop load at ten times the capacity, growing the queue by 9 every 100 ms, puts the queue in
+/// overload (503 "overloaded" at once for what would wait longer) after 1.2 s or so; once it stops, the queue
+/// drains and is normal again (a burst that overload would cut is served whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_entered_under_sustained_load_and_left_after_it_but_not_for_a_burst() {
     let r = start(&[
@@ -211,7 +212,7 @@ async fn overload_is_entered_under_sustained_load_and_left_after_it_but_not_for_
         "--queue-target",
         "0.3",
         "--queue-interval",
-        "0.4",
+        "1.2",
     ]);
     assert_eq!(get(r.addr, "/").await.unwrap().status, 200);
     let addr = r.addr;
@@ -259,8 +260,8 @@ async fn overload_is_entered_under_sustained_load_and_left_after_it_but_not_for_
     let closed = closed.await.unwrap();
     assert!(closed.iter().all(|s| *s == 200), "{closed:?}");
 
-    // Open loop: 50 requests/s for 1.2 s against 10/s.
-    let open = statuses(60, Duration::from_millis(20)).await.unwrap();
+    // Open loop: 100 requests/s for 2 s against 10/s.
+    let open = statuses(200, Duration::from_millis(10)).await.unwrap();
     let refused: Vec<_> = open.iter().filter(|(s, _)| *s == 503).collect();
     assert!(
         !refused.is_empty() && refused.iter().all(|(_, t)| t.contains("overloaded")),
@@ -268,7 +269,7 @@ async fn overload_is_entered_under_sustained_load_and_left_after_it_but_not_for_
     );
     assert!(open.iter().all(|(s, _)| *s == 200 || *s == 503), "{open:?}");
 
-    // Quiet for more than an interval, then 7 at once (the last with 500 ms or more ahead of it, refused in
+    // Quiet until the queue has drained, then 7 at once (the last with 500 ms or more ahead of it, refused in
     // overload): normal, all served.
     std::thread::sleep(Duration::from_millis(1500));
     let after = statuses(7, Duration::ZERO).await.unwrap();

@@ -267,3 +267,138 @@ fn watch_redraws_with_history_until_stopped() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(last_row.contains("███ 1"), "{out}");
 }
+
+/// A child process killed when the test ends, whatever happens.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.0 GET; the status code and the body.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: t\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    Ok((status, body))
+}
+
+fn until_answers(addr: SocketAddr, path: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, path).map_or(true, |r| r.0 != 200) {
+        assert!(Instant::now() < deadline, "{what} never answered on {addr}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of `metric` in a scrape for the series whose `local` label is `local`.
+fn sample(scrape: &str, metric: &str, local: &str) -> u64 {
+    let prefix = format!("{metric}{{");
+    scrape
+        .lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(&format!("local=\"{local}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} for {local} in:\n{scrape}"))
+}
+
+/// `--serve`: gunicorn with one sync worker, busy with a slow request while 20 more connect: its accept queue
+/// holds 20 for about 0.7 s, then drains. A scrape afterwards finds the queue empty, as any poll at
+/// that moment would, and the max gauge at 20 or more; the next scrape starts a new period, so its max is 0.
+#[test]
+fn serve_shows_a_burst_that_drained_between_scrapes_and_resets_its_max() {
+    const BURST: usize = 20;
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
+    let port = free_port();
+    let gunicorn_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _gunicorn = Killed(
+        Command::new("gunicorn")
+            .args([
+                "-w",
+                "1",
+                "--backlog",
+                "64",
+                "-b",
+                &gunicorn_addr.to_string(),
+            ])
+            .arg("--chdir")
+            .arg(&app)
+            .arg("app_wsgi:app")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gunicorn is not installed; run scripts/test, which installs it"),
+    );
+    let exporter_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _exporter = Killed(
+        Command::new(BIN)
+            .args(["sockets", "--serve", &exporter_addr.to_string()])
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    until_answers(gunicorn_addr, "/", "gunicorn");
+    until_answers(exporter_addr, "/metrics", "anteroom sockets --serve");
+    let local = gunicorn_addr.to_string();
+    // A period that starts with the queue empty.
+    let (_, before) = http_get(exporter_addr, "/metrics").unwrap();
+    assert_eq!(sample(&before, "anteroom_listen_queue", &local), 0);
+    assert_eq!(sample(&before, "anteroom_listen_backlog", &local), 64);
+    assert!(before.contains("process=\"gunicorn"), "{before}");
+
+    let slow = thread::spawn(move || http_get(gunicorn_addr, "/?ms=900"));
+    // The worker has taken the slow request.
+    thread::sleep(Duration::from_millis(150));
+    let started = Instant::now();
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| thread::spawn(move || http_get(gunicorn_addr, "/")))
+        .collect();
+    for b in burst {
+        assert_eq!(b.join().unwrap().unwrap().0, 200);
+    }
+    assert_eq!(slow.join().unwrap().unwrap().0, 200);
+    let lasted = started.elapsed();
+    // Every connection of the burst was accepted and answered: the queue is empty again.
+    let (_, first) = http_get(exporter_addr, "/metrics").unwrap();
+    assert_eq!(
+        sample(&first, "anteroom_listen_queue", &local),
+        0,
+        "{first}"
+    );
+    let max = sample(&first, "anteroom_listen_queue_max", &local);
+    assert!(
+        max >= BURST as u64,
+        "max {max} after a burst of {BURST} that lasted {lasted:?}:\n{first}"
+    );
+    assert!(
+        first.contains("anteroom_kernel_listen_overflows_total "),
+        "{first}"
+    );
+    let (_, second) = http_get(exporter_addr, "/metrics").unwrap();
+    assert_eq!(
+        sample(&second, "anteroom_listen_queue_max", &local),
+        0,
+        "{second}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The flags of `anteroom sockets`, declared with the rest of the command line (the subcommand itself is in
 //! `sockdiag`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Flags of `anteroom sockets`. With no filter, every listening socket is shown; `--port` and `--path`
@@ -25,6 +26,27 @@ pub struct SocketsArgs {
     /// Only unix sockets.
     #[arg(long)]
     pub unix: bool,
+    /// Serve Prometheus metrics on ADDR (`/metrics`) until stopped, instead of printing: each selected
+    /// socket's queue, backlog and owner, and the highest queue seen since the previous scrape, so that a
+    /// queue that filled for 50 ms between two scrapes still shows; plus ListenOverflows and ListenDrops.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["json", "watch"])]
+    pub serve: Option<SocketAddr>,
+    /// With --serve: how often the queues are sampled, in seconds (one netlink dump per socket kind each
+    /// time); the max gauge catches a queue that lasts at least this long.
+    #[arg(long, value_name = "SECS", default_value = "0.01", value_parser = parse_sample_every, requires = "serve")]
+    pub sample_every: Duration,
+}
+
+fn parse_sample_every(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.001..=60.0).contains(&secs) {
+        return Err(format!(
+            "{s} seconds is not a sampling interval between 0.001 and 60"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

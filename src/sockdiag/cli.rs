@@ -14,7 +14,7 @@ const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█
 pub use crate::config::SocketsArgs;
 
 impl SocketsArgs {
-    fn wants(&self, s: &ListenSocket) -> bool {
+    pub(super) fn wants(&self, s: &ListenSocket) -> bool {
         let kind_ok = match s.kind {
             Kind::Tcp | Kind::Tcp6 => self.tcp || !self.unix,
             Kind::Unix => self.unix || !self.tcp,
@@ -47,12 +47,12 @@ struct Snapshot {
 /// Owners remembered across `--watch` rounds: scanning all of `/proc` every second would cost more than
 /// everything else, and a socket's owner does not change, so only new inodes are looked up.
 #[derive(Default)]
-struct OwnerCache {
+pub(super) struct OwnerCache {
     known: HashMap<u64, Option<procfs::Owner>>,
 }
 
 impl OwnerCache {
-    fn attach(&mut self, sockets: &mut [ListenSocket]) {
+    pub(super) fn attach(&mut self, sockets: &mut [ListenSocket]) {
         let new: HashSet<u64> = sockets
             .iter()
             .map(|s| s.inode)
@@ -103,11 +103,12 @@ fn sort(sockets: &mut [ListenSocket]) {
     });
 }
 
-/// Prints, or for `--watch` redraws until interrupted. A closed pipe (`| head`) ends it quietly.
+/// Prints, for `--watch` redraws until interrupted, for `--serve` serves metrics until interrupted. A closed pipe (`| head`) ends it quietly.
 pub fn run(args: SocketsArgs) -> Result<(), SockDiagError> {
-    let result = match args.watch {
-        None => once(&args),
-        Some(every) => watch(&args, every),
+    let result = match (args.serve, args.watch) {
+        (Some(addr), _) => super::exporter::serve(&args, addr, args.sample_every),
+        (None, None) => once(&args),
+        (None, Some(every)) => watch(&args, every),
     };
     match result {
         Err(SockDiagError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
@@ -405,6 +406,19 @@ mod tests {
         assert!(parse(&["--watch", "0"]).is_err());
         assert!(parse(&["--watch", "soon"]).is_err());
         assert!(parse(&["--port", "70000"]).is_err());
+        let a = parse(&["--serve", "127.0.0.1:9477", "--sample-every", "0.005"]).unwrap();
+        assert_eq!(a.serve, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(a.sample_every, Duration::from_millis(5));
+        assert_eq!(
+            parse(&["--serve", "[::1]:9477"]).unwrap().sample_every,
+            Duration::from_millis(10)
+        );
+        // An exporter neither prints JSON nor redraws; the sampling interval means nothing without it.
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--json"]).is_err());
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--watch"]).is_err());
+        assert!(parse(&["--sample-every", "0.1"]).is_err());
+        assert!(parse(&["--serve", "localhost"]).is_err());
+        assert!(parse(&["--serve", "127.0.0.1:9477", "--sample-every", "0"]).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! say whether TCP connections have already been lost to a full queue.
 
 mod cli;
+mod exporter;
 mod netlink;
 mod procfs;
 
@@ -101,6 +102,14 @@ pub enum SockDiagError {
     Malformed { what: &'static str, detail: String },
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
+    #[error("--serve {addr}: cannot listen there: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the exporter: {0}")]
+    Serve(#[source] io::Error),
 }
 
 /// Every listening TCP (IPv4, IPv6) and unix stream socket of this network namespace, without owners:
