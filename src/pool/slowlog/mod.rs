@@ -21,7 +21,6 @@
 //! or not their event was logged (`scoreboard`).
 
 mod proc;
-mod x86_64;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
