@@ -413,6 +413,11 @@ pub struct Settings {
     /// Address of the admin listener (metrics, status, health); `off` for none.
     #[arg(long, value_name = "ADDR", env = "ANTEROOM_ADMIN", default_value = Config::DEFAULT_ADMIN)]
     pub admin: AdminAddr,
+    /// Serve HAProxy's agent-check protocol on this address (TCP, or a unix socket path): each connection gets
+    /// one line and is closed: `up ready N%` with N following free capacity, `drain` in overload, while
+    /// stopping or upgrading, `down` while every slot is crash-looping [default: off].
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_AGENT")]
+    pub agent: Option<ListenAddr>,
     /// A path (such as /health) requested from each new worker; it gets traffic only after a 2xx answer.
     /// Without it, a worker is ready once it has accepted a connection.
     #[arg(long, value_name = "PATH", env = "ANTEROOM_READY_PROBE")]
@@ -450,6 +455,10 @@ pub struct Settings {
     /// On SIGTERM, how long to finish queued and running requests before stopping workers, in seconds.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_GRACEFUL_TIMEOUT", default_value = "30")]
     pub graceful_timeout: f64,
+    /// On SIGTERM, keep serving and accepting this many seconds while /health/ready answers 503 and the agent
+    /// `drain`, so that balancers stop sending before the listeners close; 0 = close at once.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_DRAIN_DELAY", default_value = "0")]
+    pub drain_delay: f64,
     /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
     #[arg(long, env = "ANTEROOM_ACCESS_LOG")]
     pub access_log: bool,
@@ -562,6 +571,7 @@ pub struct Config {
     pub max_rss: Option<u64>,
     pub quarantine: QuarantinePolicy,
     pub graceful_timeout: Duration,
+    pub drain_delay: Duration,
     /// Workers run as this account (None: as anteroom).
     pub user: Option<Account>,
     /// Workers get only PATH, LANG, `pass_env` and `env` (`--clear-env`, `auto` resolved).
@@ -701,6 +711,7 @@ impl Config {
                 cooldown: secs("quarantine-for", s.quarantine_for)?,
             },
             graceful_timeout: secs("graceful-timeout", s.graceful_timeout)?,
+            drain_delay: secs_or_off("drain-delay", s.drain_delay)?.unwrap_or_default(),
             clear_env: match s.clear_env {
                 ClearEnv::Yes => true,
                 ClearEnv::No => false,
@@ -764,6 +775,12 @@ impl Config {
             if Some(*a) == self.admin.as_ref() {
                 return Err(invalid("admin", format!("{a} is also a public listener")));
             }
+            if Some(*a) == self.agent.as_ref() {
+                return Err(invalid("agent", format!("{a} is also a public listener")));
+            }
+        }
+        if self.agent.is_some() && self.agent == self.admin {
+            return Err(invalid("agent", "is also the admin listener"));
         }
         if self.max_connections.is_some() {
             // The same plan the server makes at start, with the limit it will raise itself to.
