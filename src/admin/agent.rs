@@ -16,14 +16,20 @@
 //! `ready` is in every healthy line because `drain` is an administrative state in HAProxy that stays until it
 //! is cancelled; `up` cancels the agent's own `down`.
 //!
-//! The weight is free capacity, as a share: `N = 100 × min(1, ready / --workers) / (1 + load)`, with `load =
-//! (busy + queued) / max(ready, workers-max)` averaged over the last second, between 1 and 100. An idle host
-//! says 100%; one whose workers are all busy with nothing queued 50%; one with a request queued per worker
-//! 33%; one with ten queued per worker 8%. HAProxy's weighted round-robin then sends each host a share of new
-//! requests in proportion to what it can still take, so a host that falls behind (slow workers, a noisy
-//! neighbour) sees its share shrink until its queue stops growing, and a host short of workers (some in
-//! backoff) gets less in proportion. The room left in the queue is deliberately not counted as capacity:
-//! a queue holds work, it does not do it, and a host with a deep queue must get little, whatever its bound.
+//! The weight says how soon a new request would start here: `N = 100 × min(1, ready / --workers) × τ / (τ +
+//! wait)`, between 1 and 100, with `wait = (busy + queued) / max(ready, workers-max) × service time` (the
+//! requests in the host per worker, averaged over the last second, times the measured time per request) and
+//! `τ` = 100 ms: the weight halves when a new request would wait about 100 ms. With 50 ms requests, an idle
+//! host says 100%, all workers busy 67%, one request queued per worker 50%, ten 15%; a host whose requests
+//! take 500 ms says 9% with one queued per worker. It is measured in seconds, not in requests, because hosts
+//! differ: a host ten times slower that holds as many requests per worker makes each wait ten times longer,
+//! and gets a tenth of the weight, which is what it can serve. It falls as 1 / wait, not faster, so that
+//! hosts keep weights in proportion even when they all queue (an overload, a burst): a steeper curve
+//! (`10^-load`, tried first) put every host at 1% once each had a queue, and a slow host got its
+//! round-robin share again. HAProxy's weighted round-robin sends each host a share of new requests in
+//! proportion; a host short of workers (some in backoff) gets less in proportion. The room left in the queue
+//! is deliberately not counted as capacity: a queue holds work, it does not do it, and a host with a deep
+//! queue must get little, whatever its bound.
 //! The load is averaged (ten samples, 100 ms apart) because the busy count of a few workers flips from one
 //! instant to the next; the weight a balancer holds for a second should describe that second.
 
@@ -69,7 +75,12 @@ pub(crate) struct Snapshot {
     pub queue_max: usize,
     /// The controlled delay is in overload mode.
     pub overload: bool,
+    /// The measured time per request, in seconds.
+    pub service_s: f64,
 }
+
+/// The wait at which the weight halves.
+const HALF_WEIGHT_WAIT_S: f64 = 0.1;
 
 /// The agent's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +128,10 @@ pub(crate) fn answer(s: &Snapshot) -> Answer {
 fn weight(s: &Snapshot) -> u8 {
     let ready = s.ready as f64;
     let staffed = (ready / s.workers.max(1) as f64).min(1.0);
-    let load = (s.busy.max(0.0) + s.queued.max(0.0)) / ready.max(s.workers_max as f64).max(1.0);
-    let w = 100.0 * staffed / (1.0 + load);
+    let per_worker =
+        (s.busy.max(0.0) + s.queued.max(0.0)) / ready.max(s.workers_max as f64).max(1.0);
+    let wait = per_worker * s.service_s.max(0.0);
+    let w = 100.0 * staffed * HALF_WEIGHT_WAIT_S / (HALF_WEIGHT_WAIT_S + wait);
     // Never 0%: HAProxy reads that as "no traffic", which is drain's job, with a reason.
     w.round().clamp(1.0, 100.0) as u8
 }
@@ -180,6 +193,7 @@ fn snapshot(st: &AdminState, samples: &Samples) -> Snapshot {
             .queue
             .delay_status()
             .is_some_and(|(mode, ..)| mode == Mode::Overload),
+        service_s: st.queue.service_time().as_secs_f64(),
     }
 }
 
@@ -271,6 +285,7 @@ mod tests {
             queued_now: 0,
             queue_max: 100,
             overload: false,
+            service_s: 0.05,
         }
     }
 
@@ -284,12 +299,12 @@ mod tests {
             })
         };
         assert_eq!(at(0.0, 0.0), Answer::Up(100));
-        assert_eq!(at(2.0, 0.0), Answer::Up(67));
-        assert_eq!(at(4.0, 0.0), Answer::Up(50));
-        assert_eq!(at(4.0, 4.0), Answer::Up(33));
-        assert_eq!(at(4.0, 40.0), Answer::Up(8));
+        assert_eq!(at(2.0, 0.0), Answer::Up(80));
+        assert_eq!(at(4.0, 0.0), Answer::Up(67));
+        assert_eq!(at(4.0, 4.0), Answer::Up(50));
+        assert_eq!(at(4.0, 40.0), Answer::Up(15));
         // Deep enough, the weight stops at 1%, never 0 (which would be a drain without a reason).
-        assert_eq!(at(4.0, 99.0), Answer::Up(4));
+        assert_eq!(at(4.0, 99.0), Answer::Up(7));
         assert_eq!(
             answer(&Snapshot {
                 busy: 4.0,
@@ -298,6 +313,16 @@ mod tests {
                 ..healthy()
             }),
             Answer::Up(1)
+        );
+        // A host ten times slower with as many requests per worker: a tenth of the weight, about.
+        assert_eq!(
+            answer(&Snapshot {
+                busy: 4.0,
+                queued: 4.0,
+                service_s: 0.5,
+                ..healthy()
+            }),
+            Answer::Up(9)
         );
         // Fewer workers than asked for (some in backoff): less, in proportion.
         assert_eq!(
@@ -316,7 +341,7 @@ mod tests {
                 busy: 2.0,
                 ..healthy()
             }),
-            Answer::Up(80)
+            Answer::Up(89)
         );
     }
 
