@@ -14,6 +14,7 @@ Every scenario runs under a steady open-loop load of 80% of the cluster's capaci
 50 ms = 180 requests/s), once with HAProxy's round-robin and plain health checks (`option httpchk GET
 /health/ready`, the agent-check line removed) and once with the agent:
   crash    host3 is reloaded (SIGHUP) onto a broken app whose workers exit at start
+  broken   host3 is restarted (SIGTERM, a fresh start) onto that broken app: every slot crash-loops
   restart  host2 is stopped (SIGTERM, --drain-delay 2) and started afresh
   slow     host3's workers take 10x longer from the start
   burst    5x the capacity for a few seconds on top of the steady load
@@ -41,6 +42,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 APP = os.path.join(ROOT, "tests", "fixtures", "multihost_app.py")
 CFG = os.path.join(ROOT, "deploy", "haproxy.cfg")
+NGINX_CFG = os.path.join(ROOT, "deploy", "nginx-upstream.conf")
+BALANCERS = {"plain": "haproxy round-robin, health checks", "agent": "haproxy + agent",
+             "nginx": "nginx max_fails + proxy_next_upstream"}
 
 HOSTS = 3
 WORKERS = 3
@@ -52,9 +56,10 @@ SLOW_FACTOR = 10
 DRAIN_DELAY = 2
 CLIENT_TIMEOUT = 60
 FRONT = "127.0.0.1:8080"
-SCENARIOS = ["crash", "restart", "slow", "burst"]
+SCENARIOS = ["crash", "broken", "restart", "slow", "burst"]
 TARGETS = {
     "crash": "zero failed requests with the agent",
+    "broken": "zero failed requests with the agent",
     "restart": "zero failed requests with the agent",
     "slow": "the slow host's share with the agent < 1/3 of its round-robin share",
     "burst": "zero 502s, every request answered",
@@ -113,10 +118,19 @@ def sh(*cmd, check=True):
     return r
 
 
+def remove_stale_netns():
+    """Deletes the namespaces of a run that was SIGKILLed (its pid is in their names)."""
+    import re
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        m = re.match(r"(mh(\d+)(lb|h\d))\b", line)
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            sh("ip", "netns", "del", m.group(1), check=False)
+
+
 class Cluster:
     def __init__(self, anteroom, tag=None):
         self.anteroom = anteroom
-        self.tag = tag or f"{os.getpid() % 100000}"
+        self.tag = tag or str(os.getpid())
         self.lb = f"mh{self.tag}lb"
         self.ns = [f"mh{self.tag}h{i}" for i in range(1, HOSTS + 1)]
         self.ips = [f"10.215.{i}.2" for i in range(1, HOSTS + 1)]
@@ -125,11 +139,14 @@ class Cluster:
         self.hosts = [None] * HOSTS
         self.haproxy = None
         self.seq = 0
+        self.queue_timeout = 30
+        self.balancer = None
 
     def path(self, name):
         return os.path.join(self.dir, name)
 
     def setup(self):
+        remove_stale_netns()
         for ns in [self.lb] + self.ns:
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -181,7 +198,8 @@ class Cluster:
     def start_host(self, i):
         ip = self.ips[i]
         cmd = [self.anteroom, "--listen", f"{ip}:8000", "--admin", f"{ip}:8001", "--agent", f"{ip}:8002",
-               "--workers", str(WORKERS), "--drain-delay", str(DRAIN_DELAY), "--",
+               "--workers", str(WORKERS), "--drain-delay", str(DRAIN_DELAY),
+               "--queue-timeout", str(self.queue_timeout), "--",
                sys.executable, APP]
         self.hosts[i] = self.spawn(self.ns[i], cmd, f"host{i + 1}",
                                    {"MH_STATE": self.state_dir(i), "MH_MS": str(SERVICE_MS),
@@ -211,6 +229,44 @@ class Cluster:
         env = {"STATS_SOCKET": self.stats, "FRONT": FRONT}
         env.update({f"HOST{i + 1}": ip for i, ip in enumerate(self.ips)})
         self.haproxy = self.spawn(self.lb, ["haproxy", "-db", "-f", path], "haproxy", env)
+        self.balancer = "agent" if agent else "plain"
+
+    def start_nginx(self):
+        with open(NGINX_CFG) as f:
+            conf = f.read()
+        for i, ip in enumerate(self.ips, 1):
+            conf = conf.replace(f"10.0.0.1{i}:", f"{ip}:")
+        conf = conf.replace("listen 80;", f"listen {FRONT};")
+        prefix = self.path("nginx")
+        os.makedirs(prefix, exist_ok=True)
+        self.nginx_log = os.path.join(prefix, "upstreams.log")
+        if os.path.exists(self.nginx_log):
+            os.remove(self.nginx_log)
+        main = (f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+                f"events {{ worker_connections 8192; }}\n"
+                f"http {{\n log_format up '$upstream_addr';\n access_log {self.nginx_log} up;\n"
+                f" client_body_temp_path {prefix}; proxy_temp_path {prefix};\n{conf}\n}}\n")
+        path = os.path.join(prefix, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(main)
+        self.haproxy = self.spawn(self.lb, ["nginx", "-p", prefix, "-c", path, "-g", "daemon off;"], "nginx")
+        self.balancer = "nginx"
+
+    def nginx_counts(self):
+        """{host: (attempts, 0, retries, 0)} from the access log's $upstream_addr (every host tried)."""
+        out = {f"host{i + 1}": [0, 0, 0, 0] for i in range(HOSTS)}
+        by_ip = {f"{ip}:8000": f"host{i + 1}" for i, ip in enumerate(self.ips)}
+        try:
+            with open(self.nginx_log) as f:
+                for line in f:
+                    tried = [a.strip() for a in line.replace(" : ", ", ").split(",")]
+                    for n, a in enumerate(tried):
+                        if a in by_ip:
+                            out[by_ip[a]][0] += 1
+                            out[by_ip[a]][2] += n > 0
+        except OSError:
+            pass
+        return {h: tuple(v) for h, v in out.items()}
 
     def stop_haproxy(self):
         if self.haproxy and self.haproxy.poll() is None:
@@ -244,6 +300,8 @@ class Cluster:
 
     def counts(self):
         """{host: (sessions, 5xx, retries, redispatches)} from `show stat`."""
+        if self.balancer == "nginx":
+            return self.nginx_counts()
         text = self.command("show stat")
         head, *rows = [l for l in text.splitlines() if l]
         cols = head.lstrip("# ").split(",")
@@ -258,6 +316,15 @@ class Cluster:
 
     def wait_all_up(self, agent, timeout=40):
         deadline = time.time() + timeout
+        if self.balancer == "nginx":
+            # No health checks to watch: every host answers on its own.
+            for ip in self.ips:
+                while sh("ip", "netns", "exec", self.lb, "curl", "-sf", "-o", "/dev/null", "--max-time", "2",
+                         f"http://{ip}:8001/health/ready", check=False).returncode != 0:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"{ip} not ready")
+                    time.sleep(0.2)
+            return
         while time.time() < deadline:
             try:
                 s = self.servers()
@@ -279,20 +346,24 @@ class Cluster:
 # ---------------------------------------------------------------------------------------------------
 # Scenarios
 
-def run_one(c, scenario, agent, seconds, burst_seconds):
+def run_one(c, scenario, balancer, seconds, burst_seconds):
     """One scenario with one HAProxy configuration, on fresh hosts; returns its measures."""
     for i in range(HOSTS):
         d = c.state_dir(i)
         for f in ("broken", "slow"):
             if os.path.exists(os.path.join(d, f)):
                 os.remove(os.path.join(d, f))
-    focus = {"crash": 2, "restart": 1, "slow": 2, "burst": 0}[scenario]
+    focus = {"crash": 2, "broken": 2, "restart": 1, "slow": 2, "burst": 0}[scenario]
     if scenario == "slow":
         with open(os.path.join(c.state_dir(focus), "slow"), "w") as f:
             f.write(str(SLOW_FACTOR))
+    agent = balancer == "agent"
     for i in range(HOSTS):
         c.start_host(i)
-    c.start_haproxy(agent)
+    if balancer == "nginx":
+        c.start_nginx()
+    else:
+        c.start_haproxy(agent)
     try:
         c.wait_all_up(agent)
         before = c.counts()
@@ -308,7 +379,7 @@ def run_one(c, scenario, agent, seconds, burst_seconds):
                 acted = True
                 act(c, scenario, focus)
             try:
-                st = c.servers().get(f"host{focus + 1}")
+                st = c.servers().get(f"host{focus + 1}") if balancer != "nginx" else None
                 if st and elapsed < seconds:
                     min_weight = min(min_weight, st[2] if st[0] == 2 and not st[1] else 0)
                     states.add("UP" if st[0] == 2 else "DOWN")
@@ -326,7 +397,7 @@ def run_one(c, scenario, agent, seconds, burst_seconds):
         c.stop_haproxy()
         for i in range(HOSTS):
             c.stop_host(i)
-    return summarize(scenario, agent, recs, before, after, focus, min_weight, sorted(states))
+    return summarize(scenario, balancer, recs, before, after, focus, min_weight, sorted(states))
 
 
 def act(c, scenario, focus):
@@ -334,6 +405,11 @@ def act(c, scenario, focus):
         open(os.path.join(c.state_dir(focus), "broken"), "w").close()
         c.hosts[focus].send_signal(signal.SIGHUP)
         log(f"crash: host{focus + 1} reloaded onto a broken app")
+    elif scenario == "broken":
+        log(f"broken: host{focus + 1} restarted onto a broken app")
+        c.stop_host(focus)
+        open(os.path.join(c.state_dir(focus), "broken"), "w").close()
+        c.start_host(focus)
     elif scenario == "restart":
         log(f"restart: SIGTERM to host{focus + 1} (--drain-delay {DRAIN_DELAY})")
         c.stop_host(focus)
@@ -341,7 +417,7 @@ def act(c, scenario, focus):
         log(f"restart: host{focus + 1} started afresh")
 
 
-def summarize(scenario, agent, recs, before, after, focus, min_weight, states):
+def summarize(scenario, balancer, recs, before, after, focus, min_weight, states):
     codes = {}
     for _, _, st in recs:
         codes[str(st)] = codes.get(str(st), 0) + 1
@@ -351,8 +427,9 @@ def summarize(scenario, agent, recs, before, after, focus, min_weight, states):
     lat = sorted(l for _, l, st in recs if st == 200)
     return {
         "scenario": scenario,
-        "balancer": "haproxy + agent" if agent else "haproxy round-robin, health checks",
-        "agent": agent,
+        "balancer": BALANCERS[balancer],
+        "agent": balancer == "agent",
+        "kind": balancer,
         "requests": len(recs),
         "ok": ok,
         "codes": codes,
@@ -372,13 +449,13 @@ def summarize(scenario, agent, recs, before, after, focus, min_weight, states):
 
 def verdicts(results):
     """The targets, judged: {scenario: (ok, measured)}."""
-    by = {(r["scenario"], r["agent"]): r for r in results}
+    by = {(r["scenario"], r["agent"]): r for r in results if r.get("kind") != "nginx"}
     out = {}
     for s in SCENARIOS:
         a, p = by.get((s, True)), by.get((s, False))
         if not a:
             continue
-        if s in ("crash", "restart"):
+        if s in ("crash", "broken", "restart"):
             out[s] = (a["failed"] == 0, f"{a['failed']} failed of {a['requests']}")
         elif s == "slow" and p:
             sa, sp = a["share"].get(a["focus"], 0), p["share"].get(p["focus"], 0)
@@ -396,11 +473,33 @@ def table(results):
         s5 = ", ".join(f"{k}: {v}" for k, v in sorted(r["s5xx"].items())) or "0"
         share = " / ".join(f"{v:.0%}" for v in r["share"].values())
         w = f"{r['focus']}: {r['focus_min_weight']}% ({', '.join(r['focus_states'])})" if r["agent"] else \
-            f"{r['focus']}: ({', '.join(r['focus_states'])})"
+            f"{r['focus']}: ({', '.join(r['focus_states'])})" if r["focus_states"] else "-"
         p99 = f"{r['p99_s']:.2f}" if r["p99_s"] is not None else "-"
         lines.append(f"| {r['scenario']} | {r['balancer']} | {r['requests']} | {r['ok']} | {s5} | {r['errors']} "
                      f"| {share} | {w} | {p99} |")
     return "\n".join(lines)
+
+
+def section(doc):
+    """Markdown lines for bench/run's results.md."""
+    if not doc:
+        return []
+    p = doc["params"]
+    lines = [f"{p['hosts']} hosts x {p['workers']} workers x {p['service_ms']} ms (capacity "
+             f"{p['capacity_rps']:.0f}/s) behind HAProxy (deploy/haproxy.cfg), {p['steady_rps']:.0f} requests/s "
+             f"open loop for {p['seconds']:.0f} s per run; burst {p['burst_rps']:.0f}/s for {p['burst_seconds']:.0f} s; "
+             f"slow host x{p['slow_factor']}; --drain-delay {p['drain_delay_s']}; --queue-timeout "
+             f"{p.get('queue_timeout_s', 30):g}.", "", table(doc["results"]), ""]
+    for k, v in doc["verdicts"].items():
+        lines.append(f"- {k}: {'met' if v['ok'] else '**missed**'}: {v['measured']} (target: {v['target']})")
+    return lines
+
+
+def append_to(out, doc):
+    lines = section(doc)
+    if lines:
+        with open(os.path.join(out, "results.md"), "a") as f:
+            f.write("\n## 6. Many hosts behind HAProxy (issue 15)\n\n" + "\n".join(lines) + "\n")
 
 
 def main():
@@ -411,6 +510,11 @@ def main():
     ap.add_argument("--burst-seconds", type=float, default=5)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--anteroom", default=os.path.join(ROOT, "target", "release", "anteroom"))
+    ap.add_argument("--queue-timeout", type=float, default=30,
+                    help="anteroom's --queue-timeout on every host (the short form lowers it: a slow host's "
+                         "queue under round-robin is then worked off sooner)")
+    ap.add_argument("--balancers", default="plain,agent",
+                    help="plain (HAProxy, health checks), agent (HAProxy + agent), nginx")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -419,6 +523,7 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"multihost.py needs {tool} (scripts/test installs it)")
     c = Cluster(os.path.abspath(args.anteroom))
+    c.queue_timeout = args.queue_timeout
     results = []
 
     def interrupted(signum, _frame):
@@ -430,9 +535,11 @@ def main():
         for s in [x.strip() for x in args.scenarios.split(",") if x.strip()]:
             if s not in SCENARIOS:
                 sys.exit(f"unknown scenario {s}")
-            for agent in (False, True):
-                log(f"{s}: {'agent' if agent else 'round-robin, health checks'}")
-                r = run_one(c, s, agent, args.seconds, args.burst_seconds)
+            for b in [x.strip() for x in args.balancers.split(",") if x.strip()]:
+                if b not in BALANCERS:
+                    sys.exit(f"unknown balancer {b}")
+                log(f"{s}: {BALANCERS[b]}")
+                r = run_one(c, s, b, args.seconds, args.burst_seconds)
                 log(f"{s}: {r['requests']} requests, codes {r['codes']}, share {r['share']}, "
                     f"{r['focus']} lowest weight {r['focus_min_weight']} {r['focus_states']}")
                 results.append(r)
@@ -450,7 +557,7 @@ def main():
     doc = {"params": {"hosts": HOSTS, "workers": WORKERS, "service_ms": SERVICE_MS, "capacity_rps": CAPACITY,
                       "steady_rps": STEADY, "burst_rps": BURST, "seconds": args.seconds,
                       "burst_seconds": args.burst_seconds, "slow_factor": SLOW_FACTOR,
-                      "drain_delay_s": DRAIN_DELAY},
+                      "drain_delay_s": DRAIN_DELAY, "queue_timeout_s": args.queue_timeout},
            "results": results,
            "verdicts": {k: {"ok": v[0], "measured": v[1], "target": TARGETS[k]}
                         for k, v in verdicts(results).items()}}
