@@ -270,8 +270,13 @@ class Cluster:
 
     def stop_haproxy(self):
         if self.haproxy and self.haproxy.poll() is None:
-            self.haproxy.kill()
-            self.haproxy.wait()
+            # nginx's master stops its workers on SIGTERM; SIGKILLed, it would leave them on the port.
+            self.haproxy.send_signal(signal.SIGTERM)
+            try:
+                self.haproxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.haproxy.kill()
+                self.haproxy.wait()
         self.haproxy = None
 
     def command(self, line):

@@ -268,7 +268,7 @@ pub struct Systemd {
 impl App {
     /// Wires everything together and starts serving on `listeners`: acceptors, the admin listener, the
     /// worker pool. Must be called inside a tokio runtime.
-    pub fn build(cfg: Config, listeners: Listeners) -> Result<App, StartError> {
+    pub fn build(cfg: Config, mut listeners: Listeners) -> Result<App, StartError> {
         let cfg = Arc::new(cfg);
         crate::spill::start(&cfg);
         setup::check_backlog(&cfg);
@@ -304,7 +304,7 @@ impl App {
                 .chain(&listeners.fastcgi)
                 .map(Listener::local_addr)
                 .collect();
-            let state = Arc::new(AdminState {
+            let state = AdminState {
                 cfg: cfg.clone(),
                 queue: queue.clone(),
                 pool: pool.view(),
@@ -313,14 +313,9 @@ impl App {
                 listeners: served,
                 started: Instant::now(),
                 phase: phase.clone(),
-            });
-            if let Some(l) = listeners.admin {
-                start_admin(l, state.clone(), &stop_admin);
-            }
-            if let Some(l) = listeners.agent {
-                tracing::info!(agent = %l.local_addr(), "serving HAProxy's agent-check");
-                tokio::spawn(crate::admin::agent::serve(l, state, stop_agent.clone()));
-            }
+            };
+            let (admin, agent) = (listeners.admin.take(), listeners.agent.take());
+            start_admin(admin, agent, Arc::new(state), [&stop_admin, &stop_agent]);
         }
         // Every listener is bound: nothing from here on needs root.
         crate::pool::spawn::drop_privileges(&cfg).map_err(StartError::DropPrivileges)?;
@@ -646,12 +641,23 @@ fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
     table
 }
 
-/// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
-/// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
-/// find them in the kernel's tables.
-fn start_admin(l: Listener, state: Arc<AdminState>, stop: &CancellationToken) {
-    tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
-    tokio::spawn(crate::admin::serve(l, state, stop.clone()));
+/// Serves the admin listener until `stop[0]` (up until the very end, so that health and metrics answer
+/// during a graceful stop), and the agent until `stop[1]`. `state.listeners` are the bound addresses (a port 0
+/// has become a real one), to find them in the kernel's tables.
+fn start_admin(
+    admin: Option<Listener>,
+    agent: Option<Listener>,
+    state: Arc<AdminState>,
+    stop: [&CancellationToken; 2],
+) {
+    if let Some(l) = admin {
+        tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
+        tokio::spawn(crate::admin::serve(l, state.clone(), stop[0].clone()));
+    }
+    if let Some(l) = agent {
+        tracing::info!(agent = %l.local_addr(), "serving HAProxy's agent-check");
+        tokio::spawn(crate::admin::agent::serve(l, state, stop[1].clone()));
+    }
 }
 
 fn start_acceptors(

@@ -20,7 +20,14 @@ fn three_hosts_behind_haproxy_with_and_without_the_agent() {
     let json = dir.path().join("multihost.json");
     let out = Command::new("python3")
         .arg(common::root().join("bench/multihost.py"))
-        .args(["--seconds", "5", "--burst-seconds", "2", "--queue-timeout", "5"])
+        .args([
+            "--seconds",
+            "5",
+            "--burst-seconds",
+            "2",
+            "--queue-timeout",
+            "5",
+        ])
         .arg("--anteroom")
         .arg(common::BIN)
         .arg("--json")
@@ -30,7 +37,10 @@ fn three_hosts_behind_haproxy_with_and_without_the_agent() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}");
-    assert!(out.status.success(), "bench/multihost.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "bench/multihost.py failed:\n{stdout}\n{stderr}"
+    );
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = doc["results"].as_array().unwrap();
     let run = |scenario: &str, agent: bool| {

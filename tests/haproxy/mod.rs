@@ -53,13 +53,10 @@ impl Haproxy {
         let mut cfg: String = cfg
             .lines()
             .filter(|l| agent || !l.contains("agent-check"))
+            // Servers beyond the hosts given are left out.
             .filter(|l| {
-                // Servers beyond the hosts given are left out.
-                !(l.trim_start().starts_with("server host")
-                    && !hosts
-                        .iter()
-                        .enumerate()
-                        .any(|(i, _)| l.contains(&format!("server host{} ", i + 1))))
+                !l.trim_start().starts_with("server host")
+                    || (1..=hosts.len()).any(|i| l.contains(&format!("server host{i} ")))
             })
             .map(|l| format!("{l}\n"))
             .collect();
