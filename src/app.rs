@@ -150,7 +150,7 @@ impl Listeners {
                     if name != HTTP {
                         tracing::info!(
                             "passed socket {index} is named {name:?}: serving HTTP on it \
-                             (FileDescriptorName=fastcgi or admin for the others)"
+                             (FileDescriptorName=fastcgi, admin or agent for the others)"
                         );
                     }
                     out.http.push(l);

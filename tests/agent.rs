@@ -231,3 +231,80 @@ fn haproxy_applies_the_agents_weights_and_drain() {
         statuses.len()
     );
 }
+
+/// SIGUSR2: the agent says drain while the new process starts, then the new process answers on the same
+/// socket, and the old one, finishing its requests, no longer does (the two by turns would make HAProxy's
+/// weight flap); the agent's socket never refuses a check.
+#[test]
+fn an_upgrade_drains_then_hands_the_agent_to_the_new_process() {
+    let agent = local();
+    let mut a = Anteroom::start(&["--workers", "1", "--agent", &agent]);
+    wait_until(
+        "up ready before the upgrade",
+        Duration::from_secs(10),
+        || agent_line(&agent).starts_with("up ready "),
+    );
+    let old = a.pid();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let alive = common::alive(old);
+                lines.push((alive, agent_line(&agent)));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            lines
+        })
+    };
+    // A request the old process finishes after the handover: it lives on for a while, its agent silent.
+    let addr = a.addr;
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=2000").status);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(old, 12);
+    let status = common::wait_timeout(a.child.as_mut().unwrap(), Duration::from_secs(30));
+    a.child = None;
+    let log = a.log_text();
+    let new: u32 = log
+        .rsplit("new_pid=")
+        .next()
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no new_pid in the log:\n{log}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lines = poller.join().unwrap();
+    signal(new, libc_sigterm());
+    wait_until("the new process to stop", Duration::from_secs(20), || {
+        !common::alive(new)
+    });
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(
+        lines.iter().any(|(_, l)| l == "drain\n"),
+        "no drain during the upgrade: {lines:?}"
+    );
+    assert_eq!(slow.join().unwrap(), 200);
+    // Once the new process answers (the first up after the drain), nothing says drain again: the old
+    // process, still finishing its request, no longer answers.
+    let first_drain = lines.iter().position(|(_, l)| l == "drain\n").unwrap();
+    let handed = first_drain
+        + lines[first_drain..]
+            .iter()
+            .position(|(_, l)| l.starts_with("up ready "))
+            .unwrap_or_else(|| panic!("never up again: {lines:?}"));
+    assert!(
+        lines[handed..]
+            .iter()
+            .all(|(_, l)| l.starts_with("up ready ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[handed..].iter().any(|(old_alive, _)| *old_alive),
+        "the old process was gone before the new one answered: the test proves nothing\n{lines:?}"
+    );
+    let after: Vec<_> = lines.iter().filter(|(old_alive, _)| !old_alive).collect();
+    assert!(!after.is_empty(), "{lines:?}");
+    let last = &lines.last().unwrap().1;
+    assert!(last.starts_with("up ready "), "{lines:?}");
+}

@@ -1191,6 +1191,21 @@ mod tests {
     }
 
     #[test]
+    fn agent_and_drain_delay() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.agent.as_ref(), c.drain_delay), (None, Duration::ZERO));
+        let c = parse(&["--agent", "127.0.0.1:8002", "--drain-delay", "2.5"]).unwrap();
+        assert_eq!(c.agent, Some("127.0.0.1:8002".parse().unwrap()));
+        assert_eq!(c.drain_delay, Duration::from_millis(2500));
+        let e = parse(&["--agent", "127.0.0.1:8001", "--admin", "127.0.0.1:8001"]).unwrap_err();
+        assert!(e.contains("agent") && e.contains("admin"), "{e}");
+        let e = parse(&["--agent", "127.0.0.1:8000", "--listen", "127.0.0.1:8000"]).unwrap_err();
+        assert!(e.contains("agent"), "{e}");
+        let e = parse(&["--drain-delay=-1"]).unwrap_err();
+        assert!(e.contains("drain-delay"), "{e}");
+    }
+
+    #[test]
     fn file_choices_count_as_chosen() {
         let c = parse(&[]).unwrap();
         assert!(c.admin_is_default);
