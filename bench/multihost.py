@@ -22,7 +22,7 @@ Measured: requests, 200s, 5xx by code, errors (no answer), each host's share of 
 socket), the lowest weight HAProxy gave the host the scenario is about.
 
     multihost.py [--seconds S] [--burst-seconds B] [--scenarios crash,restart,slow,burst] [--json OUT]
-    multihost.py gen PLAN_JSON      (the load generator, run inside the lb namespace)
+    multihost.py gen PLAN_JSON OUT  (the load generator, run inside the lb namespace)
 
 Needs root (ip netns), haproxy, flup, and target/release/anteroom (or --anteroom).
 """
@@ -104,8 +104,10 @@ async def _generate(plan):
 
 
 def gen_main(argv):
+    """gen PLAN_JSON OUT_FILE: to a file, since the parent reads nothing until the generator is done."""
     out = asyncio.run(_generate(json.loads(argv[0])))
-    json.dump(out, sys.stdout)
+    with open(argv[1], "w") as f:
+        json.dump(out, f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,10 +344,14 @@ class Cluster:
         raise RuntimeError(f"hosts not all UP in HAProxy: {self.servers()}")
 
     def generate(self, phases):
+        """The generator, started; its records go to the file returned."""
         plan = json.dumps({"front": FRONT, "phases": phases})
         self.seq += 1
-        return subprocess.Popen(["ip", "netns", "exec", self.lb, sys.executable, os.path.abspath(__file__),
-                                 "gen", plan], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = self.path(f"{self.seq:03}-records.json")
+        errs = open(self.path(f"{self.seq:03}-gen.log"), "w")
+        p = subprocess.Popen(["ip", "netns", "exec", self.lb, sys.executable, os.path.abspath(__file__), "gen",
+                              plan, out], stdout=subprocess.DEVNULL, stderr=errs)
+        return p, out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,7 +381,7 @@ def run_one(c, scenario, balancer, seconds, burst_seconds):
         phases = [[0, seconds, STEADY]]
         if scenario == "burst":
             phases.append([seconds / 3, burst_seconds, BURST])
-        gen = c.generate(phases)
+        gen, records = c.generate(phases)
         t0 = time.time()
         min_weight, states, acted = 100, set(), False
         while gen.poll() is None:
@@ -393,10 +399,10 @@ def run_one(c, scenario, balancer, seconds, burst_seconds):
             except OSError:
                 pass
             time.sleep(0.25)
-        out, err = gen.communicate()
-        if gen.returncode != 0:
-            raise RuntimeError(f"load generator failed: {err[-600:]}")
-        recs = json.loads(out)
+        if gen.wait() != 0:
+            raise RuntimeError(f"load generator failed (exit {gen.returncode})")
+        with open(records) as f:
+            recs = json.load(f)
         after = c.counts()
     finally:
         c.stop_haproxy()
@@ -548,6 +554,10 @@ def main():
                 log(f"{s}: {r['requests']} requests, codes {r['codes']}, share {r['share']}, "
                     f"{r['focus']} lowest weight {r['focus_min_weight']} {r['focus_states']}")
                 results.append(r)
+                if args.json:
+                    # What is measured so far survives a later failure.
+                    with open(args.json + ".partial", "w") as f:
+                        json.dump(results, f, indent=1)
     except BaseException:
         for f in sorted(os.listdir(c.dir)):
             if f.endswith(".log"):
