@@ -13,7 +13,10 @@
 //! close at once, every response from then on closes its connection, requests queued, at a worker, or sent
 //! on a connection that was already open are finished (for up to --graceful-timeout), then workers get
 //! SIGTERM and, after a grace period, SIGKILL. SIGINT, or a second SIGTERM, is a fast stop: waiting requests
-//! get 503 and workers are stopped at once.
+//! get 503 and workers are stopped at once. With `--drain-delay`, a SIGTERM first turns `/health/ready` to 503
+//! and the agent (`--agent`) to `drain` while everything goes on serving and accepting for that long, so that
+//! balancers stop sending before the listeners close; an upgrade says `drain` on the agent until the new
+//! process is ready, then leaves the agent's socket to it.
 
 mod report;
 mod setup;
@@ -29,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::AdminState;
+use crate::admin::{AdminState, Lifecycle, Phase};
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::front::acceptor::Acceptor;
@@ -39,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::quarantine::Quarantine;
 use crate::queue::Queue;
-use crate::systemd::{Inherited, Notifier, ADMIN, FASTCGI, HTTP};
+use crate::systemd::{Inherited, Notifier, ADMIN, AGENT, FASTCGI, HTTP};
 use crate::upgrade::{Pass, UpgradeError};
 use setup::RuntimeDir;
 
@@ -90,6 +93,8 @@ pub struct Listeners {
     pub fastcgi: Vec<Listener>,
     /// None: no admin listener.
     pub admin: Option<Listener>,
+    /// HAProxy's agent-check (`--agent`); None: none.
+    pub agent: Option<Listener>,
 }
 
 impl Listeners {
@@ -112,6 +117,7 @@ impl Listeners {
             http,
             fastcgi,
             admin: bind_admin(cfg)?,
+            agent: bind_agent(cfg)?,
         })
     }
 
@@ -138,12 +144,13 @@ impl Listeners {
             match name.as_str() {
                 FASTCGI => out.fastcgi.push(l),
                 ADMIN => admin = Some(l),
+                AGENT => out.agent = Some(l),
                 // systemd names a socket after its unit unless FileDescriptorName= says otherwise.
                 _ => {
                     if name != HTTP {
                         tracing::info!(
                             "passed socket {index} is named {name:?}: serving HTTP on it \
-                             (FileDescriptorName=fastcgi or admin for the others)"
+                             (FileDescriptorName=fastcgi, admin or agent for the others)"
                         );
                     }
                     out.http.push(l);
@@ -154,6 +161,9 @@ impl Listeners {
             Some(l) => Some(l),
             None => bind_admin(cfg)?,
         };
+        if out.agent.is_none() {
+            out.agent = bind_agent(cfg)?;
+        }
         Ok(out)
     }
 }
@@ -171,6 +181,13 @@ fn bind_admin(cfg: &Config) -> Result<Option<Listener>, StartError> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn bind_agent(cfg: &Config) -> Result<Option<Listener>, StartError> {
+    cfg.agent
+        .as_ref()
+        .map(|a| Listener::bind(a, 128).map_err(StartError::from))
+        .transpose()
 }
 
 /// What a running [`App`] can be told besides the graceful stop of its shutdown token.
@@ -221,6 +238,10 @@ pub struct App {
     acceptors: Vec<Acceptor>,
     conns: TaskTracker,
     stop_admin: CancellationToken,
+    /// Stops the agent: at the end, or as soon as an upgrade's new process answers on its socket.
+    stop_agent: CancellationToken,
+    /// What /health/ready and the agent say about the process's life.
+    phase: Arc<Lifecycle>,
     dir: RuntimeDir,
     /// A second descriptor of each listening socket, with its name, to pass on at an upgrade.
     sockets: Vec<(&'static str, OwnedFd)>,
@@ -247,7 +268,7 @@ pub struct Systemd {
 impl App {
     /// Wires everything together and starts serving on `listeners`: acceptors, the admin listener, the
     /// worker pool. Must be called inside a tokio runtime.
-    pub fn build(cfg: Config, listeners: Listeners) -> Result<App, StartError> {
+    pub fn build(cfg: Config, mut listeners: Listeners) -> Result<App, StartError> {
         let cfg = Arc::new(cfg);
         crate::spill::start(&cfg);
         setup::check_backlog(&cfg);
@@ -275,8 +296,9 @@ impl App {
         )
         .map_err(StartError::Pool)?;
         let (sockets, keep_paths) = handover_sockets(&listeners);
-        let stop_admin = CancellationToken::new();
-        if let Some(l) = listeners.admin {
+        let (stop_admin, stop_agent) = (CancellationToken::new(), CancellationToken::new());
+        let phase = Arc::new(Lifecycle::default());
+        if listeners.admin.is_some() || listeners.agent.is_some() {
             let served = listeners
                 .http
                 .iter()
@@ -291,8 +313,10 @@ impl App {
                 conns: table.clone(),
                 listeners: served,
                 started: Instant::now(),
+                phase: phase.clone(),
             };
-            start_admin(l, state, &stop_admin);
+            let (admin, agent) = (listeners.admin.take(), listeners.agent.take());
+            start_admin(admin, agent, Arc::new(state), [&stop_admin, &stop_agent]);
         }
         // Every listener is bound: nothing from here on needs root.
         crate::pool::spawn::drop_privileges(&cfg).map_err(StartError::DropPrivileges)?;
@@ -320,6 +344,8 @@ impl App {
             acceptors,
             conns,
             stop_admin,
+            stop_agent,
+            phase,
             dir,
             sockets,
             keep_paths,
@@ -363,7 +389,10 @@ impl App {
                     Order::Upgrade if upgrading.is_some() => {
                         tracing::info!("upgrade: already in progress");
                     }
-                    Order::Upgrade => upgrading = Some(Box::pin(self.upgrade())),
+                    Order::Upgrade => {
+                        self.phase.set(Phase::Upgrading);
+                        upgrading = Some(Box::pin(self.upgrade()));
+                    }
                 },
                 r = async {
                     match upgrading.as_mut() {
@@ -375,6 +404,7 @@ impl App {
                     match r {
                         Ok(pid) => return End::HandedOver(pid),
                         Err(e) => {
+                            self.phase.set(Phase::Serving);
                             tracing::error!("upgrade failed, this process keeps serving: {e}");
                             self.notify("READY=1\nSTATUS=upgrade failed; the old process keeps serving");
                         }
@@ -447,6 +477,9 @@ impl App {
                 for k in self.keep_paths.iter().flatten() {
                     k.store(false, Ordering::Release);
                 }
+                // The new process answers the agent on the same socket from now on; two processes answering
+                // by turns (drain, up, drain...) would make the balancer's weight flap.
+                self.stop_agent.cancel();
                 tracing::info!(
                     new_pid = pid,
                     queued = self.queue.len(),
@@ -454,8 +487,16 @@ impl App {
                     "upgrade: the new process is ready; finishing queued and running requests here"
                 );
             }
-            _ => self.notify("STOPPING=1"),
+            _ => {
+                self.phase.set(Phase::Stopping);
+                self.notify("STOPPING=1");
+            }
         }
+        let end = if end == End::Graceful {
+            self.drain_delay().await
+        } else {
+            end
+        };
         self.table.drain();
         let acceptors = std::mem::take(&mut self.acceptors);
         // Closes the listeners (removing unix socket files we own); each acceptor notices within 100 ms.
@@ -481,12 +522,43 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_millis(200), self.conns.wait()).await;
         self.pool.stop().await;
         self.stop_admin.cancel();
+        self.stop_agent.cancel();
         drop(self.dir);
         tracing::info!("stopped");
         match end {
             End::CrashLoop => Stopped::CrashLoop,
             End::HandedOver(_) => Stopped::Upgraded,
             End::Graceful | End::Now => Stopped::Signal,
+        }
+    }
+
+    /// `--drain-delay`: /health/ready and the agent already say so; everything goes on serving and accepting
+    /// while balancers notice. A second SIGTERM or a SIGINT cuts it short and stops now.
+    async fn drain_delay(&mut self) -> End {
+        let delay = self.cfg.drain_delay;
+        if delay.is_zero() {
+            return End::Graceful;
+        }
+        tracing::info!(
+            drain_delay_s = delay.as_secs_f64(),
+            "SIGTERM: draining (health and agent say so), still serving and accepting"
+        );
+        let orders = &mut self.orders;
+        let stop_now = async {
+            while let Some(order) = orders.recv().await {
+                if order == Order::StopNow {
+                    return;
+                }
+                tracing::info!("{order:?}: ignored while stopping");
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => End::Graceful,
+            () = stop_now => {
+                tracing::info!("second signal: stopping now");
+                End::Now
+            }
         }
     }
 
@@ -534,7 +606,8 @@ fn handover_sockets(l: &Listeners) -> (Vec<(&'static str, OwnedFd)>, Vec<Option<
         .iter()
         .map(|l| (HTTP, l))
         .chain(l.fastcgi.iter().map(|l| (FASTCGI, l)))
-        .chain(l.admin.iter().map(|l| (ADMIN, l)));
+        .chain(l.admin.iter().map(|l| (ADMIN, l)))
+        .chain(l.agent.iter().map(|l| (AGENT, l)));
     let mut sockets = Vec::new();
     let mut keep = Vec::new();
     for (name, l) in named {
@@ -570,12 +643,23 @@ fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
     table
 }
 
-/// Serves the admin listener until `stop` (up until the very end, so that health and metrics answer
-/// during a graceful stop). `state.listeners` are the bound addresses (a port 0 has become a real one), to
-/// find them in the kernel's tables.
-fn start_admin(l: Listener, state: AdminState, stop: &CancellationToken) {
-    tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
-    tokio::spawn(crate::admin::serve(l, Arc::new(state), stop.clone()));
+/// Serves the admin listener until `stop[0]` (up until the very end, so that health and metrics answer
+/// during a graceful stop), and the agent until `stop[1]`. `state.listeners` are the bound addresses (a port 0
+/// has become a real one), to find them in the kernel's tables.
+fn start_admin(
+    admin: Option<Listener>,
+    agent: Option<Listener>,
+    state: Arc<AdminState>,
+    stop: [&CancellationToken; 2],
+) {
+    if let Some(l) = admin {
+        tracing::info!(admin = %l.local_addr(), "serving metrics, status and health");
+        tokio::spawn(crate::admin::serve(l, state.clone(), stop[0].clone()));
+    }
+    if let Some(l) = agent {
+        tracing::info!(agent = %l.local_addr(), "serving HAProxy's agent-check");
+        tokio::spawn(crate::admin::agent::serve(l, state, stop[1].clone()));
+    }
 }
 
 fn start_acceptors(

@@ -512,6 +512,11 @@ impl Queue {
             .store(old - old / 16 + new / 16, Ordering::Relaxed);
     }
 
+    /// The measured time a worker takes per request (a moving average), for the agent's weight.
+    pub fn service_time(&self) -> Duration {
+        Duration::from_micros(self.service_micros.load(Ordering::Relaxed))
+    }
+
     /// Seconds after which a refused client may reasonably try again: the time to work off the queue.
     pub fn retry_after_secs(&self) -> u64 {
         let per = self.service_micros.load(Ordering::Relaxed) as f64 / 1e6;

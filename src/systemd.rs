@@ -27,6 +27,8 @@ pub const HTTP: &str = "http";
 pub const FASTCGI: &str = "fastcgi";
 /// The name of a passed socket for the admin listener.
 pub const ADMIN: &str = "admin";
+/// The name of a passed socket for HAProxy's agent-check (`--agent`).
+pub const AGENT: &str = "agent";
 
 /// The variables an upgrade adds for the new process (see `upgrade`).
 pub const UPGRADE_FROM: &str = "ANTEROOM_UPGRADE_FROM";

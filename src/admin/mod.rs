@@ -6,7 +6,7 @@
 //! | `GET /status` | JSON: queue, scoreboard, recent deaths, listeners, kernel counters, request totals and rates. |
 //! | `GET /` | The status page (`status.html`, embedded; no external resource) that polls `/status` every second. |
 //! | `GET /health/live` | 200 while the process serves. |
-//! | `GET /health/ready` | 200 when a request would be served; 503 with the reason otherwise. |
+//! | `GET /health/ready` | 200 when a request would be served; 503 with the reason otherwise, and from SIGTERM on (`--drain-delay`). |
 //!
 //! Anything else is 404; a method other than GET or HEAD is 405. The admin listener is small and local:
 //! one task per connection, a head-read deadline, and at most [`ADMIN_CONNS`] connections (the oldest idle
@@ -15,10 +15,14 @@
 //!
 //! Running and crashed requests are shown by path only: query strings often carry tokens and passwords.
 //! `--status-show-query` shows them whole.
+//!
+//! `agent` serves HAProxy's agent-check (`--agent`) on a listener of its own, from the same state.
 
+pub mod agent;
 mod report;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +58,41 @@ pub struct AdminState {
     /// The public listeners, whose kernel accept queues are reported.
     pub listeners: Vec<ListenAddr>,
     pub started: Instant,
+    /// Whether the process is leaving, as balancers should hear it.
+    pub phase: Arc<Lifecycle>,
+}
+
+/// Where the process is in its life, as a balancer should see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// SIGUSR2: a new process is starting on our sockets (back to serving if it fails).
+    Upgrading,
+    /// SIGTERM: from the start of `--drain-delay` to the end.
+    Stopping,
+}
+
+/// The process's [`Phase`], set by `app` and read by the health check and the agent.
+#[derive(Debug, Default)]
+pub struct Lifecycle(AtomicU8);
+
+impl Lifecycle {
+    pub fn set(&self, phase: Phase) {
+        let v = match phase {
+            Phase::Serving => 0,
+            Phase::Upgrading => 1,
+            Phase::Stopping => 2,
+        };
+        self.0.store(v, Ordering::Release);
+    }
+
+    pub fn get(&self) -> Phase {
+        match self.0.load(Ordering::Acquire) {
+            0 => Phase::Serving,
+            1 => Phase::Upgrading,
+            _ => Phase::Stopping,
+        }
+    }
 }
 
 /// The status page, served on `GET /`.
@@ -243,6 +282,9 @@ async fn route(req: Request<Incoming>, admin: &Admin) -> Reply {
 
 /// Why a request sent now would not be served, if it would not.
 fn not_ready(st: &AdminState) -> Option<String> {
+    if st.phase.get() == Phase::Stopping {
+        return Some("stopping (draining)".into());
+    }
     // Derived from every slot's state machine and the queue, in one place (`pool::slot`).
     st.pool.not_ready()
 }

@@ -435,6 +435,11 @@ pub struct Settings {
     /// Address of the admin listener (metrics, status, health); `off` for none.
     #[arg(long, value_name = "ADDR", env = "ANTEROOM_ADMIN", default_value = Config::DEFAULT_ADMIN)]
     pub admin: AdminAddr,
+    /// Serve HAProxy's agent-check protocol on this address (TCP, or a unix socket path): each connection gets
+    /// one line and is closed: `up ready N%` with N following free capacity, `drain` in overload, while
+    /// stopping or upgrading, `down` while every slot is crash-looping [default: off].
+    #[arg(long, value_name = "ADDR", env = "ANTEROOM_AGENT")]
+    pub agent: Option<ListenAddr>,
     /// A path (such as /health) requested from each new worker; it gets traffic only after a 2xx answer.
     /// Without it, a worker is ready once it has accepted a connection.
     #[arg(long, value_name = "PATH", env = "ANTEROOM_READY_PROBE")]
@@ -489,6 +494,10 @@ pub struct Settings {
     /// On SIGTERM, how long to finish queued and running requests before stopping workers, in seconds.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_GRACEFUL_TIMEOUT", default_value = "30")]
     pub graceful_timeout: f64,
+    /// On SIGTERM, keep serving and accepting this many seconds while /health/ready answers 503 and the agent
+    /// `drain`, so that balancers stop sending before the listeners close; 0 = close at once.
+    #[arg(long, value_name = "SECS", env = "ANTEROOM_DRAIN_DELAY", default_value = "0")]
+    pub drain_delay: f64,
     /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
     #[arg(long, env = "ANTEROOM_ACCESS_LOG")]
     pub access_log: bool,
@@ -605,6 +614,7 @@ pub struct Config {
     pub slowlog_timeout: Option<Duration>,
     pub quarantine: QuarantinePolicy,
     pub graceful_timeout: Duration,
+    pub drain_delay: Duration,
     /// Workers run as this account (None: as anteroom).
     pub user: Option<Account>,
     /// Workers get only PATH, LANG, `pass_env` and `env` (`--clear-env`, `auto` resolved).
@@ -746,6 +756,7 @@ impl Config {
                 cooldown: secs("quarantine-for", s.quarantine_for)?,
             },
             graceful_timeout: secs("graceful-timeout", s.graceful_timeout)?,
+            drain_delay: secs_or_off("drain-delay", s.drain_delay)?.unwrap_or_default(),
             clear_env: match s.clear_env {
                 ClearEnv::Yes => true,
                 ClearEnv::No => false,
@@ -821,6 +832,12 @@ impl Config {
             if Some(*a) == self.admin.as_ref() {
                 return Err(invalid("admin", format!("{a} is also a public listener")));
             }
+            if Some(*a) == self.agent.as_ref() {
+                return Err(invalid("agent", format!("{a} is also a public listener")));
+            }
+        }
+        if self.agent.is_some() && self.agent == self.admin {
+            return Err(invalid("agent", "is also the admin listener"));
         }
         if self.proxy_protocol && self.trusted_proxy.is_empty() {
             return Err(invalid(
@@ -1307,6 +1324,21 @@ mod tests {
         std::fs::write(&path, "body-buffer-size = \"big\"\n").unwrap();
         let e = parse(&["--config", p]).unwrap_err();
         assert!(e.contains("body-buffer-size"), "{e}");
+    }
+
+    #[test]
+    fn agent_and_drain_delay() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.agent.as_ref(), c.drain_delay), (None, Duration::ZERO));
+        let c = parse(&["--agent", "127.0.0.1:8002", "--drain-delay", "2.5"]).unwrap();
+        assert_eq!(c.agent, Some("127.0.0.1:8002".parse().unwrap()));
+        assert_eq!(c.drain_delay, Duration::from_millis(2500));
+        let e = parse(&["--agent", "127.0.0.1:8001", "--admin", "127.0.0.1:8001"]).unwrap_err();
+        assert!(e.contains("agent") && e.contains("admin"), "{e}");
+        let e = parse(&["--agent", "127.0.0.1:8000", "--listen", "127.0.0.1:8000"]).unwrap_err();
+        assert!(e.contains("agent"), "{e}");
+        let e = parse(&["--drain-delay=-1"]).unwrap_err();
+        assert!(e.contains("drain-delay"), "{e}");
     }
 
     #[test]
