@@ -543,16 +543,7 @@ impl App {
             drain_delay_s = delay.as_secs_f64(),
             "SIGTERM: draining (health and agent say so), still serving and accepting"
         );
-        let orders = &mut self.orders;
-        let stop_now = async {
-            while let Some(order) = orders.recv().await {
-                if order == Order::StopNow {
-                    return;
-                }
-                tracing::info!("{order:?}: ignored while stopping");
-            }
-            std::future::pending::<()>().await
-        };
+        let stop_now = stop_now(&mut self.orders);
         tokio::select! {
             () = tokio::time::sleep(delay) => End::Graceful,
             () = stop_now => {
@@ -579,16 +570,7 @@ impl App {
                 tokio::time::sleep(DRAIN_POLL).await;
             }
         };
-        let orders = &mut self.orders;
-        let stop_now = async {
-            while let Some(order) = orders.recv().await {
-                if order == Order::StopNow {
-                    return;
-                }
-                tracing::info!("{order:?}: ignored while stopping");
-            }
-            std::future::pending::<()>().await
-        };
+        let stop_now = stop_now(&mut self.orders);
         tokio::select! {
             () = drained => {}
             () = tokio::time::sleep(self.cfg.graceful_timeout) => tracing::warn!("graceful stop timed out"),
@@ -685,6 +667,17 @@ fn start_acceptors(
         );
     }
     Ok(acceptors)
+}
+
+/// Resolves at an order to stop now (a second SIGTERM, or SIGINT); other orders are ignored while stopping.
+async fn stop_now(orders: &mut mpsc::UnboundedReceiver<Order>) {
+    while let Some(order) = orders.recv().await {
+        if order == Order::StopNow {
+            return;
+        }
+        tracing::info!("{order:?}: ignored while stopping");
+    }
+    std::future::pending::<()>().await
 }
 
 /// The signals anteroom handles, installed (from then on they no longer kill the process) but not yet

@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{accept, AdminState, Phase, Stream};
+use super::{next_conn, AdminState, Phase, Stream};
 use crate::front::listen::Listener;
 use crate::queue::delay::Mode;
 use crate::ratelog::LogLimit;
@@ -216,21 +216,7 @@ pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: Cancellatio
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
     let mut last = None;
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            a = accept(&listener) => a,
-        };
-        let stream = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(suppressed) = ACCEPT_FAILED.check() {
-                    tracing::warn!(agent = %listener.local_addr(), suppressed, "agent accept failed: {e}");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = next_conn(&listener, &stop, "agent", &ACCEPT_FAILED).await {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };

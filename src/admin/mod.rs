@@ -134,21 +134,7 @@ pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: Cancellatio
     };
     let table = Table::new("admin", Limits::fixed(ADMIN_CONNS), TableMetrics::default());
     static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            a = accept(&listener) => a,
-        };
-        let stream = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(suppressed) = ACCEPT_FAILED.check() {
-                    tracing::warn!(admin = %listener.local_addr(), suppressed, "admin accept failed: {e}");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = next_conn(&listener, &stop, "admin", &ACCEPT_FAILED).await {
         // Beyond the bound with nothing idle to close: the connection is just closed.
         let Some(entry) = table.count().and_then(|c| table.admit(c).ok()) else {
             continue;
@@ -164,6 +150,31 @@ pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: Cancellatio
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// The next connection on `listener`, or None once `stop` is cancelled. A failed accept (out of descriptors,
+/// say) is logged as `what`'s, within `log`'s limit, and tried again a little later.
+async fn next_conn(
+    listener: &Listener,
+    stop: &CancellationToken,
+    what: &'static str,
+    log: &'static LogLimit,
+) -> Option<Stream> {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return None,
+            a = accept(listener) => a,
+        };
+        match accepted {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                if let Some(suppressed) = log.check() {
+                    tracing::warn!(listener = %listener.local_addr(), suppressed, "{what} accept failed: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Stream> {
