@@ -280,7 +280,6 @@ impl App {
             source,
         })?;
         let queue = Queue::from_config(&cfg);
-        queue.expire_in_background();
         let quarantine = Arc::new(Quarantine::new(cfg.quarantine));
         let metrics = Arc::new(Metrics::new());
         metrics.queue_limit.set(cfg.max_queue as i64);
