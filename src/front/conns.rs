@@ -417,9 +417,11 @@ impl ConnHandle {
         }
     }
 
-    /// From now on, closed by the table once idle (silent) for `--header-timeout`.
-    pub fn expire_when_idle(&self) {
-        self.0.expires.store(true, Ordering::Relaxed);
+    /// While `on`, the table closes this connection once it has been idle for `--header-timeout`. An HTTP
+    /// connection turns it on while it waits for a request's first byte, and off once a head is arriving,
+    /// which then has its own deadline (408 when late), not a silent close.
+    pub fn expire_when_idle(&self, on: bool) {
+        self.0.expires.store(on, Ordering::Relaxed);
     }
 
     #[cfg(test)]
@@ -550,14 +552,14 @@ mod tests {
         let t = table(10);
         t.expire_idle_in_background(Duration::from_secs(10));
         let http = connect(&t).unwrap();
-        http.expire_when_idle();
+        http.expire_when_idle(true);
         let peer = connect(&t).unwrap(); // a FastCGI peer: never closed for being idle
         let busy = connect(&t).unwrap();
-        busy.expire_when_idle();
+        busy.expire_when_idle(true);
         let _request = busy.request_started();
         tokio::time::sleep(Duration::from_secs(5)).await;
         let later = connect(&t).unwrap();
-        later.expire_when_idle();
+        later.expire_when_idle(true);
         tokio::time::sleep(Duration::from_millis(5_100)).await;
         assert!(http.is_closing(), "silent for 10 s");
         assert!(!later.is_closing(), "silent for 5 s");

@@ -158,7 +158,6 @@ enum Next {
 
 impl<S: Socket> Conn<S> {
     fn new(io: S, origin: Origin, front: Arc<Admission>, entry: ConnHandle) -> Conn<S> {
-        entry.expire_when_idle();
         Conn {
             io,
             buf: BytesMut::new(),
@@ -183,8 +182,14 @@ impl<S: Socket> Conn<S> {
             // connection silent for --header-timeout); reading the head and serving the request are
             // boxed, allocated while a request is under way (measured: 6.4 KiB unboxed).
             let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
-            if self.buf.is_empty() && !self.wait_for_bytes().await {
-                return;
+            if self.buf.is_empty() {
+                self.entry.expire_when_idle(true);
+                let spoke = self.wait_for_bytes().await;
+                // A head is arriving: `deadline` is its own (408), the table's sweep no longer applies.
+                self.entry.expire_when_idle(false);
+                if !spoke {
+                    return;
+                }
             }
             match Box::pin(self.one(deadline)).await {
                 Next::KeepAlive => {}
