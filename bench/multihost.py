@@ -44,7 +44,7 @@ APP = os.path.join(ROOT, "tests", "fixtures", "multihost_app.py")
 CFG = os.path.join(ROOT, "deploy", "haproxy.cfg")
 NGINX_CFG = os.path.join(ROOT, "deploy", "nginx-upstream.conf")
 BALANCERS = {"plain": "haproxy round-robin, health checks", "agent": "haproxy + agent",
-             "nginx": "nginx max_fails + proxy_next_upstream"}
+             "nginx": "nginx proxy_next_upstream"}
 
 HOSTS = 3
 WORKERS = 3
