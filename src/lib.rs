@@ -42,3 +42,6 @@ pub(crate) mod sys;
 pub mod systemd;
 pub(crate) mod upgrade;
 pub(crate) mod worker;
+
+/// The process's allocator (`sys/alloc.rs`): the binary installs it with `#[global_allocator]`.
+pub use sys::alloc::Allocator;

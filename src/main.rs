@@ -8,6 +8,9 @@ use anteroom::app::Stopped;
 use anteroom::config::{Cli, Command, Config, ConfigError, LogFormat};
 use anteroom::systemd::Inherited;
 
+#[global_allocator]
+static ALLOCATOR: anteroom::Allocator = anteroom::Allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse_env_aware();
     match cli.command {

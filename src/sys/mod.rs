@@ -9,6 +9,7 @@
 //! code than it saves (the child's fd 3 before exec, the demo worker's fd 0, the descriptors passed by
 //! systemd or by the anteroom being upgraded: `passfd`).
 
+pub mod alloc;
 pub mod exit;
 pub mod fd;
 pub mod memory;
