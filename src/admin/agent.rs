@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{next_conn, AdminState, Phase, Stream};
+use super::{every, next_conn, AdminState, Phase, Stream};
 use crate::front::listen::Listener;
 use crate::queue::delay::Mode;
 use crate::ratelog::LogLimit;
@@ -201,16 +201,9 @@ fn snapshot(st: &AdminState, samples: &Samples) -> Snapshot {
 pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: CancellationToken) {
     let samples = Arc::new(Samples::default());
     let sampling = {
-        let (samples, state, stop) = (samples.clone(), state.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SAMPLE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => samples.record(state.pool.busy(), state.queue.len()),
-                }
-            }
+        let (samples, state) = (samples.clone(), state.clone());
+        every(SAMPLE_EVERY, stop.clone(), move || {
+            samples.record(state.pool.busy(), state.queue.len());
         })
     };
     let slots = Arc::new(Semaphore::new(MAX_CONNS));

@@ -120,16 +120,8 @@ pub async fn serve(listener: Listener, state: Arc<AdminState>, stop: Cancellatio
     // whoever polls it, and however often.
     let sampling = {
         let admin = admin.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SAMPLE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => admin.sampler.record(report::sample(&admin.state.metrics)),
-                }
-            }
+        every(SAMPLE_EVERY, stop.clone(), move || {
+            admin.sampler.record(report::sample(&admin.state.metrics));
         })
     };
     let table = Table::new("admin", Limits::fixed(ADMIN_CONNS), TableMetrics::default());
@@ -154,6 +146,24 @@ enum Stream {
 
 /// The next connection on `listener`, or None once `stop` is cancelled. A failed accept (out of descriptors,
 /// say) is logged as `what`'s, within `log`'s limit, and tried again a little later.
+/// Runs `f` every `period` until `stop` (a sampler of the state that the answers average over time).
+fn every(
+    period: Duration,
+    stop: CancellationToken,
+    mut f: impl FnMut() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => f(),
+            }
+        }
+    })
+}
+
 async fn next_conn(
     listener: &Listener,
     stop: &CancellationToken,
