@@ -14,6 +14,7 @@ use common::*;
 fn raw_worker() -> Anteroom {
     Anteroom::start_env(
         &[
+            "--access-log",
             "--workers",
             "1",
             "--worker-protocol",
@@ -53,7 +54,10 @@ fn split_head(all: &[u8]) -> (String, &[u8]) {
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(all)))
         + 4;
-    (String::from_utf8_lossy(&all[..end]).into_owned(), &all[end..])
+    (
+        String::from_utf8_lossy(&all[..end]).into_owned(),
+        &all[end..],
+    )
 }
 
 /// The status of the access-log line for `path`, once it is written.
@@ -96,7 +100,8 @@ fn a_lying_content_length_is_a_502_or_an_aborted_response() {
     let (head, body) = split_head(&all);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
-        head.to_ascii_lowercase().contains("content-length: 2000000"),
+        head.to_ascii_lowercase()
+            .contains("content-length: 2000000"),
         "{head}"
     );
     assert!(body.len() < 2_000_000, "{} bytes", body.len());
@@ -115,7 +120,10 @@ fn ambiguous_framing_and_other_codings_are_502() {
     let a = raw_worker();
     for (path, why) in [
         ("/cl-te", "both Content-Length and Transfer-Encoding"),
-        ("/gzip-te", "Transfer-Encoding \"gzip, chunked\" is not exactly chunked"),
+        (
+            "/gzip-te",
+            "Transfer-Encoding \"gzip, chunked\" is not exactly chunked",
+        ),
     ] {
         let r = a.get(path);
         assert_eq!(r.status, 502, "{path}: {}", r.text());
@@ -144,7 +152,12 @@ fn bodies_by_every_framing_arrive_whole() {
     // Chunked: a small one complete with its head goes out whole, with its length; a large one streams.
     let r = a.get("/chunked-small");
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-length").as_deref(), Some("3000"), "{}", r.head);
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some("3000"),
+        "{}",
+        r.head
+    );
     assert_eq!(r.body, pattern(3000));
     let r = a.get("/chunked-large");
     assert_eq!(r.status, 200);
@@ -194,14 +207,28 @@ fn interim_heads_head_204_and_304() {
     assert_eq!(heads.len(), 4, "{text}");
     assert!(heads[0].starts_with("200"), "{text}");
     assert!(
-        heads[0].to_ascii_lowercase().contains("content-length: 1234"),
+        heads[0]
+            .to_ascii_lowercase()
+            .contains("content-length: 1234"),
         "{text}"
     );
-    assert!(heads[0].ends_with("\r\n\r\n"), "a body followed HEAD: {text}");
-    assert!(heads[1].starts_with("204") && heads[1].contains("x-was: 204"), "{text}");
+    assert!(
+        heads[0].ends_with("\r\n\r\n"),
+        "a body followed HEAD: {text}"
+    );
+    assert!(
+        heads[1].starts_with("204") && heads[1].contains("x-was: 204"),
+        "{text}"
+    );
     assert!(heads[1].ends_with("\r\n\r\n"), "{text}");
-    assert!(heads[2].starts_with("304") && heads[2].contains("etag"), "{text}");
-    assert!(heads[3].starts_with("200") && heads[3].ends_with("ok\n"), "{text}");
+    assert!(
+        heads[2].starts_with("304") && heads[2].contains("etag"),
+        "{text}"
+    );
+    assert!(
+        heads[3].starts_with("200") && heads[3].ends_with("ok\n"),
+        "{text}"
+    );
 }
 
 #[test]
