@@ -1,4 +1,5 @@
-//! The chunked request body (RFC 9112 §7.1), decoded incrementally from whatever bytes have arrived.
+//! The chunked body (RFC 9112 §7.1) of a request or of a worker's response, decoded incrementally from
+//! whatever bytes have arrived.
 //!
 //! Strict on every byte where a lenient reader could find a different end of the body: a chunk size is 1 to
 //! 16 hex digits (no sign, no `0x`, no whitespace before it), every line ends with CRLF, the data is followed

@@ -1,6 +1,8 @@
-//! anteroom's own HTTP/1.1 server codec, on `httparse`: the request head, the chunked body, the response
-//! head. Pure functions over bytes, no I/O, so that they can be tested case by case and fuzzed
-//! (`fuzz/fuzz_targets/http1_request.rs`); the connection that drives them is `front/http`.
+//! anteroom's own HTTP/1.1 codec, on `httparse`: the request head, the chunked body, the response head
+//! (`response`, for the fronts' clients), and a worker's response head (`client`, for `worker/http`). Pure
+//! functions over bytes, no I/O, so that they can be tested case by case and fuzzed
+//! (`fuzz/fuzz_targets/http1_request.rs`, `http1_response.rs`); the connections that drive them are
+//! `front/http` and `worker/http`.
 //!
 //! Why our own and not hyper's: a request waiting in the queue is the product, and hyper keeps fixed 8 KiB
 //! buffers per connection from the first byte to the last (about 19 KiB per waiting request, measured). Here
@@ -15,10 +17,14 @@
 //! request is written out again for the worker, so no other parser sees these bytes).
 
 mod chunked;
+mod client;
 mod request;
 mod response;
 
 pub use chunked::{ChunkError, ChunkedDecoder, Step};
+pub use client::{
+    parse_response, ParsedResponse, ResponseError, ResponseFraming, ResponseHead, MAX_RESPONSE_HEAD,
+};
 pub use request::{parse_request, Framing, Head, HeadError, Limits, Parsed};
 pub use response::{encode_head, BodyFraming};
 

@@ -51,15 +51,15 @@ pub enum BadResponse {
     Record(#[source] crate::fastcgi::ProtocolError),
     #[error("{0}")]
     Head(#[source] crate::cgi::CgiError),
+    /// The worker's HTTP response head (`http1::client`).
     #[error("{0}")]
-    Http(#[source] hyper::Error),
+    Http(#[source] crate::http1::ResponseError),
+    /// The worker's chunked response body.
+    #[error("bad chunked body: {0}")]
+    Chunked(#[source] crate::http1::ChunkError),
     /// The request itself could not be put in the worker's terms (FastCGI params, the HTTP target).
     #[error("cannot encode the request for the worker: {0}")]
     Request(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// RFC 9112 §6.3: both Content-Length and Transfer-Encoding. hyper's client decodes such a response as
-    /// chunked and keeps both headers, so relaying it would send a client a length the body does not have.
-    #[error("the response has both Content-Length and Transfer-Encoding: its length is ambiguous")]
-    LengthAndEncoding,
     /// Wrong in a way no decoder reports: said in our words.
     #[error("{0}")]
     Worker(String),
