@@ -297,3 +297,42 @@ fn kept_alive_connections_to_gunicorn_gthread() {
     // crossed the run).
     assert!(conns.len() <= 2, "{conns:?}");
 }
+
+/// A worker that answers before it has read a large body, and whose answer is larger than the socket can
+/// hold: anteroom stops sending the body once the answer's head is in and relays it (writing the whole
+/// body first would wait for the worker, which waits for anteroom to read: until the request timeout).
+#[test]
+fn an_answer_before_the_body_is_read_is_relayed() {
+    let a = Anteroom::start_env(
+        &[
+            "--access-log",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "20",
+            "--worker-protocol",
+            "http",
+            "--",
+            "python3",
+            "tests/fixtures/raw_http_worker.py",
+        ],
+        &[],
+        Some("/ready"),
+    );
+    let body = vec![b'x'; 4_000_000];
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "POST /early-large HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let (head, got) = split_head(&all);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(got.len(), 2_000_000, "{head}");
+    assert!(got == pattern(2_000_000).as_slice());
+}

@@ -23,7 +23,7 @@ use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Method, Response};
 use http_body_util::BodyExt;
 use socket2::{Domain, SockAddr, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 use super::{BadResponse, Progress, WorkerError};
@@ -174,9 +174,9 @@ impl HttpConn {
         id: &str,
         progress: &mut Progress,
     ) -> Result<Answer, WorkerError> {
-        let sent_whole = self.send(&request, body).await?;
-        drop(request);
         let mut buf = BytesMut::with_capacity(FIRST_READ);
+        let sent_whole = self.send(&request, body, &mut buf, is_head, progress).await?;
+        drop(request);
         let (head, len) = loop {
             match http1::parse_response(&buf, is_head) {
                 Ok(ParsedResponse::Complete(head, len)) => break (head, len),
@@ -312,19 +312,42 @@ impl HttpConn {
     /// socket has room; waiting for the runtime to say so would cost a turn of its loop), then the rest.
     /// `Ok(false)`: the worker closed its end after taking part of it; its answer (a 413, say) is still
     /// to be read.
-    async fn send(&mut self, head: &[u8], mut body: BodyStream) -> Result<bool, WorkerError> {
+    ///
+    /// Meanwhile the worker's answer is watched for: one that answers before it has read the whole request
+    /// (an app refusing an upload), with more than the socket holds, would wait for us to read while we
+    /// waited for it to read. Once its final head is in (or it closed), the rest of the body is not sent,
+    /// `Ok(false)`, and what it sent is in `buf` for [`Self::exchange`] to read on from.
+    async fn send(
+        &mut self,
+        head: &[u8],
+        mut body: BodyStream,
+        buf: &mut BytesMut,
+        is_head: bool,
+        progress: &mut Progress,
+    ) -> Result<bool, WorkerError> {
         let first = body.next_chunk().await.map_err(WorkerError::Io)?;
         let first = first.unwrap_or_default();
         let mut written = 0;
-        let mut r = write_all(&mut self.io, &[head, &first], &mut written).await;
-        while r.is_ok() {
-            match body.next_chunk().await {
-                Ok(Some(chunk)) => r = write_all(&mut self.io, &[&chunk], &mut written).await,
-                Ok(None) => break,
+        let mut next: [&[u8]; 2] = [head, &first];
+        let mut chunk;
+        let r = loop {
+            let write = write_all(&self.io, &next, &mut written);
+            let answered = answered_early(&self.io, buf, is_head, &mut progress.received_bytes);
+            tokio::select! {
+                r = write => if r.is_err() { break r },
+                a = answered => {
+                    a?;
+                    return Ok(false);
+                }
+            }
+            chunk = match body.next_chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
                 // Our temp file, not the worker: whatever was sent, the exchange is off.
                 Err(e) => return Err(WorkerError::Io(e)),
-            }
-        }
+            };
+            next = [&chunk, &[]];
+        };
         match r {
             Ok(()) => Ok(true),
             // Not a byte went: a kept-alive connection the worker had closed (EPIPE).
@@ -365,8 +388,41 @@ impl HttpConn {
     }
 }
 
+/// Resolves once the worker has sent a final head (or bytes that are none, or closed) before the request
+/// went whole; what it sent is left in `buf`. Interim heads (1xx) do not count: the worker still reads.
+async fn answered_early(
+    io: &UnixStream,
+    buf: &mut BytesMut,
+    is_head: bool,
+    received: &mut u64,
+) -> Result<(), WorkerError> {
+    loop {
+        io.readable().await?;
+        if buf.capacity() - buf.len() < MIN_ROOM {
+            buf.reserve(FIRST_READ);
+        }
+        match io.try_read_buf(buf) {
+            // Closed: the reads that follow find the end.
+            Ok(0) => return Ok(()),
+            Ok(n) => *received += n as u64,
+            // Readiness left from the previous answer on a kept-alive connection.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let mut at = 0;
+        loop {
+            match http1::parse_response(&buf[at..], is_head) {
+                Ok(ParsedResponse::Interim(len)) => at += len,
+                Ok(ParsedResponse::Partial) => break,
+                // A final head, or a bad one: the exchange reads on from `buf` and judges it.
+                Ok(ParsedResponse::Complete(..)) | Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
 /// Writes all of `parts`, counting into `written` what went.
-async fn write_all(io: &mut UnixStream, parts: &[&[u8]], written: &mut usize) -> io::Result<()> {
+async fn write_all(io: &UnixStream, parts: &[&[u8]], written: &mut usize) -> io::Result<()> {
     let mut storage = [IoSlice::new(&[]); 2];
     for (s, p) in storage.iter_mut().zip(parts) {
         *s = IoSlice::new(p);
@@ -383,7 +439,12 @@ async fn write_all(io: &mut UnixStream, parts: &[&[u8]], written: &mut usize) ->
                 Err(e) => return Err(e.into()),
             }
         } else {
-            io.write_vectored(slices).await?
+            io.writable().await?;
+            match io.try_write_vectored(slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
