@@ -617,7 +617,6 @@ fn client_table(limits: Limits, metrics: &Metrics) -> Arc<Table> {
             closed_idle: metrics.connections_idle_closed.clone(),
             refused: metrics.connections_refused.clone(),
             bad_proxy_header: metrics.connections_bad_proxy_header.clone(),
-            by_thread: metrics.connections_accepted_by_thread.clone(),
         },
     );
     let room = table.clone();

@@ -117,7 +117,6 @@ pub struct Metrics {
     pub connections_idle_closed: Counter,
     pub connections_refused: Counter,
     pub connections_bad_proxy_header: Counter,
-    pub connections_accepted_by_thread: Counter,
     totals: Totals,
     registry: Registry,
 }
@@ -152,7 +151,6 @@ impl Metrics {
             connections_idle_closed: Counter::default(),
             connections_refused: Counter::default(),
             connections_bad_proxy_header: Counter::default(),
-            connections_accepted_by_thread: Counter::default(),
             totals: Totals::default(),
             registry: Registry::default(),
         };
@@ -191,7 +189,31 @@ impl Metrics {
             "Worker processes started",
             m.spawns.clone(),
         );
-        register_connections(&mut registry, &m);
+        registry.register(
+            "client_connections",
+            "Client connections open now, from accept to close, silent ones included",
+            m.connections.clone(),
+        );
+        registry.register(
+            "client_connections_limit",
+            "Most client connections open at once (--max-connections, or from RLIMIT_NOFILE)",
+            m.connections_limit.clone(),
+        );
+        registry.register(
+            "client_connections_idle_closed",
+            "Idle client connections (silent, or kept alive between requests) closed to make room at the limit",
+            m.connections_idle_closed.clone(),
+        );
+        registry.register(
+            "client_connections_refused",
+            "New client connections refused at the limit because none was idle (HTTP: 503)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "client_connections_bad_proxy_header",
+            "Client connections closed for a missing, malformed or late PROXY protocol header (--proxy-protocol)",
+            m.connections_bad_proxy_header.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -239,40 +261,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
-}
-
-/// The client connection table's numbers (`front/conns`, `front/acceptor`).
-fn register_connections(registry: &mut Registry, m: &Metrics) {
-    registry.register(
-        "client_connections",
-        "Client connections open now, from accept to close, silent ones included",
-        m.connections.clone(),
-    );
-    registry.register(
-        "client_connections_limit",
-        "Most client connections open at once (--max-connections, or from RLIMIT_NOFILE)",
-        m.connections_limit.clone(),
-    );
-    registry.register(
-        "client_connections_idle_closed",
-        "Idle client connections (silent, or kept alive between requests) closed to make room at the limit",
-        m.connections_idle_closed.clone(),
-    );
-    registry.register(
-        "client_connections_refused",
-        "New client connections refused at the limit because none was idle (HTTP: 503)",
-        m.connections_refused.clone(),
-    );
-    registry.register(
-        "client_connections_bad_proxy_header",
-        "Client connections closed for a missing, malformed or late PROXY protocol header (--proxy-protocol)",
-        m.connections_bad_proxy_header.clone(),
-    );
-    registry.register(
-        "client_connections_accepted_by_thread",
-        "Client connections accepted by an acceptor's backstop thread (a burst, or a stalled runtime) rather than on the runtime",
-        m.connections_accepted_by_thread.clone(),
-    );
 }
 
 #[cfg(test)]

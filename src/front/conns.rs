@@ -61,8 +61,6 @@ pub struct TableMetrics {
     pub refused: Counter,
     /// Connections closed for a missing or malformed PROXY protocol header (`--proxy-protocol`).
     pub bad_proxy_header: Counter,
-    /// Connections accepted by an acceptor's backstop thread, not on the runtime (`front/acceptor`).
-    pub by_thread: Counter,
 }
 
 /// Every open client connection of a group of listeners.
@@ -231,11 +229,6 @@ impl Table {
             table: self.clone(),
             pending: true,
         })
-    }
-
-    /// A connection was accepted by an acceptor's backstop thread: a burst, or a stalled runtime.
-    pub fn accepted_by_thread(&self) {
-        self.m.by_thread.inc();
     }
 
     fn refused(&self) {
@@ -500,32 +493,27 @@ impl Drop for InProgress {
     }
 }
 
-/// At most `max` connections, and descriptors for `budget` (connections and temp files).
-#[cfg(test)]
-pub(crate) fn table_for_tests(max: usize, budget: usize) -> Arc<Table> {
-    let t = Table::new(
-        "test",
-        Limits {
-            max,
-            fd_budget: budget,
-            hard_cap: max + 2,
-            nofile: 0,
-            reserve: 0,
-        },
-        TableMetrics::default(),
-    );
-    // Not the process's temp files, which other tests open meanwhile.
-    let mut t = Arc::into_inner(t).unwrap();
-    t.temp_files = || 0;
-    Arc::new(t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// At most `max` connections, and descriptors for `budget` (connections and temp files).
     fn table_with(max: usize, budget: usize) -> Arc<Table> {
-        table_for_tests(max, budget)
+        let t = Table::new(
+            "test",
+            Limits {
+                max,
+                fd_budget: budget,
+                hard_cap: max + 2,
+                nofile: 0,
+                reserve: 0,
+            },
+            TableMetrics::default(),
+        );
+        // Not the process's temp files, which other tests open meanwhile.
+        let mut t = Arc::into_inner(t).unwrap();
+        t.temp_files = || 0;
+        Arc::new(t)
     }
 
     fn table(max: usize) -> Arc<Table> {

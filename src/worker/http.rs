@@ -175,7 +175,9 @@ impl HttpConn {
         progress: &mut Progress,
     ) -> Result<Answer, WorkerError> {
         let mut buf = BytesMut::with_capacity(FIRST_READ);
-        let sent_whole = self.send(&request, body, &mut buf, is_head, progress).await?;
+        let sent_whole = self
+            .send(&request, body, &mut buf, is_head, progress)
+            .await?;
         drop(request);
         let (head, len) = loop {
             match http1::parse_response(&buf, is_head) {
@@ -433,7 +435,7 @@ async fn write_all(io: &UnixStream, parts: &[&[u8]], written: &mut usize) -> io:
     while !slices.is_empty() {
         let n = if std::mem::take(&mut first) {
             // Straight to the kernel: tokio would wait for a readiness event first on a new socket.
-            match rustix::io::writev(&*io, slices) {
+            match rustix::io::writev(io, slices) {
                 Ok(n) => n,
                 Err(e) if e == rustix::io::Errno::AGAIN => continue,
                 Err(e) => return Err(e.into()),
