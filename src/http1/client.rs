@@ -13,7 +13,7 @@
 //! response with both, a list or repeated `Content-Length`, a malformed or oversized head is refused:
 //! the client gets a 502 rather than a body whose end two readers could disagree on.
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode, Version};
 
 use super::request::MAX_HEADERS;
@@ -91,7 +91,7 @@ pub fn parse_response(buf: &[u8], is_head: bool) -> Result<ParsedResponse, Respo
         }
         Ok(httparse::Status::Partial) => return Ok(ParsedResponse::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooManyHeaders),
-        Err(e) => return Err(ResponseError::Syntax(syntax(e))),
+        Err(e) => return Err(ResponseError::Syntax(super::syntax(e, "token"))),
     };
     if len > MAX_RESPONSE_HEAD {
         return Err(ResponseError::TooLarge);
@@ -104,19 +104,8 @@ pub fn parse_response(buf: &[u8], is_head: bool) -> Result<ParsedResponse, Respo
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(ResponseError::Status(code));
     }
-    let version = if minor == 0 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| ResponseError::Syntax("header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| ResponseError::Syntax("header value"))?;
-        headers.append(name, value);
-    }
+    let version = super::version(minor);
+    let headers = super::header_map(resp.headers).map_err(ResponseError::Syntax)?;
     // Checked whatever the status: a worker that frames even a bodiless response ambiguously is broken.
     let declared = framing(&headers, version)?;
     if status.is_informational() {
@@ -130,9 +119,9 @@ pub fn parse_response(buf: &[u8], is_head: bool) -> Result<ParsedResponse, Respo
         };
     let keep_alive = framing != ResponseFraming::Close
         && if version == Version::HTTP_11 {
-            !has_token(&headers, "close")
+            !super::has_token(&headers, &CONNECTION, "close")
         } else {
-            has_token(&headers, "keep-alive")
+            super::has_token(&headers, &CONNECTION, "keep-alive")
         };
     let head = ResponseHead {
         status,
@@ -183,26 +172,6 @@ fn content_length(v: &[u8]) -> Result<u64, ResponseError> {
             .and_then(|n| n.checked_add(u64::from(d - b'0')))
             .ok_or(ResponseError::BadLength)
     })
-}
-
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
-}
-
-fn syntax(e: httparse::Error) -> &'static str {
-    match e {
-        httparse::Error::HeaderName => "header name",
-        httparse::Error::HeaderValue => "header value",
-        httparse::Error::NewLine => "line ending",
-        httparse::Error::Status => "status",
-        httparse::Error::Token => "token",
-        httparse::Error::TooManyHeaders => "too many headers",
-        httparse::Error::Version => "HTTP version",
-    }
 }
 
 #[cfg(test)]

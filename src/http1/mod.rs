@@ -39,3 +39,45 @@ pub const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
     "proxy-connection",
 ];
+
+/// HTTP/1.0 or HTTP/1.1, from httparse's minor version (it accepts no other major).
+fn version(minor: u8) -> http::Version {
+    if minor == 0 {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    }
+}
+
+/// The parsed header lines as a map; the error names the part that is not a valid header.
+fn header_map(raw: &[httparse::Header<'_>]) -> Result<http::HeaderMap, &'static str> {
+    let mut headers = http::HeaderMap::with_capacity(raw.len());
+    for h in raw {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "header name")?;
+        let value = http::HeaderValue::from_bytes(h.value).map_err(|_| "header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Whether the comma-separated values of `name` hold `token` (case-insensitive).
+fn has_token(headers: &http::HeaderMap, name: &http::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// What httparse found wrong, in words; `token` names what a bad token is in this kind of head.
+fn syntax(e: httparse::Error, token: &'static str) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "header name",
+        httparse::Error::HeaderValue => "header value",
+        httparse::Error::NewLine => "line ending",
+        httparse::Error::Status => "status",
+        httparse::Error::Token => token,
+        httparse::Error::TooManyHeaders => "too many headers",
+        httparse::Error::Version => "HTTP version",
+    }
+}

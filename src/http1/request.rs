@@ -1,8 +1,6 @@
 //! The request head: bytes in, a parsed head and how its body is framed out, or the reason it is refused.
 
-use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING,
-};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 /// The most header fields a request may have (hyper's limit too).
@@ -101,7 +99,7 @@ pub fn parse_request(buf: &[u8], limits: Limits) -> Result<Parsed, HeadError> {
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(httparse::Error::Version) => return Err(version_error(buf)),
-        Err(e) => return Err(HeadError::Syntax(syntax(e))),
+        Err(e) => return Err(HeadError::Syntax(super::syntax(e, "method or target"))),
     };
     if len > limits.max_head {
         return Err(HeadError::TooLarge(limits.max_head));
@@ -119,24 +117,13 @@ pub fn parse_request(buf: &[u8], limits: Limits) -> Result<Parsed, HeadError> {
         return Err(HeadError::BadTarget);
     }
     let uri = Uri::try_from(path).map_err(|_| HeadError::BadTarget)?;
-    let version = if minor == 0 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| HeadError::Syntax("header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Syntax("header value"))?;
-        headers.append(name, value);
-    }
+    let version = super::version(minor);
+    let headers = super::header_map(req.headers).map_err(HeadError::Syntax)?;
     let framing = framing(&headers, version)?;
     let keep_alive = if version == Version::HTTP_11 {
-        !has_token(&headers, &CONNECTION, "close")
+        !super::has_token(&headers, &CONNECTION, "close")
     } else {
-        has_token(&headers, &CONNECTION, "keep-alive")
+        super::has_token(&headers, &CONNECTION, "keep-alive")
     };
     let expect_continue = version == Version::HTTP_11
         && framing != Framing::Empty
@@ -167,18 +154,6 @@ fn version_error(buf: &[u8]) -> HeadError {
             HeadError::Version(major - b'0')
         }
         _ => HeadError::Syntax("HTTP version"),
-    }
-}
-
-fn syntax(e: httparse::Error) -> &'static str {
-    match e {
-        httparse::Error::HeaderName => "header name",
-        httparse::Error::HeaderValue => "header value",
-        httparse::Error::NewLine => "line ending",
-        httparse::Error::Status => "status",
-        httparse::Error::Token => "method or target",
-        httparse::Error::TooManyHeaders => "too many headers",
-        httparse::Error::Version => "HTTP version",
     }
 }
 
@@ -232,14 +207,6 @@ fn content_length(v: &[u8]) -> Result<u64, HeadError> {
 }
 
 /// Whether the comma-separated field `name` holds `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
