@@ -10,6 +10,7 @@ pub fn trim_heap() -> bool {
 
 /// jemalloc returns freed pages as they age (`dirty_decay_ms`), but only when it is called: after a peak of
 /// connections an idle process would keep them. `arena.<all>.purge` returns them now.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn purge_jemalloc() {
     // "arena.4096.purge": 4096 is MALLCTL_ARENAS_ALL.
     const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
