@@ -12,20 +12,21 @@ use std::time::Duration;
 use common::*;
 
 fn raw_worker() -> Anteroom {
-    Anteroom::start_env(
-        &[
-            "--access-log",
-            "--workers",
-            "1",
-            "--worker-protocol",
-            "http",
-            "--",
-            "python3",
-            "tests/fixtures/raw_http_worker.py",
-        ],
-        &[],
-        Some("/ready"),
-    )
+    raw_worker_with(&[])
+}
+
+/// The raw worker app behind anteroom started with `extra` options too.
+fn raw_worker_with(extra: &[&str]) -> Anteroom {
+    let mut args = vec![
+        "--access-log",
+        "--workers",
+        "1",
+        "--worker-protocol",
+        "http",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--", "python3", "tests/fixtures/raw_http_worker.py"]);
+    Anteroom::start_env(&args, &[], Some("/ready"))
 }
 
 /// The byte pattern the worker app sends (byte i is i % 251).
@@ -303,22 +304,7 @@ fn kept_alive_connections_to_gunicorn_gthread() {
 /// body first would wait for the worker, which waits for anteroom to read: until the request timeout).
 #[test]
 fn an_answer_before_the_body_is_read_is_relayed() {
-    let a = Anteroom::start_env(
-        &[
-            "--access-log",
-            "--workers",
-            "1",
-            "--request-timeout",
-            "20",
-            "--worker-protocol",
-            "http",
-            "--",
-            "python3",
-            "tests/fixtures/raw_http_worker.py",
-        ],
-        &[],
-        Some("/ready"),
-    );
+    let a = raw_worker_with(&["--request-timeout", "20"]);
     let body = vec![b'x'; 4_000_000];
     let mut s = TcpStream::connect(a.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();

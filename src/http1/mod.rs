@@ -81,3 +81,13 @@ fn syntax(e: httparse::Error, token: &'static str) -> &'static str {
         httparse::Error::Version => "HTTP version",
     }
 }
+
+/// A Content-Length value: 1*DIGIT and nothing else (no sign, no spaces, no list), without overflow.
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}

@@ -194,19 +194,10 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, HeadError> 
     Ok(Framing::Chunked)
 }
 
-/// 1*DIGIT and nothing else: no sign, no spaces, no list, no overflow.
 fn content_length(v: &[u8]) -> Result<u64, HeadError> {
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        return Err(HeadError::BadLength);
-    }
-    v.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(d - b'0')))
-            .ok_or(HeadError::BadLength)
-    })
+    super::digits(v).ok_or(HeadError::BadLength)
 }
 
-/// Whether the comma-separated field `name` holds `token` (case-insensitive).
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,7 +335,10 @@ impl HttpConn {
         let r = loop {
             let write = write_all(&self.io, &next, &mut written);
             let answered = answered_early(&self.io, buf, is_head, &mut progress.received_bytes);
+            // Biased: a write that completes at once (most do) never polls the watch, which would cost a
+            // `recvfrom` per request on a kept-alive connection whose readiness is left from its last answer.
             tokio::select! {
+                biased;
                 r = write => if r.is_err() { break r },
                 a = answered => {
                     a?;
