@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -264,7 +264,7 @@ impl Client {
     /// More bytes; `Ok(false)` at the end of the stream (a reset counts as one).
     fn fill(&mut self) -> std::io::Result<bool> {
         let mut chunk = [0u8; 16384];
-        match self.s.read(&mut chunk) {
+        match read_some(&mut self.s, &mut chunk) {
             Ok(0) => Ok(false),
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);

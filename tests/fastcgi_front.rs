@@ -414,7 +414,7 @@ fn multiplexed_requests_with_aborts_and_hangups_leak_nothing() {
                         }
                         Some(_) => {}
                         None => {
-                            let n = s.read(&mut chunk).unwrap();
+                            let n = read_some(&mut s, &mut chunk).unwrap();
                             assert!(n > 0, "connection closed with {ended} of {BATCH} ended");
                             buf.extend_from_slice(&chunk[..n]);
                         }
@@ -549,7 +549,7 @@ fn malformed_input_closes_only_that_connection() {
     let mut got = Vec::new();
     let mut chunk = [0u8; 8192];
     while !got.windows(2).any(|w| w == [fcgi::END_REQUEST, 0]) || got.len() < 16 {
-        let n = good.read(&mut chunk).unwrap();
+        let n = read_some(&mut good, &mut chunk).unwrap();
         assert!(n > 0);
         got.extend_from_slice(&chunk[..n]);
     }
@@ -592,7 +592,7 @@ fn management_records_and_refused_roles() {
         match fcgi::decode_record(&mut buf).unwrap() {
             Some(r) => records.push(r),
             None => {
-                let n = s.read(&mut chunk).unwrap();
+                let n = read_some(&mut s, &mut chunk).unwrap();
                 assert!(n > 0);
                 buf.extend_from_slice(&chunk[..n]);
             }
@@ -650,7 +650,7 @@ fn requests_beyond_the_per_connection_bound_are_overloaded() {
             }
             Some(_) => {}
             None => {
-                let n = s.read(&mut chunk).unwrap();
+                let n = read_some(&mut s, &mut chunk).unwrap();
                 assert!(n > 0);
                 buf.extend_from_slice(&chunk[..n]);
             }

@@ -13,7 +13,7 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, children, fault_result, free_port, long_form, metric, read_response, signal,
+    alive, children, fault_result, free_port, long_form, metric, read_response, read_some, signal,
     wait_timeout, wait_until, BIN,
 };
 
@@ -617,7 +617,7 @@ fn worker_pids_up(server: &Server, gone: u32) -> usize {
 fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
     s.set_read_timeout(Some(wait)).unwrap();
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
+    match read_some(s, &mut b) {
         Ok(0) => true,
         Ok(_) => false,
         Err(e) => !matches!(
@@ -920,7 +920,7 @@ fn fcgi_until(s: &mut std::os::unix::net::UnixStream, kind: u8) -> Vec<u8> {
                 return rec.content.to_vec();
             }
         }
-        let n = s.read(&mut chunk).expect("a record");
+        let n = read_some(s, &mut chunk).expect("a record");
         assert!(n > 0, "closed before a record of type {kind}");
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -929,7 +929,7 @@ fn fcgi_until(s: &mut std::os::unix::net::UnixStream, kind: u8) -> Vec<u8> {
 fn unix_closed_by_server(s: &mut std::os::unix::net::UnixStream, wait: Duration) -> bool {
     s.set_read_timeout(Some(wait)).unwrap();
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
+    match read_some(s, &mut b) {
         Ok(0) => true,
         Ok(_) => false,
         Err(e) => !matches!(

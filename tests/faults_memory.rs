@@ -335,7 +335,7 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
                 let mut got = Vec::new();
                 let mut chunk = vec![0u8; 64 << 10];
                 let end = loop {
-                    match c.read(&mut chunk) {
+                    match read_some(&mut c, &mut chunk) {
                         Ok(0) => break "eof",
                         Ok(k) => got.extend_from_slice(&chunk[..k]),
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",

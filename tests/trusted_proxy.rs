@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -198,7 +198,7 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 /// True when the server closes `s` without a byte of answer.
 fn closed_silently(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
-    matches!(s.read(&mut buf), Ok(0) | Err(_))
+    matches!(read_some(s, &mut buf), Ok(0) | Err(_))
 }
 
 #[test]

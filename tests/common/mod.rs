@@ -249,6 +249,19 @@ pub fn request(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
     read_response(&mut s)
 }
 
+/// One `read` that is retried when interrupted. Linux fails a read on a socket with a timeout
+/// (`SO_RCVTIMEO`) with EINTR whenever the process is stopped and resumed, even with no signal handler
+/// (signal(7)); CI once failed a test on that. `read_exact` and `read_to_end` retry by themselves, a bare
+/// `read` does not.
+pub fn read_some<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -256,7 +269,7 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
             break i + 4;
         }
-        let n = s.read(&mut chunk)?;
+        let n = read_some(s, &mut chunk)?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -284,7 +297,7 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
     if let Some(len) = resp.header("content-length") {
         let len: usize = len.parse().unwrap();
         while rest.len() < len {
-            let n = s.read(&mut chunk)?;
+            let n = read_some(s, &mut chunk)?;
             if n == 0 {
                 break;
             }
@@ -301,7 +314,7 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
                 resp.body = body;
                 break;
             }
-            let n = s.read(&mut chunk)?;
+            let n = read_some(s, &mut chunk)?;
             if n == 0 {
                 break;
             }
