@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{AdminState, Lifecycle, Phase};
 use crate::admission::Admission;
 use crate::config::Config;
-use crate::front::acceptor::Acceptor;
+use crate::front::acceptor::{Acceptor, Adopter};
 use crate::front::conns::{Limits, Table, TableMetrics};
 use crate::front::listen::{BindError, Listener};
 use crate::metrics::Metrics;
@@ -43,7 +43,7 @@ use crate::pool::Pool;
 use crate::quarantine::Quarantine;
 use crate::queue::Queue;
 use crate::systemd::{Inherited, Notifier, ADMIN, AGENT, FASTCGI, HTTP};
-use crate::upgrade::{Pass, UpgradeError};
+use crate::upgrade::{Handed, Handover, Pass, Ready, UpgradeError};
 use setup::RuntimeDir;
 
 /// The exit code when --crash-exit's limit is reached (defined below the pool and the app, in `sys`).
@@ -98,6 +98,13 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// Where clients are served (HTTP and FastCGI), for the status page.
+    fn public_addrs(&self) -> Vec<crate::config::ListenAddr> {
+        (self.http.iter().chain(&self.fastcgi))
+            .map(Listener::local_addr)
+            .collect()
+    }
+
     /// Binds what the configuration names (`--listen`, `--listen-fastcgi`, `--admin`). Must be called inside
     /// the tokio runtime.
     pub fn bind(cfg: &Config) -> Result<Listeners, StartError> {
@@ -251,6 +258,10 @@ pub struct App {
     control: Control,
     orders: mpsc::UnboundedReceiver<Order>,
     systemd: Systemd,
+    /// Once an upgrade's new process is ready: the way to pass it our kept-alive connections.
+    handover: Option<Handover>,
+    /// Where connections passed by the process this one replaces are served.
+    adopters: Adopters,
 }
 
 /// What the app tells systemd and the process it replaces.
@@ -261,8 +272,9 @@ pub struct Systemd {
     pub watchdog: Option<Duration>,
     /// `WATCHDOG_USEC` as given, for an upgrade.
     pub watchdog_usec: Option<String>,
-    /// Started by an upgrade: the pipe to tell the old process that a worker is ready.
-    pub upgrade_pipe: Option<OwnedFd>,
+    /// Started by an upgrade: the channel to tell the old process that a worker is ready, and on which it
+    /// then passes its kept-alive connections.
+    pub upgrade_channel: Option<OwnedFd>,
 }
 
 impl App {
@@ -298,12 +310,7 @@ impl App {
         let (stop_admin, stop_agent) = (CancellationToken::new(), CancellationToken::new());
         let phase = Arc::new(Lifecycle::default());
         if listeners.admin.is_some() || listeners.agent.is_some() {
-            let served = listeners
-                .http
-                .iter()
-                .chain(&listeners.fastcgi)
-                .map(Listener::local_addr)
-                .collect();
+            let served = listeners.public_addrs();
             let state = AdminState {
                 cfg: cfg.clone(),
                 queue: queue.clone(),
@@ -326,7 +333,8 @@ impl App {
             metrics,
         ));
         let conns = TaskTracker::new();
-        let acceptors = start_acceptors(listeners.http, listeners.fastcgi, &front, &table, &conns)?;
+        let (acceptors, adopters) =
+            start_acceptors(listeners.http, listeners.fastcgi, &front, &table, &conns)?;
         tracing::info!(
             workers = cfg.workers,
             protocol = %cfg.worker_protocol,
@@ -351,12 +359,29 @@ impl App {
             control: Control(tx),
             orders,
             systemd: Systemd::default(),
+            handover: None,
+            adopters,
         })
     }
 
-    /// Tells systemd (and the process this one replaces) how things go; see [`Systemd`].
+    /// Tells systemd (and the process this one replaces) how things go; see [`Systemd`]. Started by an
+    /// upgrade, this process serves from now on the connections the old one passes on its channel.
     pub fn with_systemd(mut self, systemd: Systemd) -> App {
         self.systemd = systemd;
+        let channel = self.systemd.upgrade_channel.as_ref();
+        if let Some(channel) = channel.and_then(|c| c.try_clone().ok()) {
+            let adopters = self.adopters.clone();
+            tokio::spawn(crate::upgrade::receive(channel, move |kind, conn| {
+                let to = match kind {
+                    Handed::Http => &adopters.http,
+                    Handed::FastCgi => &adopters.fastcgi,
+                };
+                // No listener of that kind here (the configuration changed): the connection closes.
+                if let Some(to) = to {
+                    to.adopt(conn);
+                }
+            }));
+        }
         self
     }
 
@@ -401,7 +426,10 @@ impl App {
                 }, if upgrading.is_some() => {
                     upgrading = None;
                     match r {
-                        Ok(pid) => return End::HandedOver(pid),
+                        Ok(ready) => {
+                            self.handover = Some(ready.handover);
+                            return End::HandedOver(ready.pid);
+                        }
                         Err(e) => {
                             self.phase.set(Phase::Serving);
                             tracing::error!("upgrade failed, this process keeps serving: {e}");
@@ -438,7 +466,7 @@ impl App {
     /// SIGUSR2: the new process, started on our sockets; resolves to its pid once it is ready.
     fn upgrade(
         &self,
-    ) -> impl std::future::Future<Output = Result<u32, UpgradeError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<Ready, UpgradeError>> + Send + 'static {
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
             crate::systemd::monotonic_usec()
@@ -472,6 +500,10 @@ impl App {
     async fn stop(mut self, end: End) -> Stopped {
         match end {
             End::HandedOver(pid) => {
+                // Before the table drains: no response should announce a close the hand-over makes needless.
+                if let Some(h) = self.handover.take() {
+                    self.table.hand_over(h);
+                }
                 // The new process serves on these sockets now: their files stay.
                 for k in self.keep_paths.iter().flatten() {
                     k.store(false, Ordering::Release);
@@ -643,13 +675,20 @@ fn start_admin(
     }
 }
 
+/// For each front, the way in for connections an upgrade's old process passes (its first listener's).
+#[derive(Clone, Default)]
+struct Adopters {
+    http: Option<Adopter>,
+    fastcgi: Option<Adopter>,
+}
+
 fn start_acceptors(
     http: Vec<Listener>,
     fastcgi: Vec<Listener>,
     front: &Arc<Admission>,
     table: &Arc<Table>,
     conns: &TaskTracker,
-) -> Result<Vec<Acceptor>, StartError> {
+) -> Result<(Vec<Acceptor>, Adopters), StartError> {
     let mut acceptors = Vec::new();
     for l in http {
         tracing::info!(listen = %l.local_addr(), "serving HTTP");
@@ -658,6 +697,8 @@ fn start_acceptors(
                 .map_err(StartError::Accept)?,
         );
     }
+    let http = acceptors.first().and_then(Acceptor::adopter);
+    let served_http = acceptors.len();
     for l in fastcgi {
         tracing::info!(listen = %l.local_addr(), "serving FastCGI");
         acceptors.push(
@@ -665,7 +706,8 @@ fn start_acceptors(
                 .map_err(StartError::Accept)?,
         );
     }
-    Ok(acceptors)
+    let fastcgi = acceptors.get(served_http).and_then(Acceptor::adopter);
+    Ok((acceptors, Adopters { http, fastcgi }))
 }
 
 /// Resolves at an order to stop now (a second SIGTERM, or SIGINT); other orders are ignored while stopping.
@@ -750,7 +792,7 @@ pub async fn serve(cfg: Config, inherited: Inherited) -> Result<Stopped, StartEr
         notify: inherited.notify.map(Arc::new),
         watchdog: inherited.watchdog,
         watchdog_usec: inherited.watchdog_usec,
-        upgrade_pipe: inherited.upgrade.map(|(_, fd)| fd),
+        upgrade_channel: inherited.upgrade.map(|(_, fd)| fd),
     });
     signals.handle(app.control(), shutdown.clone());
     Ok(app.run(shutdown).await)

@@ -49,7 +49,7 @@ pub struct Inherited {
     pub watchdog: Option<Duration>,
     /// `WATCHDOG_USEC` as given, to pass on to a new process at upgrade.
     pub watchdog_usec: Option<String>,
-    /// Set when this process was started by an upgrade: the old process's pid and the pipe to say ready on.
+    /// Set when this process was started by an upgrade: the old process's pid and the channel to say ready on (and to take its connections from).
     pub upgrade: Option<(u32, OwnedFd)>,
     /// The indices in `listen_fds` of unix sockets whose files are ours to remove at stop (an upgrade's
     /// `ANTEROOM_UPGRADE_OWNED`; never systemd's).
@@ -86,7 +86,7 @@ impl Inherited {
         inherited.upgrade = from
             .and_then(|f| f.parse::<u32>().ok())
             .zip(pipe.and_then(|p| p.parse::<RawFd>().ok()))
-            .and_then(|(from, fd)| Some((from, passfd::take_pipe(fd, passed)?)));
+            .and_then(|(from, fd)| Some((from, passfd::take_channel(fd, passed)?)));
         if inherited.upgrade.is_some() {
             inherited.own_files = owned
                 .unwrap_or_default()

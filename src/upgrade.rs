@@ -7,10 +7,22 @@
 //! stops accepting and finishes its queue and running requests (the graceful stop of SIGTERM) without
 //! removing the unix socket files the new process now serves on.
 //!
-//! The new process says it is ready on a pipe (`ANTEROOM_UPGRADE_FD`) rather than with a signal to the old
-//! pid: a pipe cannot reach the wrong process, carries the new pid, and ends (EOF) the moment the new process
-//! dies, so a failed start is noticed at once instead of at the timeout. If it is not ready within
-//! `--spawn-timeout`, the old process stops it and keeps serving.
+//! The new process says it is ready on a channel of its own (`ANTEROOM_UPGRADE_FD`, a unix socket pair)
+//! rather than with a signal to the old pid: the channel cannot reach the wrong process, carries the new pid,
+//! and ends (EOF) the moment the new process dies, so a failed start is noticed at once instead of at the
+//! timeout. If it is not ready within `--spawn-timeout`, the old process stops it and keeps serving.
+//!
+//! ## Kept-alive connections go with the sockets
+//! Closing a kept-alive connection that is idle races its client: nginx may be sending a request on it at
+//! that instant. It retries an idempotent request elsewhere, but answers a POST with 502 (found by the
+//! upgrade test behind nginx's `fastcgi_pass`: one POST in 41,742). FastCGI has no `Connection: close` to
+//! say it ahead. So the old process closes none: once the new one is ready, each connection that is idle
+//! (nothing of a next request read yet) is passed to the new process through the same channel (one
+//! `SCM_RIGHTS` message each, [`Handover`]), and a busy one is passed as soon as its last answer is written.
+//! Bytes the client sent meanwhile wait in the kernel's socket buffer, which moves with the descriptor, so
+//! nothing is lost and the client never sees the change. The new process adopts each as if it had accepted
+//! it ([`receive`]). An HTTP connection that began with a PROXY protocol header cannot go (the client it
+//! named would be lost): it gets `Connection: close` on its answers instead, as when stopping.
 //!
 //! `LISTEN_PID` must be the new process's own pid, known only after fork: as for HTTP workers, the child
 //! first runs `NEW-BINARY exec-worker -- NEW-BINARY ARGS...`, which sets it and execs, keeping the pid.
@@ -20,13 +32,15 @@
 //! suffix, is the new file, which is what is started.
 
 use std::ffi::OsString;
-use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
 use crate::sys::passfd;
@@ -82,31 +96,43 @@ pub fn current_exe() -> Result<PathBuf, UpgradeError> {
     Ok(path)
 }
 
-/// Starts the new process with `sockets` and waits until it is ready (its pid) or has failed, at most
-/// `timeout`. On failure the new process is stopped, and the caller keeps serving.
+/// The new process, ready: its pid, and the channel to hand it the idle connections.
+pub struct Ready {
+    pub pid: u32,
+    pub handover: Handover,
+}
+
+/// Starts the new process with `sockets` and waits until it is ready or has failed, at most `timeout`. On
+/// failure the new process is stopped, and the caller keeps serving.
 pub async fn start(
     sockets: Vec<Pass>,
     ctx: Context,
     timeout: Duration,
-) -> Result<u32, UpgradeError> {
+) -> Result<Ready, UpgradeError> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
     let exe = current_exe()?;
-    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+    // SEQPACKET: one message per connection, never two run together nor one split.
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
         .map_err(|e| UpgradeError::Pass(e.into()))?;
-    let mut cmd = command(&exe, sockets, write, &ctx)?;
+    let mut cmd = command(&exe, sockets, theirs, &ctx)?;
     let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
         exe: exe.clone(),
         source,
     })?;
-    // Our copy of the pipe's write end goes with `cmd`: EOF then means the new process is gone.
+    // Our copy of the other end goes with `cmd`: EOF then means the new process is gone.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
     // Dropped before the outcome (this process is told to stop meanwhile): the new process stops too.
     let mut unready = StopOnDrop(pid);
-    let read = tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(UpgradeError::Pass)?;
-    let outcome = tokio::time::timeout(timeout, said_ready(read)).await;
+    let channel = Arc::new(channel(ours).map_err(UpgradeError::Pass)?);
+    let outcome = tokio::time::timeout(timeout, said_ready(&channel)).await;
     unready.0 = 0;
     match outcome {
-        Ok(true) => Ok(pid),
+        Ok(true) => Ok(Ready {
+            pid,
+            handover: Handover(channel),
+        }),
         Ok(false) => Err(UpgradeError::Exited {
             pid,
             status: exit_status(&mut child, pid).await,
@@ -118,12 +144,12 @@ pub async fn start(
     }
 }
 
-/// `EXE exec-worker -- EXE ARGS...` with `sockets` as fds 3.. and the pipe's write end after them, and
+/// `EXE exec-worker -- EXE ARGS...` with `sockets` as fds 3.. and the channel's other end after them, and
 /// the variables that say so.
 fn command(
     exe: &std::path::Path,
     sockets: Vec<Pass>,
-    pipe: OwnedFd,
+    channel: OwnedFd,
     ctx: &Context,
 ) -> Result<Command, UpgradeError> {
     let args = std::env::args_os()
@@ -157,23 +183,120 @@ fn command(
     // Its log goes where ours does: one journal, one terminal.
     cmd.stdin(Stdio::null());
     let mut fds: Vec<OwnedFd> = sockets.into_iter().map(|p| p.fd).collect();
-    fds.push(pipe);
+    fds.push(channel);
     passfd::pass_fds(&mut cmd, fds);
     Ok(cmd)
 }
 
-/// Whether the new process wrote "READY PID" before closing the pipe. It keeps the pipe open until it
-/// exits, so only the first line is read.
-async fn said_ready(mut read: tokio::net::unix::pipe::Receiver) -> bool {
-    let mut said = Vec::new();
-    let mut buf = [0u8; 64];
+/// The channel (a non-blocking SEQPACKET socket) on the runtime. tokio has no type for SEQPACKET; its
+/// datagram socket is the nearest, used only for readiness: every message goes through `passfd`.
+fn channel(fd: OwnedFd) -> io::Result<UnixDatagram> {
+    UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))
+}
+
+/// Receives one message from the channel, waiting for it: its length and the descriptor it carried.
+async fn recv(channel: &UnixDatagram, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     loop {
-        match read.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => said.extend_from_slice(&buf[..n]),
+        channel.readable().await?;
+        match channel.try_io(Interest::READABLE, || {
+            passfd::recv_with_fd(channel.as_fd(), buf)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            got => return got,
         }
-        if said.contains(&b'\n') || said.len() > 64 {
-            return said.starts_with(b"READY ");
+    }
+}
+
+/// Whether the new process said "READY PID" before closing the channel (its first message).
+async fn said_ready(channel: &UnixDatagram) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(recv(channel, &mut buf).await, Ok((n, _)) if buf[..n].starts_with(b"READY "))
+}
+
+/// A client connection handed to the new process: which front serves it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    Http,
+    FastCgi,
+}
+
+impl Handed {
+    /// The message that carries the connection's descriptor.
+    fn wire(self) -> &'static [u8] {
+        match self {
+            Handed::Http => b"conn http",
+            Handed::FastCgi => b"conn fastcgi",
+        }
+    }
+
+    fn parse(message: &[u8]) -> Option<Handed> {
+        [Handed::Http, Handed::FastCgi]
+            .into_iter()
+            .find(|k| k.wire() == message)
+    }
+}
+
+/// The old process's end of the channel once the new process is ready: the way out for idle connections.
+#[derive(Clone)]
+pub struct Handover(Arc<UnixDatagram>);
+
+impl Handover {
+    /// Passes `conn` to the new process as a connection of `kind`. Once this returns, our descriptor may
+    /// close: the connection stays open in the new process. `Err`: the new process is gone, or the channel
+    /// failed; the caller closes the connection as a stop would.
+    pub async fn send(&self, kind: Handed, conn: OwnedFd) -> io::Result<()> {
+        let c = &self.0;
+        loop {
+            c.writable().await?;
+            match c.try_io(Interest::WRITABLE, || {
+                passfd::send_with_fd(c.as_fd(), kind.wire(), conn.as_fd())
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                sent => return sent,
+            }
+        }
+    }
+}
+
+/// In the new process: takes the connections the old process hands over, until it exits (the channel's
+/// end), and gives each to `adopt`. A pipe instead of a socket (an older anteroom started this one) carries
+/// none: this returns at once.
+pub async fn receive(channel: OwnedFd, mut adopt: impl FnMut(Handed, OwnedFd)) {
+    let is_socket = rustix::fs::fstat(&channel).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket
+    });
+    if !is_socket {
+        return;
+    }
+    let Ok(channel) = self::channel(channel) else {
+        return;
+    };
+    let mut buf = [0u8; 32];
+    let mut adopted = 0u64;
+    loop {
+        match recv(&channel, &mut buf).await {
+            Ok((n, Some(conn))) => match Handed::parse(&buf[..n]) {
+                Some(kind) => {
+                    adopted += 1;
+                    adopt(kind, conn);
+                }
+                None => tracing::warn!(
+                    message = %String::from_utf8_lossy(&buf[..n]),
+                    "upgrade: a connection of an unknown kind from the old process; closed"
+                ),
+            },
+            Ok((0, None)) => {
+                tracing::info!(adopted, "upgrade: the old process has exited");
+                return;
+            }
+            Ok((_, None)) => {}
+            Err(e) => {
+                tracing::warn!(
+                    adopted,
+                    "upgrade: cannot take connections from the old process: {e}"
+                );
+                return;
+            }
         }
     }
 }
@@ -211,14 +334,56 @@ async fn stop(child: &mut Child, pid: u32) {
     }
 }
 
-/// In the new process: tells the old one that a worker is ready (`READY PID`). The pipe stays open
+/// In the new process: tells the old one that a worker is ready (`READY PID`). The channel stays open
 /// until this process exits.
-pub fn report_ready(pipe: &OwnedFd) {
-    let Ok(dup) = pipe.try_clone() else {
+pub fn report_ready(channel: &OwnedFd) {
+    let Ok(dup) = channel.try_clone() else {
         return;
     };
     let mut f = std::fs::File::from(dup);
     if let Err(e) = writeln!(f, "READY {}", std::process::id()) {
         tracing::warn!("upgrade: cannot tell the old process we are ready: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_reads_back_and_nothing_else_does() {
+        for k in [Handed::Http, Handed::FastCgi] {
+            assert_eq!(Handed::parse(k.wire()), Some(k));
+        }
+        assert_eq!(Handed::parse(b"conn"), None);
+        assert_eq!(Handed::parse(b"READY 12"), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_crosses_with_the_bytes_waiting_in_it() {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        use std::io::{Read, Write as _};
+        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+        let (old, new) =
+            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None).unwrap();
+        let handover = Handover(Arc::new(channel(old).unwrap()));
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Sent before the hand-over, read after it, by the other side.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        handover
+            .send(Handed::Http, OwnedFd::from(server))
+            .await
+            .unwrap();
+        drop(handover);
+        let mut got = Vec::new();
+        receive(new, |kind, fd| got.push((kind, fd))).await;
+        assert_eq!(got.len(), 1, "one connection, then the end");
+        let (kind, fd) = got.pop().unwrap();
+        assert_eq!(kind, Handed::Http);
+        let mut server = std::os::unix::net::UnixStream::from(fd);
+        server.set_nonblocking(false).unwrap();
+        let mut buf = [0u8; 18];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"GET / HTTP/1.1\r\n\r\n");
     }
 }

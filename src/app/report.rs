@@ -21,7 +21,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// Starts the reporting tasks; they end when `stop` is cancelled.
 pub(super) fn start(pool: &Pool, queue: &Arc<Queue>, sd: &mut Systemd, stop: &CancellationToken) {
-    let pipe = sd.upgrade_pipe.take();
+    let pipe = sd.upgrade_channel.take();
     let upgraded = pipe.is_some();
     let notify = sd.notify.clone();
     if pipe.is_some() || notify.is_some() {

@@ -16,7 +16,7 @@
 //! anyway is what this design already is.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -94,10 +94,52 @@ where
             };
         }
     });
-    Acceptor::start(listener, table, refusal, move |accepted, counted| {
+    let adopter = Adopter {
+        tx: tx.clone(),
+        table: table.clone(),
+    };
+    let mut acceptor = Acceptor::start(listener, table, refusal, move |accepted, counted| {
         // Fails only when the runtime is shutting down; the connection is then just closed.
         let _ = tx.send((accepted, counted));
-    })
+    })?;
+    acceptor.adopter = Some(adopter);
+    Ok(acceptor)
+}
+
+/// Takes in connections that were accepted elsewhere (by the process an upgrade replaces, which passes its
+/// kept-alive ones on: see `upgrade`) by the same path as this acceptor's own: counted in the table, then
+/// admitted and served, or refused when nothing can make room.
+#[derive(Clone)]
+pub struct Adopter {
+    tx: tokio::sync::mpsc::UnboundedSender<(Accepted, Counted)>,
+    table: Arc<Table>,
+}
+
+impl Adopter {
+    /// Serves `conn`, a connected TCP or unix stream socket; one whose client has gone already, or over
+    /// the table's hard cap, is closed.
+    pub fn adopt(&self, conn: OwnedFd) {
+        let unix = rustix::net::getsockname(&conn)
+            .is_ok_and(|a| a.address_family() == rustix::net::AddressFamily::UNIX);
+        // Non-blocking already (the flag belongs to the open socket, which the old process set), but the
+        // runtime must be sure of it.
+        let accepted = if unix {
+            let s = std::os::unix::net::UnixStream::from(conn);
+            match s.set_nonblocking(true) {
+                Ok(()) => Accepted::Unix(s),
+                Err(_) => return,
+            }
+        } else {
+            let s = std::net::TcpStream::from(conn);
+            match (s.peer_addr(), s.set_nonblocking(true)) {
+                (Ok(peer), Ok(())) => Accepted::Tcp(s, peer),
+                _ => return,
+            }
+        };
+        if let Some(counted) = self.table.count() {
+            let _ = self.tx.send((accepted, counted));
+        }
+    }
 }
 
 /// Turns a connection away on the runtime; it stays counted until it is closed.
@@ -160,6 +202,8 @@ fn refuse_now(conn: Accepted, refusal: Refusal) {
 pub struct Acceptor {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Serves connections passed by an upgrade's old process as this listener's own.
+    adopter: Option<Adopter>,
 }
 
 /// How often the thread looks at the stop flag when no connection comes.
@@ -183,7 +227,13 @@ impl Acceptor {
         Ok(Acceptor {
             stop,
             thread: Some(thread),
+            adopter: None,
         })
+    }
+
+    /// The way in for connections accepted elsewhere, served as this listener's own.
+    pub fn adopter(&self) -> Option<Adopter> {
+        self.adopter.clone()
     }
 
     /// Stops accepting and waits for the thread; the listener is closed (its unix socket file removed).

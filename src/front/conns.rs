@@ -33,11 +33,18 @@
 //! requests) is closed by one sweep over this order ([`Table::expire_idle_in_background`]), oldest first,
 //! rather than by a timer in each connection's task: an idle task then holds nothing but its socket.
 //! FastCGI peers (nginx's kept-alive upstream connections) are never closed for being idle.
+//!
+//! ## Handing over
+//! When an upgrade's new process is ready, the table is given the way to it ([`Table::hand_over`]): every
+//! idle connection is told to go there rather than close, and so is each busy one the moment its last
+//! request ends (see `upgrade` for why closing would lose requests). The task does it at a point where it
+//! has read nothing of a next request; a connection partway through a head only hears a close.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,6 +56,7 @@ use crate::config::limits::TEMP_FILES_PER_REQUEST;
 pub use crate::config::limits::{Limits, ADMIN_CONNS};
 use crate::ratelog::LogLimit;
 use crate::sync::lock;
+use crate::upgrade::Handover;
 
 /// Counters the table records into (the registry's, or unregistered ones for the admin listener).
 #[derive(Clone, Default)]
@@ -86,6 +94,8 @@ pub struct Table {
     epoch: tokio::time::Instant,
     /// Whether the idle sweep runs (started once, by the first HTTP listener).
     sweeping: AtomicBool,
+    /// Set once an upgrade's new process is ready: where idle connections go instead of closing.
+    handover: OnceLock<Handover>,
 }
 
 #[derive(Default)]
@@ -132,7 +142,33 @@ impl Table {
             temp_files: crate::spill::temp_files_open,
             epoch: tokio::time::Instant::now(),
             sweeping: AtomicBool::new(false),
+            handover: OnceLock::new(),
         })
+    }
+
+    /// From now on every connection goes to the new process through `to` as soon as it is idle: those idle
+    /// now at once, the others when their last request ends. Later calls do nothing.
+    pub fn hand_over(&self, to: Handover) {
+        if self.handover.set(to).is_err() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        let order = std::mem::take(&mut idle.order);
+        drop(idle);
+        // Outside the lock: a last reference dropped here takes it in `Entry::drop` (and finds key 0).
+        for e in order.into_values().filter_map(|w| w.upgrade()) {
+            e.key.store(0, Ordering::Relaxed);
+            e.hand_over(self);
+        }
+    }
+
+    /// A connection with nothing in progress: in the idle order, or on its way to the new process.
+    fn became_idle(&self, idle: &mut Idle, e: &Arc<Entry>) {
+        if self.handover.get().is_some() {
+            e.hand_over(self);
+        } else {
+            idle.push(e, self.now());
+        }
     }
 
     /// Milliseconds since the table's epoch, by the runtime's clock.
@@ -320,14 +356,14 @@ impl Table {
         }
         let entry = Arc::new(Entry {
             counted,
-            closing: AtomicBool::new(false),
+            told: AtomicU8::new(Told::Nothing as u8),
             waker: AtomicWaker::new(),
             expires: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             key: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
         });
-        idle.push(&entry, self.now());
+        self.became_idle(&mut idle, &entry);
         Ok(ConnHandle(entry))
     }
 }
@@ -354,10 +390,37 @@ impl Drop for Counted {
     }
 }
 
+/// What the table has told a connection's task, through its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Told {
+    Nothing = 0,
+    /// Close (to make room, or silent too long); also overrides `HandOver`.
+    Close = 1,
+    /// Go to the upgrade's new process at the next point where nothing of a request has been read.
+    HandOver = 2,
+}
+
+impl Told {
+    fn from_u8(v: u8) -> Told {
+        match v {
+            1 => Told::Close,
+            2 => Told::HandOver,
+            _ => Told::Nothing,
+        }
+    }
+}
+
+/// How the table asks a connection to leave.
+pub enum Leave {
+    Close,
+    HandOver(Handover),
+}
+
 struct Entry {
     counted: Counted,
-    /// Set once, by the table, to close this connection; its task is woken through `waker`.
-    closing: AtomicBool,
+    /// A [`Told`], set by the table; the task is woken through `waker`.
+    told: AtomicU8,
     waker: AtomicWaker,
     /// Closed once idle for `--header-timeout` (an HTTP client; FastCGI peers keep their connections).
     expires: AtomicBool,
@@ -370,9 +433,29 @@ struct Entry {
 }
 
 impl Entry {
-    /// Tells the connection's task to close (the first time only).
+    fn told(&self) -> Told {
+        Told::from_u8(self.told.load(Ordering::Acquire))
+    }
+
+    /// Tells the connection's task to close.
     fn close(&self, table: &Table) {
-        if !self.closing.swap(true, Ordering::AcqRel) {
+        let before = Told::from_u8(self.told.swap(Told::Close as u8, Ordering::AcqRel));
+        if before == Told::Nothing {
+            table.closing.fetch_add(1, Ordering::Relaxed);
+        }
+        if before != Told::Close {
+            self.waker.wake();
+        }
+    }
+
+    /// Tells the connection's task to go to the new process, unless it was told something already.
+    fn hand_over(&self, table: &Table) {
+        let (from, to) = (Told::Nothing as u8, Told::HandOver as u8);
+        if (self
+            .told
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire))
+        .is_ok()
+        {
             table.closing.fetch_add(1, Ordering::Relaxed);
             self.waker.wake();
         }
@@ -386,7 +469,7 @@ impl Drop for Entry {
         if key != 0 {
             lock(&table.idle).order.remove(&key);
         }
-        if self.closing.load(Ordering::Relaxed) {
+        if self.told() != Told::Nothing {
             table.closing.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -403,18 +486,47 @@ impl ConnHandle {
         std::future::poll_fn(|cx| self.poll_closed(cx))
     }
 
-    /// [`ConnHandle::closed`] for a hand-written future: one task waits on a connection.
-    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polls for what the table has told this connection, once it is one of `wanted`.
+    fn poll_told(&self, cx: &mut Context<'_>, wanted: fn(Told) -> bool) -> Poll<Told> {
         let e = &self.0;
-        if e.closing.load(Ordering::Acquire) {
-            return Poll::Ready(());
+        let told = e.told();
+        if wanted(told) {
+            return Poll::Ready(told);
         }
         e.waker.register(cx.waker());
-        if e.closing.load(Ordering::Acquire) {
-            Poll::Ready(())
+        let told = e.told();
+        if wanted(told) {
+            Poll::Ready(told)
         } else {
             Poll::Pending
         }
+    }
+
+    /// [`ConnHandle::closed`] for a hand-written future: one task waits on a connection.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_told(cx, |t| t == Told::Close).map(drop)
+    }
+
+    /// Resolves when the table asks this connection to leave: to close, or to go to an upgrade's new
+    /// process. Only a task that has read nothing of a next request may follow the second.
+    pub fn poll_leave(&self, cx: &mut Context<'_>) -> Poll<Leave> {
+        self.poll_told(cx, |t| t != Told::Nothing).map(|t| {
+            match (t, self.0.counted.table.handover.get()) {
+                (Told::HandOver, Some(h)) => Leave::HandOver(h.clone()),
+                _ => Leave::Close,
+            }
+        })
+    }
+
+    /// Resolves when the table asks this connection to go to an upgrade's new process.
+    pub fn handed_over(&self) -> impl Future<Output = Handover> + Send + '_ {
+        std::future::poll_fn(|cx| {
+            let told = std::task::ready!(self.poll_told(cx, |t| t == Told::HandOver));
+            match (told, self.0.counted.table.handover.get()) {
+                (Told::HandOver, Some(h)) => Poll::Ready(h.clone()),
+                _ => Poll::Pending,
+            }
+        })
     }
 
     /// While `on`, the table closes this connection once it has been idle for `--header-timeout`. An HTTP
@@ -426,7 +538,7 @@ impl ConnHandle {
 
     #[cfg(test)]
     fn is_closing(&self) -> bool {
-        self.0.closing.load(Ordering::Relaxed)
+        self.0.told() == Told::Close
     }
 
     /// Counts this connection as closed for its PROXY protocol header.
@@ -434,10 +546,12 @@ impl ConnHandle {
         self.0.counted.table.m.bad_proxy_header.inc();
     }
 
-    /// Whether this connection should close once its response is sent: anteroom is stopping or handing
-    /// its listeners to a new process.
-    pub fn draining(&self) -> bool {
-        self.0.counted.table.draining.load(Ordering::Acquire)
+    /// Whether this connection should close once its response is sent: anteroom is stopping, or handing
+    /// its listeners to a new process and this connection cannot go with them (`can_go` false: an HTTP
+    /// connection whose PROXY header named its client).
+    pub fn closes_after_response(&self, can_go: bool) -> bool {
+        let table = &self.0.counted.table;
+        table.draining.load(Ordering::Acquire) && !(can_go && table.handover.get().is_some())
     }
 
     /// Requests in progress on this connection: started and not yet ended.
@@ -478,8 +592,8 @@ impl ConnHandle {
         let table = &e.counted.table;
         let mut idle = lock(&table.idle);
         table.in_progress.fetch_sub(1, Ordering::Relaxed);
-        if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && !e.closing.load(Ordering::Relaxed) {
-            idle.push(e, table.now());
+        if e.requests.fetch_sub(1, Ordering::Relaxed) == 1 && e.told() == Told::Nothing {
+            table.became_idle(&mut idle, e);
         }
     }
 }

@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,7 @@ use crate::request::{
 };
 use crate::spill::BodyWriter;
 use crate::sync::lock;
+use crate::upgrade::{Handed, Handover};
 
 /// Requests one connection may have in flight at once.
 pub const MAX_REQS_PER_CONN: usize = 256;
@@ -90,6 +92,9 @@ enum Out {
     Last(Bytes),
     /// The request that said FCGI_KEEP_CONN = 0 is complete: close after this.
     Close,
+    /// The connection goes to an upgrade's new process: everything before this is written; stop without
+    /// shutting it down and give the socket's half back.
+    Leave,
 }
 
 /// A request being received: its params and stdin arrive in records, possibly interleaved with others'.
@@ -146,11 +151,20 @@ fn malformed(why: impl Into<String>) -> ConnError {
     ConnError::Protocol(why.into())
 }
 
+/// How a connection's reading ended without an error.
+enum Ended {
+    /// The peer closed, or the connection is done (KEEP_CONN = 0, stopping, closed by the table).
+    Closed,
+    /// Nothing in flight and nothing of a next record read: the connection goes to an upgrade's new
+    /// process.
+    HandOver(Handover),
+}
+
 async fn serve_conn<S>(io: S, front: Arc<Admission>, entry: ConnHandle)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(io);
+    let (mut rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let writer = tokio::spawn(write_loop(wr, rx, front.cfg.send_timeout));
     let mut conn = PeerConn {
@@ -164,10 +178,19 @@ where
         entry: entry.clone(),
     };
     let ended = tokio::select! {
-        r = conn.read_loop(rd) => r,
+        r = conn.read_loop(&mut rd) => r,
         // Closed by the table to make room, while no request was in flight on it.
-        () = entry.closed() => Ok(()),
+        () = entry.closed() => Ok(Ended::Closed),
     };
+    if let Ok(Ended::HandOver(to)) = ended {
+        // Nothing in flight: the writer has only earlier answers to finish before it lets go.
+        let _ = conn.tx.send(Out::Leave).await;
+        drop(conn);
+        if let Ok(Some(wr)) = writer.await {
+            hand_over(rd.unsplit(wr), to).await;
+        }
+        return;
+    }
     let timed_out = matches!(ended, Err(ConnError::BodyTimeout(_)));
     if let Err(e) = ended {
         match e {
@@ -204,7 +227,7 @@ struct PeerConn {
 }
 
 impl PeerConn {
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Ended, ConnError> {
         let mut buf = BytesMut::with_capacity(16 << 10);
         let body_timeout = self.front.cfg.body_timeout;
         let mut last_read = tokio::time::Instant::now();
@@ -235,11 +258,16 @@ impl PeerConn {
                     // `Connection: close`, so the connection closes once it has nothing in flight, and the
                     // peer's next request goes to a new connection, to the process that stays (nginx retries a
                     // request that finds its kept-alive upstream connection closed on another one).
-                    let closing = self.closing || self.entry.draining();
+                    let closing = self.closing || self.entry.closes_after_response(true);
                     if closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
-                        return Ok(());
+                        return Ok(Ended::Closed);
                     }
                     continue;
+                }
+                // Told once it has nothing in flight; followed only with nothing of a next record read.
+                to = self.entry.handed_over(), if buf.is_empty() && !self.closing
+                    && self.receiving.is_empty() && self.tasks.is_empty() => {
+                    return Ok(Ended::HandOver(to));
                 }
             };
             last_read = tokio::time::Instant::now();
@@ -250,7 +278,7 @@ impl PeerConn {
                         buf.len()
                     )));
                 }
-                return Ok(());
+                return Ok(Ended::Closed);
             }
         }
     }
@@ -447,30 +475,46 @@ impl PeerConn {
     }
 }
 
+/// Writes what the connection's requests send, in order; gives `wr` back when told to leave (the
+/// connection goes to an upgrade's new process), else shuts it down at the end.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Out>,
     send_timeout: Duration,
-) {
+) -> Option<W> {
     while let Some(out) = rx.recv().await {
         match out {
             Out::Bytes(b) => {
                 if let Err(e) = write_timed(&mut wr, &b, send_timeout).await {
                     tracing::debug!("FastCGI connection: {e}");
-                    return;
+                    return None;
                 }
             }
             Out::Last(b) => {
                 if let Err(e) = write_timed(&mut wr, &b, send_timeout).await {
                     tracing::debug!("FastCGI connection: {e}");
-                    return;
+                    return None;
                 }
                 break;
             }
             Out::Close => break,
+            Out::Leave => return Some(wr),
         }
     }
     let _ = wr.shutdown().await;
+    None
+}
+
+/// Passes a connection with nothing in flight to an upgrade's new process; closed here if that fails. Our
+/// descriptor closes either way: the connection stays open in the new process.
+async fn hand_over<S: AsFd>(io: S, to: Handover) {
+    let sent = match io.as_fd().try_clone_to_owned() {
+        Ok(fd) => to.send(Handed::FastCgi, fd).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        tracing::debug!("upgrade: cannot pass a kept-alive FastCGI connection on; closed: {e}");
+    }
 }
 
 /// Writes all of `buf`, failing when the peer takes nothing for `limit` (nginx's send_timeout).
@@ -543,7 +587,7 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     // follow END_REQUEST at once: nginx drops a kept-alive connection whose end has arrived by the time it
     // has read the answer, but reuses one that still looks open, and a POST sent on it as it closes gets a
     // 502 (nginx retries only idempotent requests).
-    let last = !to.keep_conn || (to.conn.draining() && to.conn.requests() == 1);
+    let last = !to.keep_conn || (to.conn.closes_after_response(true) && to.conn.requests() == 1);
     let _ = match (tail, last) {
         (Some(tail), true) => to.tx.send(Out::Last(tail.freeze())).await,
         (Some(tail), false) => to.tx.send(Out::Bytes(tail.freeze())).await,

@@ -26,6 +26,7 @@ mod write;
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -40,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
-use super::conns::{ConnHandle, Table};
+use super::conns::{ConnHandle, Leave, Table};
 use super::listen::Listener;
 use crate::admission::{refusal, Admission, Outcome};
 use crate::http1::{self, Framing, Head, HeadError, Parsed};
@@ -48,6 +49,7 @@ use crate::request::{
     client_closed, request_id, request_start, HostRule, Job, Origin, Reply, RequestHead,
     REQUEST_START,
 };
+use crate::upgrade::{Handed, Handover};
 
 /// The head buffer's first size: most heads fit (nginx's `client_header_buffer_size` is 1k too).
 const HEAD_BUFFER: usize = 1024;
@@ -92,7 +94,7 @@ pub fn start(
 /// Readiness is polled (`poll_read_ready`), not awaited through tokio's `readable()`, whose future is 152
 /// bytes: a connection waits for bytes while idle and while its request is queued, so that is paid by
 /// every connection.
-pub(super) trait Socket: AsyncWrite + Unpin + Send + 'static {
+pub(super) trait Socket: AsyncWrite + AsFd + Unpin + Send + 'static {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
     /// Whether a byte is waiting (false: the end of the stream), without reading it; `WouldBlock` (which
@@ -146,6 +148,15 @@ enum NextHead {
     Refused(Reply),
 }
 
+/// How an idle connection's wait for its next request ended.
+enum Woke {
+    Spoke,
+    /// The socket failed, or the table closed the connection.
+    Gone,
+    /// The table sent it to an upgrade's new process.
+    HandOver(Handover),
+}
+
 /// After a response: whether the connection carries another request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -184,11 +195,14 @@ impl<S: Socket> Conn<S> {
             let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
             if self.buf.is_empty() {
                 self.entry.expire_when_idle(true);
-                let spoke = self.wait_for_bytes().await;
+                let woke = self.wait_for_bytes().await;
                 // A head is arriving: `deadline` is its own (408), the table's sweep no longer applies.
                 self.entry.expire_when_idle(false);
-                if !spoke {
-                    return;
+                match woke {
+                    Woke::Spoke => {}
+                    Woke::Gone => return,
+                    // Boxed: an idle connection's task stays as small as its wait.
+                    Woke::HandOver(to) => return Box::pin(self.hand_over(to)).await,
                 }
             }
             match Box::pin(self.one(deadline)).await {
@@ -203,16 +217,34 @@ impl<S: Socket> Conn<S> {
         }
     }
 
-    /// Waits for the client's next bytes; false when the socket failed, or the table closed the idle
-    /// connection (silent for `--header-timeout`, or to make room). The end of the stream is true: the
-    /// read that follows finds it.
-    fn wait_for_bytes(&self) -> impl Future<Output = bool> + '_ {
+    /// Waits for the client's next bytes (the end of the stream too: the read that follows finds it), the
+    /// socket's failure, or the table telling the idle connection to leave: to close (silent for
+    /// `--header-timeout`, or to make room) or to go to an upgrade's new process.
+    fn wait_for_bytes(&self) -> impl Future<Output = Woke> + '_ {
         std::future::poll_fn(|cx| {
-            if self.entry.poll_closed(cx).is_ready() {
-                return Poll::Ready(false);
+            if let Poll::Ready(leave) = self.entry.poll_leave(cx) {
+                return Poll::Ready(match leave {
+                    // The client a PROXY header named would not go with it: closed, as when stopping.
+                    Leave::HandOver(to) if !self.front.cfg.proxy_protocol => Woke::HandOver(to),
+                    _ => Woke::Gone,
+                });
             }
-            self.io.poll_read_ready(cx).map(|r| r.is_ok())
+            self.io
+                .poll_read_ready(cx)
+                .map(|r| if r.is_ok() { Woke::Spoke } else { Woke::Gone })
         })
+    }
+
+    /// Passes the idle connection, with nothing of a next request read, to an upgrade's new process; closed
+    /// here if that fails. Our descriptor closes either way: the connection stays open in the new process.
+    async fn hand_over(self, to: Handover) {
+        let sent = match self.io.as_fd().try_clone_to_owned() {
+            Ok(fd) => to.send(Handed::Http, fd).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::debug!("upgrade: cannot pass a kept-alive HTTP connection on; closed: {e}");
+        }
     }
 
     /// Reads one head and serves its request.
@@ -324,7 +356,8 @@ impl<S: Socket> Conn<S> {
             }
         };
         let reply = outcome.finish(reply);
-        let keep = keep_alive && body_read && !self.entry.draining();
+        let can_go = !self.front.cfg.proxy_protocol;
+        let keep = keep_alive && body_read && !self.entry.closes_after_response(can_go);
         // Boxed: the request's future then holds the body's or the queue's state, not also this.
         match Box::pin(self.write_response(reply, is_head, version, keep)).await {
             Ok(true) => Next::KeepAlive,
