@@ -763,6 +763,10 @@ fn fcgi_answer(s: &mut std::os::unix::net::UnixStream) -> (String, u32) {
 /// whether the connection was idle at the upgrade or had a request in flight, HTTP or FastCGI, GET or POST.
 /// Closing them instead races every client that reuses a connection: nginx answers a POST it sends on one
 /// as it closes with 502 (one in 41,742 in the test below, once); FastCGI cannot say `Connection: close`.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario: four connections through one upgrade, each asked before and after"
+)]
 #[test]
 fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
     let dir = tempfile::tempdir().unwrap();
