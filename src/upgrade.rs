@@ -341,7 +341,10 @@ pub fn report_ready(channel: &OwnedFd) {
         return;
     };
     let mut f = std::fs::File::from(dup);
-    if let Err(e) = writeln!(f, "READY {}", std::process::id()) {
+    // One write, so one message: `writeln!` writes each piece by itself, and the old process reads only
+    // the first message (the rest, left unread, made our end see a reset when it closed).
+    let said = format!("READY {}\n", std::process::id());
+    if let Err(e) = f.write_all(said.as_bytes()) {
         tracing::warn!("upgrade: cannot tell the old process we are ready: {e}");
     }
 }

@@ -202,6 +202,20 @@ fn limits_give_413_431_and_408() {
         .unwrap();
     assert_eq!(read_response(&mut kept).unwrap().status, 200);
     silent(kept);
+
+    // A kept-alive connection's next head has --header-timeout from its first byte, not from the end of
+    // the last answer: begun after most of the idle limit and sent in two parts, it is served.
+    let mut kept = TcpStream::connect(a.addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut kept).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(700));
+    kept.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    kept.write_all(b"Host: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut kept).unwrap().status, 200);
 }
 
 #[test]

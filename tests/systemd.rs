@@ -648,6 +648,13 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
     // connections to fall silent, which under load they never do.
     let handover = signalled.elapsed();
     let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
+    // nginx's kept-alive connections went to the new process, not closed.
+    wait_until(
+        "the new process to say what it adopted",
+        Duration::from_secs(5),
+        || log_text().contains("adopted="),
+    );
+    assert!(!log_text().contains("adopted=0 "), "{}", log_text());
     reaper.0.push(new);
     assert!(child.wait().unwrap().success());
     let (get_ok, get_bad, get_detail) = gets.finish();
@@ -683,12 +690,12 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
 /// One request on a kept-alive HTTP connection; the pid of the worker that answered.
 fn http_call(s: &mut std::net::TcpStream, method: &str, path: &str) -> (Response, u32) {
     let body = if method == "POST" { "posted" } else { "" };
-    write!(
-        s,
+    // One write: `write!` would send each piece in a packet of its own, each held back by Nagle.
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
+    s.write_all(req.as_bytes()).unwrap();
     http_answer(s)
 }
 
@@ -769,6 +776,7 @@ fn fcgi_answer(s: &mut std::os::unix::net::UnixStream) -> (String, u32) {
 )]
 #[test]
 fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
+    const MANY: usize = 1000;
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("anteroom");
     install(&exe);
@@ -810,9 +818,18 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
     assert_eq!(r.status, 200);
     fcgi_send(&mut fidle, "GET", "/sleep?ms=1");
     fcgi_answer(&mut fidle);
+    // And many more idle ones: all of them go, however many.
+    let mut many: Vec<_> = (0..MANY)
+        .map(|_| {
+            let mut s = connect();
+            assert_eq!(http_call(&mut s, "GET", "/sleep?ms=0").0.status, 200);
+            s
+        })
+        .collect();
     // Busy at the upgrade: a request at each worker until after the new process is ready.
     let (mut busy, mut fbusy) = (connect(), fconnect());
-    write!(busy, "GET /sleep?ms=2500 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    busy.write_all(b"GET /sleep?ms=2500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     fcgi_send(&mut fbusy, "GET", "/sleep?ms=2500");
     thread::sleep(Duration::from_millis(300));
     install(&exe);
@@ -861,8 +878,12 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
             );
         }
     }
+    for s in &mut many {
+        let (r, worker) = http_call(s, "POST", "/sleep?ms=0");
+        assert_eq!((r.status, parent_of(worker)), (200, new));
+    }
     assert!(
-        log_text().contains("adopted=4"),
+        log_text().contains(&format!("adopted={}", MANY + 4)),
         "the new process says how many it took:\n{}",
         log_text()
     );

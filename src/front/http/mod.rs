@@ -188,11 +188,15 @@ impl<S: Socket> Conn<S> {
             };
             (self.origin, self.buf) = (origin, buf);
         }
+        // A new connection's first head has --header-timeout from the accept, so a client that trickles it
+        // never gets more; a kept-alive connection's next head has it from its first byte, as in nginx (a
+        // head begun just before the idle limit must not be cut short by it: 408s, found with heads sent
+        // in pieces after 30 s between requests).
+        let mut head_since = Some(tokio::time::Instant::now());
         loop {
             // Idle, this task is only as large as waiting for a byte takes (no timer: the table closes a
             // connection silent for --header-timeout); reading the head and serving the request are
             // boxed, allocated while a request is under way (measured: 6.4 KiB unboxed).
-            let deadline = tokio::time::Instant::now() + self.front.cfg.header_timeout;
             if self.buf.is_empty() {
                 self.entry.expire_when_idle(true);
                 let woke = self.wait_for_bytes().await;
@@ -205,6 +209,8 @@ impl<S: Socket> Conn<S> {
                     Woke::HandOver(to) => return Box::pin(self.hand_over(to)).await,
                 }
             }
+            let since = head_since.take().unwrap_or_else(tokio::time::Instant::now);
+            let deadline = since + self.front.cfg.header_timeout;
             match Box::pin(self.one(deadline)).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
