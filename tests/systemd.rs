@@ -675,19 +675,12 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
         handover < Duration::from_secs(6),
         "the old process took {handover:?} to hand over"
     );
+    let (log, nginx_log) = (log_text(), nginx.error_log());
+    let failed = (get_bad, post_bad);
     assert_eq!(
-        get_bad,
-        0,
-        "GETs: {get_detail}\n{}\nnginx: {}",
-        log_text(),
-        nginx.error_log()
-    );
-    assert_eq!(
-        post_bad,
-        0,
-        "POSTs: {post_detail}\n{}\nnginx: {}",
-        log_text(),
-        nginx.error_log()
+        failed,
+        (0, 0),
+        "GETs: {get_detail}\nPOSTs: {post_detail}\n{log}\nnginx: {nginx_log}"
     );
     assert!(get_ok > 500 && post_ok > 100, "{get_detail} {post_detail}");
     signal(new, 15);
