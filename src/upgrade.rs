@@ -258,6 +258,18 @@ impl Handover {
     }
 }
 
+#[cfg(test)]
+impl Handover {
+    /// A hand-over whose other end is returned (as the new process would hold it), for tests.
+    pub(crate) fn pair() -> (Handover, OwnedFd) {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+        let (old, new) =
+            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None).unwrap();
+        (Handover(Arc::new(channel(old).unwrap())), new)
+    }
+}
+
 /// In the new process: takes the connections the old process hands over, until it exits (the channel's
 /// end), and gives each to `adopt`. A pipe instead of a socket (an older anteroom started this one) carries
 /// none: this returns at once.
@@ -364,12 +376,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_crosses_with_the_bytes_waiting_in_it() {
-        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
         use std::io::{Read, Write as _};
-        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
-        let (old, new) =
-            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None).unwrap();
-        let handover = Handover(Arc::new(channel(old).unwrap()));
+        let (handover, new) = Handover::pair();
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         // Sent before the hand-over, read after it, by the other side.
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();

@@ -730,6 +730,51 @@ mod tests {
         assert_eq!(closed(), 5, "busy connections are never closed");
     }
 
+    #[tokio::test]
+    async fn handing_over_tells_idle_connections_at_once_and_busy_ones_when_done() {
+        let t = table(10);
+        let idle = connect(&t).unwrap();
+        let busy = connect(&t).unwrap();
+        let request = busy.request_started();
+        let (to, _new) = Handover::pair();
+        t.hand_over(to);
+        assert_eq!(idle.0.told(), Told::HandOver);
+        assert_eq!(busy.0.told(), Told::Nothing, "its request goes on here");
+        assert_eq!(t.view().idle, 0, "nothing left to close to make room");
+        let late = connect(&t).unwrap();
+        assert_eq!(
+            late.0.told(),
+            Told::HandOver,
+            "admitted after: told at once"
+        );
+        drop(request);
+        assert_eq!(
+            busy.0.told(),
+            Told::HandOver,
+            "told when its last request ended"
+        );
+        assert!(
+            !busy.closes_after_response(false),
+            "not stopping: nothing closes"
+        );
+        t.drain();
+        assert!(
+            !busy.closes_after_response(true),
+            "it goes on to the new process"
+        );
+        assert!(
+            busy.closes_after_response(false),
+            "it cannot go: closed after its answer"
+        );
+        // A close overrides; the descriptor is counted as coming back once.
+        idle.0.close(&t);
+        assert_eq!(idle.0.told(), Told::Close);
+        assert_eq!(t.closing.load(Ordering::Relaxed), 3);
+        drop((idle, busy, late));
+        assert_eq!(t.closing.load(Ordering::Relaxed), 0);
+        assert_eq!(t.open(), 0);
+    }
+
     #[test]
     fn hard_cap_refuses_on_the_acceptor() {
         let t = table(1);
