@@ -339,7 +339,9 @@ pub struct Settings {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, value_name = "BYTES", env = "ANTEROOM_MAX_HEADER_SIZE", default_value = "16k")]
     pub max_header_size: ByteSize,
-    /// Longest a client may take to send a request head, in seconds; slower gets 408.
+    /// Longest a client may take to send a request head, in seconds; slower gets 408. A connection's first
+    /// head counts from the accept, a kept-alive connection's next one from its first byte; a kept-alive
+    /// connection silent this long is closed.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_HEADER_TIMEOUT", default_value = "30")]
     pub header_timeout: f64,
     /// Most client connections open at once, across all listeners; at the limit the oldest idle ones are
