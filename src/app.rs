@@ -371,14 +371,19 @@ impl App {
         let channel = self.systemd.upgrade_channel.as_ref();
         if let Some(channel) = channel.and_then(|c| c.try_clone().ok()) {
             let adopters = self.adopters.clone();
-            tokio::spawn(crate::upgrade::receive(channel, move |kind, conn| {
+            tokio::spawn(crate::upgrade::receive(channel, move |kind, note, conn| {
                 let to = match kind {
                     Handed::Http => &adopters.http,
                     Handed::FastCgi => &adopters.fastcgi,
                 };
-                // No listener of that kind here (the configuration changed): the connection closes.
-                if let Some(to) = to {
-                    to.adopt(conn);
+                // What its PROXY header said, read by the old process.
+                let known = (!note.is_empty()).then(|| crate::request::Origin::from_note(note));
+                match (to, known) {
+                    (Some(to), None) => to.adopt(conn, None),
+                    (Some(to), Some(Some(origin))) => to.adopt(conn, Some(Box::new(origin))),
+                    // No listener of that kind here (the configuration changed), or a note we cannot
+                    // read: the connection closes.
+                    _ => {}
                 }
             }));
         }

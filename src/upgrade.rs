@@ -21,8 +21,9 @@
 //! `SCM_RIGHTS` message each, [`Handover`]), and a busy one is passed as soon as its last answer is written.
 //! Bytes the client sent meanwhile wait in the kernel's socket buffer, which moves with the descriptor, so
 //! nothing is lost and the client never sees the change. The new process adopts each as if it had accepted
-//! it ([`receive`]). An HTTP connection that began with a PROXY protocol header cannot go (the client it
-//! named would be lost): it gets `Connection: close` on its answers instead, as when stopping.
+//! it ([`receive`]). What the front knew of a connection that the socket does not say goes with it in
+//! the same message (the client an HTTP connection's PROXY protocol header named, which the new process
+//! does not read again).
 //!
 //! `LISTEN_PID` must be the new process's own pid, known only after fork: as for HTTP workers, the child
 //! first runs `NEW-BINARY exec-worker -- NEW-BINARY ARGS...`, which sets it and execs, keeping the pid.
@@ -213,6 +214,9 @@ async fn said_ready(channel: &UnixDatagram) -> bool {
     matches!(recv(channel, &mut buf).await, Ok((n, _)) if buf[..n].starts_with(b"READY "))
 }
 
+/// The most a front may say of a connection it hands over, besides its kind.
+pub const MAX_NOTE: usize = 240;
+
 /// A client connection handed to the new process: which front serves it there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handed {
@@ -229,10 +233,16 @@ impl Handed {
         }
     }
 
-    fn parse(message: &[u8]) -> Option<Handed> {
-        [Handed::Http, Handed::FastCgi]
+    /// The kind, and the note after it (empty when none: see [`Handover::send`]).
+    fn parse(message: &[u8]) -> Option<(Handed, &[u8])> {
+        let (word, note) = match message.iter().position(|&b| b == b'\n') {
+            Some(i) => (&message[..i], &message[i + 1..]),
+            None => (message, &[][..]),
+        };
+        let kind = [Handed::Http, Handed::FastCgi]
             .into_iter()
-            .find(|k| k.wire() == message)
+            .find(|k| k.wire() == word)?;
+        Some((kind, note))
     }
 }
 
@@ -241,15 +251,24 @@ impl Handed {
 pub struct Handover(Arc<UnixDatagram>);
 
 impl Handover {
-    /// Passes `conn` to the new process as a connection of `kind`. Once this returns, our descriptor may
-    /// close: the connection stays open in the new process. `Err`: the new process is gone, or the channel
-    /// failed; the caller closes the connection as a stop would.
-    pub async fn send(&self, kind: Handed, conn: OwnedFd) -> io::Result<()> {
+    /// Passes `conn` to the new process as a connection of `kind`, with what the front knew of it that the
+    /// socket does not say (`note`, at most [`MAX_NOTE`] bytes, its own format; empty for none). Once this
+    /// returns, our descriptor may close: the connection stays open in the new process. `Err`: the new
+    /// process is gone, or the channel failed; the caller closes the connection as a stop would.
+    pub async fn send(&self, kind: Handed, note: &[u8], conn: OwnedFd) -> io::Result<()> {
+        if note.len() > MAX_NOTE {
+            return Err(io::Error::other("the note is too long to pass on"));
+        }
+        let mut message = kind.wire().to_vec();
+        if !note.is_empty() {
+            message.push(b'\n');
+            message.extend_from_slice(note);
+        }
         let c = &self.0;
         loop {
             c.writable().await?;
             match c.try_io(Interest::WRITABLE, || {
-                passfd::send_with_fd(c.as_fd(), kind.wire(), conn.as_fd())
+                passfd::send_with_fd(c.as_fd(), &message, conn.as_fd())
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 sent => return sent,
@@ -273,7 +292,7 @@ impl Handover {
 /// In the new process: takes the connections the old process hands over, until it exits (the channel's
 /// end), and gives each to `adopt`. A pipe instead of a socket (an older anteroom started this one) carries
 /// none: this returns at once.
-pub async fn receive(channel: OwnedFd, mut adopt: impl FnMut(Handed, OwnedFd)) {
+pub async fn receive(channel: OwnedFd, mut adopt: impl FnMut(Handed, &[u8], OwnedFd)) {
     let is_socket = rustix::fs::fstat(&channel).is_ok_and(|st| {
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket
     });
@@ -283,14 +302,14 @@ pub async fn receive(channel: OwnedFd, mut adopt: impl FnMut(Handed, OwnedFd)) {
     let Ok(channel) = self::channel(channel) else {
         return;
     };
-    let mut buf = [0u8; 32];
+    let mut buf = [0u8; 16 + MAX_NOTE];
     let mut adopted = 0u64;
     loop {
         match recv(&channel, &mut buf).await {
             Ok((n, Some(conn))) => match Handed::parse(&buf[..n]) {
-                Some(kind) => {
+                Some((kind, note)) => {
                     adopted += 1;
-                    adopt(kind, conn);
+                    adopt(kind, note, conn);
                 }
                 None => tracing::warn!(
                     message = %String::from_utf8_lossy(&buf[..n]),
@@ -368,9 +387,14 @@ mod tests {
     #[test]
     fn each_kind_reads_back_and_nothing_else_does() {
         for k in [Handed::Http, Handed::FastCgi] {
-            assert_eq!(Handed::parse(k.wire()), Some(k));
+            assert_eq!(Handed::parse(k.wire()), Some((k, &b""[..])));
         }
+        assert_eq!(
+            Handed::parse(b"conn http\npeer=1.2.3.4:5"),
+            Some((Handed::Http, &b"peer=1.2.3.4:5"[..]))
+        );
         assert_eq!(Handed::parse(b"conn"), None);
+        assert_eq!(Handed::parse(b"conn http peer"), None);
         assert_eq!(Handed::parse(b"READY 12"), None);
     }
 
@@ -382,15 +406,15 @@ mod tests {
         // Sent before the hand-over, read after it, by the other side.
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         handover
-            .send(Handed::Http, OwnedFd::from(server))
+            .send(Handed::Http, b"a note", OwnedFd::from(server))
             .await
             .unwrap();
         drop(handover);
         let mut got = Vec::new();
-        receive(new, |kind, fd| got.push((kind, fd))).await;
+        receive(new, |kind, note, fd| got.push((kind, note.to_vec(), fd))).await;
         assert_eq!(got.len(), 1, "one connection, then the end");
-        let (kind, fd) = got.pop().unwrap();
-        assert_eq!(kind, Handed::Http);
+        let (kind, note, fd) = got.pop().unwrap();
+        assert_eq!((kind, &note[..]), (Handed::Http, &b"a note"[..]));
         let mut server = std::os::unix::net::UnixStream::from(fd);
         server.set_nonblocking(false).unwrap();
         let mut buf = [0u8; 18];

@@ -894,3 +894,77 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
         !alive(new)
     });
 }
+
+/// With `--proxy-protocol`, the client a connection's PROXY header named goes with the connection to the new
+/// process, which does not wait for a header again: the next request on it still comes from that client.
+#[test]
+fn an_upgrade_hands_over_proxied_connections_with_their_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("anteroom");
+    install(&exe);
+    let log = dir.path().join("anteroom.log");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_installed(
+        Command::new(&exe)
+            .args(["--listen", &addr.to_string(), "--proxy-protocol"])
+            .args([
+                "--trusted-proxy",
+                "127.0.0.1",
+                "--admin",
+                "off",
+                "--workers",
+                "1",
+            ])
+            .env("ANTEROOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let first = child.id();
+    let mut reaper = Reaper(vec![first]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let proxied = || -> std::io::Result<std::net::TcpStream> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\n")?;
+        Ok(s)
+    };
+    let env = |s: &mut std::net::TcpStream| {
+        s.write_all(b"GET /env HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        common::read_response(s)
+    };
+    wait_until("anteroom to serve", Duration::from_secs(20), || {
+        proxied()
+            .and_then(|mut s| env(&mut s))
+            .is_ok_and(|r| r.status == 200)
+    });
+    let mut s = proxied().unwrap();
+    let r = env(&mut s).unwrap();
+    assert!(r.text().contains("REMOTE_ADDR=203.0.113.7"), "{}", r.text());
+    install(&exe);
+    signal(first, 12);
+    wait_until("the old process to exit", Duration::from_secs(30), || {
+        !alive(first)
+    });
+    assert!(child.wait().unwrap().success());
+    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
+    reaper.0.push(new);
+    let r = env(&mut s).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("REMOTE_ADDR=203.0.113.7") && r.text().contains("REMOTE_PORT=4242"),
+        "{}",
+        r.text()
+    );
+    let (_, worker) = http_call(&mut s, "GET", "/sleep?ms=1");
+    assert_eq!(parent_of(worker), new, "{}", log_text());
+    wait_until(
+        "the new process to say what it adopted",
+        Duration::from_secs(5),
+        || log_text().contains("adopted="),
+    );
+    assert!(log_text().contains("adopted=1"), "{}", log_text());
+    signal(new, 15);
+    wait_until("the new process to stop", Duration::from_secs(30), || {
+        !alive(new)
+    });
+}

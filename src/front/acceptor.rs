@@ -29,6 +29,7 @@ use super::conns::{ConnHandle, Counted, Table};
 use super::listen::Listener;
 use crate::config::ListenAddr;
 use crate::ratelog::LogLimit;
+use crate::request::Origin;
 
 /// How a front turns a connection away when the connection table has no idle connection to close for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,15 +64,15 @@ pub fn serve_each<F, Fut>(
     serve: F,
 ) -> io::Result<Acceptor>
 where
-    F: Fn(ClientStream, ConnHandle) -> Fut + Send + Sync + 'static,
+    F: Fn(ClientStream, ConnHandle, Option<Box<Origin>>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Accepted, Counted)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Arrival>();
     let handoff = conns.clone();
     let admit = table.clone();
     tokio::spawn(async move {
         static REGISTER: LogLimit = LogLimit::per_second();
-        while let Some((accepted, counted)) = rx.recv().await {
+        while let Some((accepted, counted, known)) = rx.recv().await {
             // Registered with the runtime here, on a runtime thread, not on the acceptor's.
             let conn = match accepted {
                 Accepted::Tcp(s, peer) => {
@@ -89,7 +90,7 @@ where
                 }
             };
             match admit.admit(counted) {
-                Ok(handle) => handoff.spawn(serve(conn, handle)),
+                Ok(handle) => handoff.spawn(serve(conn, handle, known)),
                 Err(counted) => handoff.spawn(refuse(conn, counted, refusal)),
             };
         }
@@ -100,7 +101,7 @@ where
     };
     let mut acceptor = Acceptor::start(listener, table, refusal, move |accepted, counted| {
         // Fails only when the runtime is shutting down; the connection is then just closed.
-        let _ = tx.send((accepted, counted));
+        let _ = tx.send((accepted, counted, None));
     })?;
     acceptor.adopter = Some(adopter);
     Ok(acceptor)
@@ -111,14 +112,18 @@ where
 /// admitted and served, or refused when nothing can make room.
 #[derive(Clone)]
 pub struct Adopter {
-    tx: tokio::sync::mpsc::UnboundedSender<(Accepted, Counted)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Arrival>,
     table: Arc<Table>,
 }
 
+/// A connection on its way to the runtime, with the origin the process that passed it had read from its
+/// PROXY header (None: it was accepted here, or had none).
+type Arrival = (Accepted, Counted, Option<Box<Origin>>);
+
 impl Adopter {
-    /// Serves `conn`, a connected TCP or unix stream socket; one whose client has gone already, or over
-    /// the table's hard cap, is closed.
-    pub fn adopt(&self, conn: OwnedFd) {
+    /// Serves `conn`, a connected TCP or unix stream socket, whose PROXY header (if any) gave `known`; one
+    /// whose client has gone already, or over the table's hard cap, is closed.
+    pub fn adopt(&self, conn: OwnedFd, known: Option<Box<Origin>>) {
         let unix = rustix::net::getsockname(&conn)
             .is_ok_and(|a| a.address_family() == rustix::net::AddressFamily::UNIX);
         // Non-blocking already (the flag belongs to the open socket, which the old process set), but the
@@ -137,7 +142,7 @@ impl Adopter {
             }
         };
         if let Some(counted) = self.table.count() {
-            let _ = self.tx.send((accepted, counted));
+            let _ = self.tx.send((accepted, counted, known));
         }
     }
 }

@@ -546,12 +546,11 @@ impl ConnHandle {
         self.0.counted.table.m.bad_proxy_header.inc();
     }
 
-    /// Whether this connection should close once its response is sent: anteroom is stopping, or handing
-    /// its listeners to a new process and this connection cannot go with them (`can_go` false: an HTTP
-    /// connection whose PROXY header named its client).
-    pub fn closes_after_response(&self, can_go: bool) -> bool {
+    /// Whether this connection should close once its response is sent: anteroom is stopping (an upgrade's
+    /// hand-over passes it on instead).
+    pub fn closes_after_response(&self) -> bool {
         let table = &self.0.counted.table;
-        table.draining.load(Ordering::Acquire) && !(can_go && table.handover.get().is_some())
+        table.draining.load(Ordering::Acquire) && table.handover.get().is_none()
     }
 
     /// Requests in progress on this connection: started and not yet ended.
@@ -753,18 +752,11 @@ mod tests {
             Told::HandOver,
             "told when its last request ended"
         );
-        assert!(
-            !busy.closes_after_response(false),
-            "not stopping: nothing closes"
-        );
+        assert!(!busy.closes_after_response(), "not stopping");
         t.drain();
         assert!(
-            !busy.closes_after_response(true),
+            !busy.closes_after_response(),
             "it goes on to the new process"
-        );
-        assert!(
-            busy.closes_after_response(false),
-            "it cannot go: closed after its answer"
         );
         // A close overrides; the descriptor is counted as coming back once.
         idle.0.close(&t);

@@ -70,7 +70,8 @@ pub fn start(
         table,
         Refusal::Close,
         conns,
-        move |conn, entry| {
+        // No PROXY header on FastCGI listeners: nothing known beyond the socket.
+        move |conn, entry, _known| {
             let front = front.clone();
             async move {
                 match conn {
@@ -258,7 +259,7 @@ impl PeerConn {
                     // `Connection: close`, so the connection closes once it has nothing in flight, and the
                     // peer's next request goes to a new connection, to the process that stays (nginx retries a
                     // request that finds its kept-alive upstream connection closed on another one).
-                    let closing = self.closing || self.entry.closes_after_response(true);
+                    let closing = self.closing || self.entry.closes_after_response();
                     if closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
                         return Ok(Ended::Closed);
                     }
@@ -509,7 +510,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 /// descriptor closes either way: the connection stays open in the new process.
 async fn hand_over<S: AsFd>(io: S, to: Handover) {
     let sent = match io.as_fd().try_clone_to_owned() {
-        Ok(fd) => to.send(Handed::FastCgi, fd).await,
+        Ok(fd) => to.send(Handed::FastCgi, b"", fd).await,
         Err(e) => Err(e),
     };
     if let Err(e) = sent {
@@ -587,7 +588,7 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     // follow END_REQUEST at once: nginx drops a kept-alive connection whose end has arrived by the time it
     // has read the answer, but reuses one that still looks open, and a POST sent on it as it closes gets a
     // 502 (nginx retries only idempotent requests).
-    let last = !to.keep_conn || (to.conn.closes_after_response(true) && to.conn.requests() == 1);
+    let last = !to.keep_conn || (to.conn.closes_after_response() && to.conn.requests() == 1);
     let _ = match (tail, last) {
         (Some(tail), true) => to.tx.send(Out::Last(tail.freeze())).await,
         (Some(tail), false) => to.tx.send(Out::Bytes(tail.freeze())).await,

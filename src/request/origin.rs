@@ -58,6 +58,33 @@ impl Origin {
     pub fn https(&self) -> bool {
         self.proxied.as_ref().and_then(|p| p.https) == Some(true)
     }
+
+    /// A connection's origin as text, for an upgrade that passes the connection to a new process after its
+    /// PROXY header was read (`peer=ADDR local=ADDR`, `-` for none). A request's `proxied` part is not
+    /// a connection's and is left out.
+    pub fn to_note(&self) -> String {
+        let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+        format!("peer={} local={}", addr(self.peer), addr(self.local))
+    }
+
+    /// The origin [`Origin::to_note`] wrote; None for anything else.
+    pub fn from_note(note: &[u8]) -> Option<Origin> {
+        let text = std::str::from_utf8(note).ok()?;
+        let addr = |part: Option<&str>, key: &str| -> Option<Option<SocketAddr>> {
+            match part?.strip_prefix(key)? {
+                "-" => Some(None),
+                a => a.parse().ok().map(Some),
+            }
+        };
+        let mut parts = text.split(' ');
+        let peer = addr(parts.next(), "peer=")?;
+        let local = addr(parts.next(), "local=")?;
+        parts.next().is_none().then_some(Origin {
+            peer,
+            local,
+            proxied: None,
+        })
+    }
 }
 
 /// Whether `peer` (None: a unix socket) is one of `trusted`.
@@ -238,6 +265,39 @@ fn unquote(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_origin_reads_back_from_its_note() {
+        for (peer, local) in [
+            (Some("203.0.113.7:4242"), Some("10.0.0.1:8000")),
+            (Some("[2001:db8::1]:443"), None),
+            (None, None),
+        ] {
+            let o = Origin {
+                peer: peer.map(|p| p.parse().unwrap()),
+                local: local.map(|l| l.parse().unwrap()),
+                proxied: None,
+            };
+            let back = Origin::from_note(o.to_note().as_bytes()).unwrap();
+            assert_eq!(
+                (back.peer, back.local),
+                (o.peer, o.local),
+                "{}",
+                o.to_note()
+            );
+        }
+        for bad in [
+            "",
+            "peer=1.2.3.4:5",
+            "peer=x local=-",
+            "peer=- local=- more",
+            "local=- peer=-",
+        ] {
+            assert!(Origin::from_note(bad.as_bytes()).is_none(), "{bad}");
+        }
+        let longest = "peer=[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535 local=[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535";
+        assert!(longest.len() <= crate::upgrade::MAX_NOTE);
+    }
     use http::HeaderValue;
 
     fn trusted(list: &[&str]) -> Vec<TrustedProxy> {

@@ -69,20 +69,26 @@ pub fn start(
         table,
         Refusal::Http503,
         conns,
-        move |conn, entry| {
+        move |conn, entry, known: Option<Box<Origin>>| {
+            // Passed by an upgrade's old process after its PROXY header: not read again.
+            let header = front.cfg.proxy_protocol && known.is_none();
             // One future per connection type, of which this task holds the one it needs, not both side by
             // side (which an `async` block with a `match` would hold: measured 1544 bytes against 712).
             match conn {
                 ClientStream::Tcp(s, peer) => {
-                    let origin = Origin {
-                        peer: Some(peer),
-                        local: s.local_addr().ok(),
-                        proxied: None,
-                    };
-                    Either::Left(Conn::new(s, origin, front.clone(), entry).serve())
+                    let origin = known.map_or_else(
+                        || Origin {
+                            peer: Some(peer),
+                            local: s.local_addr().ok(),
+                            proxied: None,
+                        },
+                        |o| *o,
+                    );
+                    Either::Left(Conn::new(s, origin, front.clone(), entry).serve(header))
                 }
                 ClientStream::Unix(s) => {
-                    Either::Right(Conn::new(s, Origin::default(), front.clone(), entry).serve())
+                    let origin = known.map(|o| *o).unwrap_or_default();
+                    Either::Right(Conn::new(s, origin, front.clone(), entry).serve(header))
                 }
             }
         },
@@ -178,9 +184,10 @@ impl<S: Socket> Conn<S> {
         }
     }
 
-    async fn serve(mut self) {
+    /// Serves the connection to its end; `proxy_header`: a PROXY protocol header comes first.
+    async fn serve(mut self, proxy_header: bool) {
         let cfg = &self.front.cfg;
-        if cfg.proxy_protocol {
+        if proxy_header {
             let (trusted, timeout) = (&cfg.trusted_proxy, cfg.header_timeout);
             let read = super::proxy::accept(&self.io, &self.origin, trusted, timeout, &self.entry);
             let Some((origin, buf)) = Box::pin(read).await else {
@@ -230,9 +237,8 @@ impl<S: Socket> Conn<S> {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(leave) = self.entry.poll_leave(cx) {
                 return Poll::Ready(match leave {
-                    // The client a PROXY header named would not go with it: closed, as when stopping.
-                    Leave::HandOver(to) if !self.front.cfg.proxy_protocol => Woke::HandOver(to),
-                    _ => Woke::Gone,
+                    Leave::HandOver(to) => Woke::HandOver(to),
+                    Leave::Close => Woke::Gone,
                 });
             }
             self.io
@@ -244,8 +250,14 @@ impl<S: Socket> Conn<S> {
     /// Passes the idle connection, with nothing of a next request read, to an upgrade's new process; closed
     /// here if that fails. Our descriptor closes either way: the connection stays open in the new process.
     async fn hand_over(self, to: Handover) {
+        // The client a PROXY header named goes with it (the new process will not read a header again).
+        let note = if self.front.cfg.proxy_protocol {
+            self.origin.to_note()
+        } else {
+            String::new()
+        };
         let sent = match self.io.as_fd().try_clone_to_owned() {
-            Ok(fd) => to.send(Handed::Http, fd).await,
+            Ok(fd) => to.send(Handed::Http, note.as_bytes(), fd).await,
             Err(e) => Err(e),
         };
         if let Err(e) = sent {
@@ -362,8 +374,7 @@ impl<S: Socket> Conn<S> {
             }
         };
         let reply = outcome.finish(reply);
-        let can_go = !self.front.cfg.proxy_protocol;
-        let keep = keep_alive && body_read && !self.entry.closes_after_response(can_go);
+        let keep = keep_alive && body_read && !self.entry.closes_after_response();
         // Boxed: the request's future then holds the body's or the queue's state, not also this.
         match Box::pin(self.write_response(reply, is_head, version, keep)).await {
             Ok(true) => Next::KeepAlive,
