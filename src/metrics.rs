@@ -221,32 +221,37 @@ impl Metrics {
             "Worker processes started",
             m.spawns.clone(),
         );
+        m.register_connections(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The client connection table's series.
+    fn register_connections(&self, registry: &mut Registry) {
         registry.register(
             "client_connections",
             "Client connections open now, from accept to close, silent ones included",
-            m.connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "client_connections_limit",
             "Most client connections open at once (--max-connections, or from RLIMIT_NOFILE)",
-            m.connections_limit.clone(),
+            self.connections_limit.clone(),
         );
         registry.register(
             "client_connections_idle_closed",
             "Idle client connections (silent, or kept alive between requests) closed to make room at the limit",
-            m.connections_idle_closed.clone(),
+            self.connections_idle_closed.clone(),
         );
         registry.register(
             "client_connections_refused",
             "New client connections refused at the limit because none was idle (HTTP: 503)",
-            m.connections_refused.clone(),
+            self.connections_refused.clone(),
         );
         registry.register(
             "client_connections_bad_proxy_header",
             "Client connections closed for a missing, malformed or late PROXY protocol header (--proxy-protocol)",
-            m.connections_bad_proxy_header.clone(),
+            self.connections_bad_proxy_header.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     pub fn registry(&self) -> &Registry {

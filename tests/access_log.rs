@@ -37,9 +37,11 @@ fn dying_worker(extra: &[&str]) -> (Anteroom, SocketAddr) {
 /// The access line of request `id`, once it is written; fails if there is more than one.
 fn access_line(a: &Anteroom, id: &str) -> String {
     let needle = format!("id={id} ");
-    wait_until(&format!("the access line of {id}"), Duration::from_secs(20), || {
-        a.log_text().lines().any(|l| l.contains(&needle))
-    });
+    wait_until(
+        &format!("the access line of {id}"),
+        Duration::from_secs(20),
+        || a.log_text().lines().any(|l| l.contains(&needle)),
+    );
     let log = a.log_text();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
     assert_eq!(lines.len(), 1, "one access line for {id}:\n{log}");
@@ -70,7 +72,10 @@ fn head_and_body(all: &[u8]) -> (String, usize) {
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(all)))
         + 4;
-    (String::from_utf8_lossy(&all[..end]).into_owned(), all.len() - end)
+    (
+        String::from_utf8_lossy(&all[..end]).into_owned(),
+        all.len() - end,
+    )
 }
 
 fn send_get(a: &Anteroom, path: &str, id: &str) -> TcpStream {
@@ -108,7 +113,8 @@ fn a_worker_that_dies_mid_body_is_logged_with_the_bytes_sent_and_aborted() {
     let (head, body) = head_and_body(&all);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
-        head.to_ascii_lowercase().contains("content-length: 1000000"),
+        head.to_ascii_lowercase()
+            .contains("content-length: 1000000"),
         "{head}"
     );
     assert_eq!(body, 300_000, "the worker sent 300 kB before it died");
@@ -165,7 +171,9 @@ fn a_client_that_reads_nothing_is_logged_at_the_send_timeout_with_what_it_took()
 fn streamed_and_bodiless_responses_log_the_bytes_sent() {
     let (a, admin) = dying_worker(&[]);
     // Chunked from the worker, chunked to the client: its real size, not "-".
-    let r = a.raw(b"GET /chunked HTTP/1.1\r\nHost: t\r\nX-Request-Id: chunked-1\r\nConnection: close\r\n\r\n");
+    let r = a.raw(
+        b"GET /chunked HTTP/1.1\r\nHost: t\r\nX-Request-Id: chunked-1\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("transfer-encoding").as_deref(),

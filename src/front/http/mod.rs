@@ -144,7 +144,7 @@ enum NextHead {
     Gone,
     /// A head that cannot be served: answered (its account ends once the answer is written), then the
     /// connection closes.
-    Refused(Reply, Outcome),
+    Refused(Box<(Reply, Outcome)>),
 }
 
 /// After a response: whether the connection carries another request.
@@ -220,7 +220,8 @@ impl<S: Socket> Conn<S> {
     async fn one(&mut self, deadline: tokio::time::Instant) -> Next {
         match self.next_head(deadline).await {
             NextHead::Gone => Next::Close,
-            NextHead::Refused(reply, mut outcome) => {
+            NextHead::Refused(refused) => {
+                let (reply, mut outcome) = *refused;
                 let v = http::Version::HTTP_11;
                 let sent = outcome.delivery();
                 let _ = Box::pin(self.write_response(reply, false, v, false, sent)).await;
@@ -247,7 +248,7 @@ impl<S: Socket> Conn<S> {
                     Ok(Parsed::Partial) => {}
                     Err(e) => {
                         let (reply, outcome) = self.refuse_head(&e);
-                        return NextHead::Refused(reply, outcome);
+                        return NextHead::Refused(Box::new((reply, outcome)));
                     }
                 }
             }
@@ -269,7 +270,7 @@ impl<S: Socket> Conn<S> {
                 Err(_) if self.buf.is_empty() => return NextHead::Gone,
                 Err(_) => {
                     let (reply, outcome) = self.refuse_late_head();
-                    return NextHead::Refused(reply, outcome);
+                    return NextHead::Refused(Box::new((reply, outcome)));
                 }
             }
         }
