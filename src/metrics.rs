@@ -82,6 +82,31 @@ impl Rejection {
     }
 }
 
+/// Why a response whose head had gone (or was going) did not reach its client whole: the access log's
+/// `end=` field and `anteroom_responses_incomplete_total{reason}` (nginx's `$request_completion` is empty
+/// for these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incomplete {
+    /// The body broke off on anteroom's side: the worker died, closed short of its length or last chunk,
+    /// or its client aborted it; or the spilled body could not be read back.
+    AbortedUpstream,
+    /// The client hung up, or its connection failed, before the response was all written (on the FastCGI
+    /// front: the peer aborted the request or its connection ended).
+    ClientGone,
+    /// The client took nothing for `--send-timeout`.
+    SendTimeout,
+}
+
+impl Incomplete {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Incomplete::AbortedUpstream => "aborted_upstream",
+            Incomplete::ClientGone => "client_gone",
+            Incomplete::SendTimeout => "send_timeout",
+        }
+    }
+}
+
 /// What the admin report reads back: the request totals and the queue wait, as numbers.
 #[derive(Debug, Default)]
 struct Totals {
@@ -109,6 +134,7 @@ pub struct Metrics {
     pub request_duration: Histogram,
     pub requests: Family<StatusLabels, Counter>,
     pub rejections: Family<ReasonLabels, Counter>,
+    incomplete: Family<ReasonLabels, Counter>,
     pub deaths: Family<CauseLabels, Counter>,
     pub spawns: Counter,
     /// Every open client connection, from accept to close (the connection table's count).
@@ -144,6 +170,7 @@ impl Metrics {
             request_duration: Histogram::new(latency_buckets()),
             requests: Family::default(),
             rejections: Family::default(),
+            incomplete: Family::default(),
             deaths: Family::default(),
             spawns: Counter::default(),
             connections: Gauge::default(),
@@ -180,6 +207,11 @@ impl Metrics {
             m.rejections.clone(),
         );
         registry.register(
+            "responses_incomplete",
+            "Responses the client did not get whole, by reason (aborted_upstream, client_gone, send_timeout)",
+            m.incomplete.clone(),
+        );
+        registry.register(
             "worker_deaths",
             "Worker processes that ended, by cause (crashed, oom, timeout, retired)",
             m.deaths.clone(),
@@ -189,32 +221,37 @@ impl Metrics {
             "Worker processes started",
             m.spawns.clone(),
         );
+        m.register_connections(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The client connection table's series.
+    fn register_connections(&self, registry: &mut Registry) {
         registry.register(
             "client_connections",
             "Client connections open now, from accept to close, silent ones included",
-            m.connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "client_connections_limit",
             "Most client connections open at once (--max-connections, or from RLIMIT_NOFILE)",
-            m.connections_limit.clone(),
+            self.connections_limit.clone(),
         );
         registry.register(
             "client_connections_idle_closed",
             "Idle client connections (silent, or kept alive between requests) closed to make room at the limit",
-            m.connections_idle_closed.clone(),
+            self.connections_idle_closed.clone(),
         );
         registry.register(
             "client_connections_refused",
             "New client connections refused at the limit because none was idle (HTTP: 503)",
-            m.connections_refused.clone(),
+            self.connections_refused.clone(),
         );
         registry.register(
             "client_connections_bad_proxy_header",
             "Client connections closed for a missing, malformed or late PROXY protocol header (--proxy-protocol)",
-            m.connections_bad_proxy_header.clone(),
+            self.connections_bad_proxy_header.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -223,6 +260,15 @@ impl Metrics {
 
     pub fn reject(&self, why: Rejection) {
         self.rejections
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// A response that did not reach its client whole (also counted in `requests` by the status sent).
+    pub fn incomplete(&self, why: Incomplete) {
+        self.incomplete
             .get_or_create(&ReasonLabels {
                 reason: why.as_str(),
             })
@@ -272,6 +318,7 @@ mod tests {
         let m = Metrics::new();
         m.reject(Rejection::QueueFull);
         m.answered("served", 200, Duration::from_millis(3));
+        m.incomplete(Incomplete::SendTimeout);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, m.registry()).unwrap();
         assert!(
@@ -280,6 +327,10 @@ mod tests {
         );
         assert!(
             out.contains("anteroom_requests_total{outcome=\"served\",status=\"200\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("anteroom_responses_incomplete_total{reason=\"send_timeout\"} 1"),
             "{out}"
         );
         assert!(

@@ -302,10 +302,7 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
     ]);
     let (pid, addr, admin) = (s.a.pid(), s.a.addr, s.admin);
     // The readiness check's GET is one already.
-    let served_before = admin_metric(
-        admin,
-        "anteroom_requests_total{outcome=\"served\",status=\"200\"}",
-    ) as usize;
+    let taken_before = admin_metric(admin, "anteroom_queue_wait_seconds_count") as usize;
     let sent = Arc::new(Barrier::new(n + 1));
     let read_now = Arc::new(Barrier::new(n + 1));
     let first = Instant::now();
@@ -348,17 +345,15 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
         .collect();
     sent.wait();
     let all_sent = Instant::now();
-    // Workers freed: every answer produced (its head went out, counted as served) and no worker busy,
-    // while every client still holds its unread response.
+    // Workers freed: every request taken by a worker and no worker busy (every answer produced), while
+    // every client still holds its unread response. (A request is counted in `anteroom_requests_total`
+    // only once its response has been written or has failed: here, at the send timeout.)
     wait_until(
         "every response produced and every worker idle",
         Duration::from_secs(send_timeout.min(50)),
         || {
-            let served = admin_metric(
-                admin,
-                "anteroom_requests_total{outcome=\"served\",status=\"200\"}",
-            );
-            served as usize == n + served_before
+            let taken = admin_metric(admin, "anteroom_queue_wait_seconds_count");
+            taken as usize == n + taken_before
                 && admin_metric(admin, "anteroom_workers{state=\"busy\"}") == 0.0
         },
     );
@@ -381,6 +376,10 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
     }
     let all_closed = all_sent.elapsed();
     let open_after = admin_metric(admin, "anteroom_client_connections") as usize;
+    let timed_out = admin_metric(
+        admin,
+        "anteroom_responses_incomplete_total{reason=\"send_timeout\"}",
+    ) as usize;
     read_now.wait();
     let mut cut_short = 0;
     let mut failures = Vec::new();
@@ -454,6 +453,10 @@ fn slow_readers_spill_free_workers_and_are_closed_after_send_timeout() {
         "connections left open after the send timeout"
     );
     assert_eq!(cut_short, n);
+    assert_eq!(
+        timed_out, n,
+        "responses counted as cut short by the send timeout"
+    );
     assert!(
         first_close >= Duration::from_secs(send_timeout),
         "a client was closed {first_close:?} after the first request, before --send-timeout"

@@ -5,9 +5,12 @@
 //! line is full, in overload mode when the request would wait longer than `--queue-target`, when no worker
 //! can start or when anteroom is stopping), and the wait for the answer, at most `--queue-timeout`. Every
 //! refusal is a response of anteroom's own with the request id and, where coming back later helps, a
-//! `Retry-After` ([`refusal`]). Every request, whatever its front and however it ends, is then closed by one
-//! [`Outcome::finish`], which counts it in the metrics, writes its access-log line and names its request id
-//! on the response: so `--access-log` covers every front, and a new front cannot forget any of it.
+//! `Retry-After` ([`refusal`]). Every request, whatever its front and however it ends, has one [`Outcome`]:
+//! [`Outcome::respond`] names its request id on the response, and once the front has written it (filling a
+//! [`Delivery`]: the body bytes the client took, and why it stopped short if it did), [`Outcome::delivered`]
+//! counts it in the metrics and writes its access-log line ([`Outcome::finish`] when nobody is left to take
+//! it): so `--access-log` covers every front, says what each client got, and a new front cannot forget any
+//! of it.
 //!
 //! Dependencies point one way: the fronts use this room; this room uses the queue, the quarantine and the
 //! metrics, and knows nothing of the fronts.
@@ -19,7 +22,7 @@ use std::sync::Arc;
 
 use futures_util::future::Either;
 
-pub use outcome::Outcome;
+pub use outcome::{Delivery, Outcome};
 use refusal::refused;
 
 use crate::config::Config;

@@ -500,7 +500,8 @@ pub struct Settings {
     /// `drain`, so that balancers stop sending before the listeners close; 0 = close at once.
     #[arg(long, value_name = "SECS", env = "ANTEROOM_DRAIN_DELAY", default_value = "0")]
     pub drain_delay: f64,
-    /// Log every request in the combined format (plus request id, queue wait and worker time), target "access".
+    /// Log every request in the combined format (plus request id, queue wait and worker time), target "access",
+    /// once its response is written: the status and body bytes sent, and `end=` for one cut short.
     #[arg(long, env = "ANTEROOM_ACCESS_LOG")]
     pub access_log: bool,
     /// Show the query strings of running and crashed requests on /status and the status page (they often

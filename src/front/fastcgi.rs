@@ -39,8 +39,9 @@ use tracing::Instrument;
 use super::acceptor::{serve_each, Acceptor, ClientStream, Refusal};
 use super::conns::{ConnHandle, InProgress, Table};
 use super::listen::Listener;
-use crate::admission::{refusal, Admission, Outcome};
+use crate::admission::{refusal, Admission, Delivery, Outcome};
 use crate::fastcgi::{self as fcgi, BeginRequest, EndRequest};
+use crate::metrics::Incomplete;
 use crate::request::{
     client_closed, new_request_id, request_id, request_start, BadHead, HostRule, Job, Origin,
     Reply, RequestBody, RequestHead, HOP_BY_HOP, REQUEST_START,
@@ -564,7 +565,7 @@ struct Answer {
 /// One request's task, run in its span: admits it (or refuses it), ends it, and sends the answer back.
 async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     let Admitted {
-        outcome,
+        mut outcome,
         job,
         refuse,
     } = req;
@@ -579,8 +580,13 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
         (Ok(_), Some(Refuse::TempFile(e))) => refusal::no_temp_file(rid, &e),
         (Ok(job), None) => front.dispatch(job).await,
     };
-    let resp = outcome.finish(resp);
-    let Ok(tail) = send_response(to.id, resp, &to.tx, &to.active).await else {
+    let resp = outcome.respond(resp);
+    // Aborted (FCGI_ABORT_REQUEST, the peer gone) while this is written: the task is dropped, and the
+    // outcome with it records the response as cut short.
+    let sent = outcome.delivery();
+    let Ok(tail) = send_response(to.id, resp, &to.tx, &to.active, sent).await else {
+        sent.cut(Incomplete::ClientGone);
+        outcome.delivered();
         return to.id;
     };
     // Stopping or handing the listeners over, and this was the connection's only request: it closes with
@@ -589,12 +595,17 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
     // has read the answer, but reuses one that still looks open, and a POST sent on it as it closes gets a
     // 502 (nginx retries only idempotent requests).
     let last = !to.keep_conn || (to.conn.closes_after_response() && to.conn.requests() == 1);
-    let _ = match (tail, last) {
+    let ended = match (tail, last) {
         (Some(tail), true) => to.tx.send(Out::Last(tail.freeze())).await,
         (Some(tail), false) => to.tx.send(Out::Bytes(tail.freeze())).await,
         (None, true) => to.tx.send(Out::Close).await,
         (None, false) => Ok(()),
     };
+    if ended.is_err() {
+        // The writer is gone (the peer hung up, or took nothing for --send-timeout): no END_REQUEST.
+        outcome.delivery().cut(Incomplete::ClientGone);
+    }
+    outcome.delivered();
     to.id
 }
 
@@ -620,12 +631,15 @@ fn abandoned(front: &Admission, r: Receiving, timed_out: bool) {
 }
 
 /// The HTTP response as a CGI response on STDOUT. Returns what ends it (STDOUT's end and END_REQUEST) for
-/// the caller to send, or None when the request was aborted meanwhile and nothing more is owed.
+/// the caller to send, or None when the request was aborted meanwhile and nothing more is owed; Err when
+/// the connection's writer is gone. `sent` counts the body bytes handed to the writer, and notes a body
+/// that broke off or a request the peer aborted.
 async fn send_response(
     id: u16,
     resp: Reply,
     tx: &mpsc::Sender<Out>,
     active: &Active,
+    sent: &mut Delivery,
 ) -> Result<Option<BytesMut>, ()> {
     let (parts, mut body) = resp.into_parts();
     let mut head = format!(
@@ -652,11 +666,13 @@ async fn send_response(
                     let mut out = BytesMut::with_capacity(data.len() + 16);
                     fcgi::encode_stream(fcgi::STDOUT, id, &data, &mut out);
                     send(out).await?;
+                    sent.body_bytes += data.len() as u64;
                 }
             }
             Err(e) => {
                 // The worker's answer broke off after its head: say so on STDERR, the peer logs it.
                 tracing::warn!("response body cut short: {e}");
+                sent.cut(Incomplete::AbortedUpstream);
                 let mut out = BytesMut::new();
                 fcgi::encode_stream(
                     fcgi::STDERR,
@@ -674,6 +690,7 @@ async fn send_response(
     fcgi::encode_stream_end(fcgi::STDOUT, id, &mut out);
     if !lock(active).remove(&id) {
         // Aborted meanwhile: the connection's loop has answered the abort with END_REQUEST already.
+        sent.cut(Incomplete::ClientGone);
         return Ok(None);
     }
     EndRequest {

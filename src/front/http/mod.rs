@@ -150,8 +150,9 @@ enum NextHead {
     /// The client closed, went silent past the deadline before sending a byte, or the table closed the
     /// idle connection.
     Gone,
-    /// A head that cannot be served: answered, then the connection closes.
-    Refused(Reply),
+    /// A head that cannot be served: answered (its account ends once the answer is written), then the
+    /// connection closes.
+    Refused(Box<(Reply, Outcome)>),
 }
 
 /// How an idle connection's wait for its next request ended.
@@ -269,9 +270,12 @@ impl<S: Socket> Conn<S> {
     async fn one(&mut self, deadline: tokio::time::Instant) -> Next {
         match self.next_head(deadline).await {
             NextHead::Gone => Next::Close,
-            NextHead::Refused(reply) => {
+            NextHead::Refused(refused) => {
+                let (reply, mut outcome) = *refused;
                 let v = http::Version::HTTP_11;
-                let _ = Box::pin(self.write_response(reply, false, v, false)).await;
+                let sent = outcome.delivery();
+                let _ = Box::pin(self.write_response(reply, false, v, false, sent)).await;
+                outcome.delivered();
                 Next::Linger
             }
             NextHead::Head(head, started) => self.request(head, started).await,
@@ -292,7 +296,10 @@ impl<S: Socket> Conn<S> {
                         return NextHead::Head(Box::new(head), Instant::now());
                     }
                     Ok(Parsed::Partial) => {}
-                    Err(e) => return NextHead::Refused(self.refuse_head(&e)),
+                    Err(e) => {
+                        let (reply, outcome) = self.refuse_head(&e);
+                        return NextHead::Refused(Box::new((reply, outcome)));
+                    }
                 }
             }
             let room =
@@ -311,29 +318,33 @@ impl<S: Socket> Conn<S> {
                         .any(|&b| b == b'\n' || b == b'\r');
                 }
                 Err(_) if self.buf.is_empty() => return NextHead::Gone,
-                Err(_) => return NextHead::Refused(self.refuse_late_head()),
+                Err(_) => {
+                    let (reply, outcome) = self.refuse_late_head();
+                    return NextHead::Refused(Box::new((reply, outcome)));
+                }
             }
         }
     }
 
-    fn refuse_head(&self, e: &HeadError) -> Reply {
+    fn refuse_head(&self, e: &HeadError) -> (Reply, Outcome) {
         self.refuse(|id| {
             tracing::debug!("request head refused: {e}");
             refusal::bad_syntax(id, e)
         })
     }
 
-    fn refuse_late_head(&self) -> Reply {
+    fn refuse_late_head(&self) -> (Reply, Outcome) {
         self.refuse(refusal::head_timeout)
     }
 
-    /// A request refused before it had a head to log: counted, under a new request id.
-    fn refuse(&self, answer: impl FnOnce(&str) -> Reply) -> Reply {
-        let outcome = self
+    /// A request refused before it had a head to log: counted, under a new request id, once its answer
+    /// has been written.
+    fn refuse(&self, answer: impl FnOnce(&str) -> Reply) -> (Reply, Outcome) {
+        let mut outcome = self
             .front
             .open(Instant::now(), request_id(&HeaderMap::new()), None);
         let reply = outcome.span().in_scope(|| answer(outcome.id()));
-        outcome.finish(reply)
+        (outcome.respond(reply), outcome)
     }
 
     /// One request, from its parsed head to the end of its response.
@@ -344,7 +355,7 @@ impl<S: Socket> Conn<S> {
         // future (which waits as long as the request is queued) holds the few things it still needs, not
         // the head's parts on their way into the job.
         let Opened {
-            outcome,
+            mut outcome,
             next,
             origin,
             framing,
@@ -373,10 +384,14 @@ impl<S: Socket> Conn<S> {
                 }
             }
         };
-        let reply = outcome.finish(reply);
+        let reply = outcome.respond(reply);
         let keep = keep_alive && body_read && !self.entry.closes_after_response();
         // Boxed: the request's future then holds the body's or the queue's state, not also this.
-        match Box::pin(self.write_response(reply, is_head, version, keep)).await {
+        let sent = outcome.delivery();
+        let written = Box::pin(self.write_response(reply, is_head, version, keep, sent)).await;
+        // Recorded with what the client got, before a lingering close or the next request.
+        outcome.delivered();
+        match written {
             Ok(true) => Next::KeepAlive,
             Ok(false) if !body_read => Next::Linger,
             Ok(false) => Next::Close,

@@ -3,6 +3,11 @@
 //! the worker's bytes arrive, without copying them: the head, a chunk's size line, its data and its CRLF
 //! go out in one `writev`. A write the client does not take for `--send-timeout` ends the connection,
 //! which drops the response and whatever of it waited in memory or in a temp file.
+//!
+//! As it writes, it fills the request's [`Delivery`]: the body bytes the kernel took (nginx's
+//! `$body_bytes_sent`, partial writes included), and why the response stopped short when it did (the
+//! body broke off, the client left or took nothing for `--send-timeout`), which the access log and the
+//! metrics then report.
 
 use std::io::{self, IoSlice};
 use std::time::Duration;
@@ -16,21 +21,24 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{read_some, Conn, Socket};
+use crate::admission::Delivery;
 use crate::http1::{self, BodyFraming};
+use crate::metrics::Incomplete;
 use crate::request::{Reply, REQUEST_ID};
 
 /// How long a closing connection keeps reading (and dropping) what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 
 impl<S: Socket> Conn<S> {
-    /// Writes `reply` to a request of `version` (`is_head`: a HEAD request, answered without a body).
-    /// `Ok(true)`: the connection can carry another request.
+    /// Writes `reply` to a request of `version` (`is_head`: a HEAD request, answered without a body),
+    /// noting in `sent` what the client took. `Ok(true)`: the connection can carry another request.
     pub(super) async fn write_response(
         &mut self,
         reply: Reply,
         is_head: bool,
         version: Version,
         keep_alive: bool,
+        sent: &mut Delivery,
     ) -> io::Result<bool> {
         let (parts, body) = reply.into_parts();
         let framing = framing(parts.status, &parts.headers, &body, is_head, version);
@@ -45,21 +53,29 @@ impl<S: Socket> Conn<S> {
             keep_alive,
             &mut head,
         );
-        let limit = self.front.cfg.send_timeout;
-        if matches!(framing, BodyFraming::NoBody { .. }) {
-            write_all(&mut self.io, &mut [IoSlice::new(&head)], limit).await?;
-            return Ok(keep_alive);
-        }
         let mut out = Sender {
             io: &mut self.io,
             head: Some(head),
             framing,
-            limit,
-            sent: 0,
+            limit: self.front.cfg.send_timeout,
+            sent,
             id: id(&parts.headers),
         };
-        let whole = out.body(body).await?;
-        Ok(keep_alive && whole)
+        let written = if matches!(framing, BodyFraming::NoBody { .. }) {
+            out.write(&[], &[], &[]).await.map(|()| true)
+        } else {
+            out.body(body).await
+        };
+        match written {
+            Ok(whole) => Ok(keep_alive && whole),
+            Err(e) => {
+                out.sent.cut(match e.kind() {
+                    io::ErrorKind::TimedOut => Incomplete::SendTimeout,
+                    _ => Incomplete::ClientGone,
+                });
+                Err(e)
+            }
+        }
     }
 }
 
@@ -95,7 +111,8 @@ struct Sender<'a, S> {
     head: Option<Vec<u8>>,
     framing: BodyFraming,
     limit: Duration,
-    sent: u64,
+    /// What of the body the client has taken, and why it stopped short.
+    sent: &'a mut Delivery,
     id: &'a str,
 }
 
@@ -110,7 +127,7 @@ impl<S: Socket> Sender<'_, S> {
                 f
             } else {
                 // The worker's next bytes are not here yet: what we have goes out meanwhile.
-                self.write(&[]).await?;
+                self.write(&[], &[], &[]).await?;
                 body.frame().await
             };
             match frame {
@@ -120,7 +137,8 @@ impl<S: Socket> Sender<'_, S> {
                         request_id = self.id,
                         "the response body failed mid-way: {e}"
                     );
-                    self.write(&[]).await?;
+                    self.sent.cut(Incomplete::AbortedUpstream);
+                    self.write(&[], &[], &[]).await?;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => {
@@ -143,19 +161,18 @@ impl<S: Socket> Sender<'_, S> {
         }
         match self.framing {
             BodyFraming::Length(n) => {
-                let room = usize::try_from(n - self.sent).unwrap_or(usize::MAX);
+                let room = usize::try_from(n - self.sent.body_bytes).unwrap_or(usize::MAX);
                 let data = &data[..room.min(data.len())];
-                self.sent += data.len() as u64;
-                self.write(&[data]).await?;
-                Ok(self.sent == n)
+                self.write(&[], data, &[]).await?;
+                Ok(self.sent.body_bytes == n)
             }
             BodyFraming::Chunked => {
                 let size = format!("{:x}\r\n", data.len());
-                self.write(&[size.as_bytes(), data, b"\r\n"]).await?;
+                self.write(size.as_bytes(), data, b"\r\n").await?;
                 Ok(false)
             }
             BodyFraming::Close | BodyFraming::NoBody { .. } => {
-                self.write(&[data]).await?;
+                self.write(&[], data, &[]).await?;
                 Ok(false)
             }
         }
@@ -163,33 +180,42 @@ impl<S: Socket> Sender<'_, S> {
 
     async fn end(&mut self) -> io::Result<bool> {
         if self.framing == BodyFraming::Chunked {
-            self.write(&[b"0\r\n\r\n"]).await?;
+            self.write(&[], &[], b"0\r\n\r\n").await?;
         } else {
-            self.write(&[]).await?;
+            self.write(&[], &[], &[]).await?;
         }
         if let BodyFraming::Length(n) = self.framing {
-            if self.sent < n {
+            let sent = self.sent.body_bytes;
+            if sent < n {
                 tracing::warn!(
                     request_id = self.id,
-                    "the response body ended after {} of the {n} bytes its Content-Length declared",
-                    self.sent
+                    "the response body ended after {sent} of the {n} bytes its Content-Length declared"
                 );
+                self.sent.cut(Incomplete::AbortedUpstream);
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// Writes the head, if it has not gone yet, and `parts`, in one `writev` when the socket takes them.
-    async fn write(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+    /// Writes the head, if it has not gone yet, then `before`, the body's `data` and `after` (a chunk's
+    /// framing), in one `writev` when the socket takes them; counts the bytes of `data` the socket took,
+    /// also when it then fails.
+    async fn write(&mut self, before: &[u8], data: &[u8], after: &[u8]) -> io::Result<()> {
         let head = self.head.take();
-        let mut slices = [IoSlice::new(&[]); 4];
-        let mut n = 0;
-        for p in head.as_deref().into_iter().chain(parts.iter().copied()) {
-            slices[n] = IoSlice::new(p);
-            n += 1;
-        }
-        write_all(self.io, &mut slices[..n], self.limit).await
+        let head = head.as_deref().unwrap_or_default();
+        let mut slices = [
+            IoSlice::new(head),
+            IoSlice::new(before),
+            IoSlice::new(data),
+            IoSlice::new(after),
+        ];
+        let mut written = 0;
+        let r = write_counted(self.io, &mut slices, self.limit, &mut written).await;
+        let ahead = head.len() + before.len();
+        let body = written.saturating_sub(ahead).min(data.len());
+        self.sent.body_bytes += body as u64;
+        r
     }
 }
 
@@ -220,6 +246,16 @@ pub(super) async fn write_all<W: AsyncWrite + Unpin>(
     bufs: &mut [IoSlice<'_>],
     limit: Duration,
 ) -> io::Result<()> {
+    write_counted(io, bufs, limit, &mut 0).await
+}
+
+/// [`write_all`], adding to `written` the bytes the socket took, whether it then succeeds or fails.
+async fn write_counted<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    bufs: &mut [IoSlice<'_>],
+    limit: Duration,
+    written: &mut usize,
+) -> io::Result<()> {
     let mut bufs = bufs;
     IoSlice::advance_slices(&mut bufs, 0);
     while bufs.iter().any(|b| !b.is_empty()) {
@@ -229,6 +265,7 @@ pub(super) async fn write_all<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        *written += n;
         IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
