@@ -105,6 +105,12 @@ async def _generate(plan):
 
 def gen_main(argv):
     """gen PLAN_JSON OUT_FILE: to a file, since the parent reads nothing until the generator is done."""
+    # A burst that a balancer holds keeps more connections open than the usual soft limit of 1024 allows:
+    # each would fail with EMFILE and be counted as unanswered (seen once in the short form, on a loaded
+    # machine: 116 of them).
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out = asyncio.run(_generate(json.loads(argv[0])))
     with open(argv[1], "w") as f:
         json.dump(out, f)
