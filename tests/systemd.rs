@@ -315,67 +315,140 @@ fn last_new_pid(log: &str) -> Option<u32> {
         .ok()
 }
 
-#[test]
-fn upgrades_under_load_lose_no_request() {
-    require("oha");
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("anteroom");
-    install(&exe);
-    let log = dir.path().join("anteroom.log");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = spawn_installed(
-        Command::new(&exe)
-            .args(["--listen", &addr.to_string(), "--admin", "off"])
-            .args(["--workers", "4", "--max-queue", "10000"])
-            .env("ANTEROOM_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    let first = child.id();
-    let mut reaper = Reaper(vec![first]);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until("anteroom to serve", Duration::from_secs(20), || {
-        get(addr, "/").is_ok_and(|r| r.status == 200)
-    });
-    assert_eq!(serving_pid(addr), first);
+/// anteroom started from a copy of the binary in a temp directory, which each upgrade replaces as a package
+/// upgrade does, logging to a file there; every process of the run, old and new, is stopped at the end.
+struct Installed {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    log: PathBuf,
+    child: Child,
+    /// The processes so far, oldest first: the last one serves.
+    pids: Vec<u32>,
+    reaper: Reaper,
+}
 
-    let gets = Load::start(addr, 30, 20, false, dir.path().join("gets.json"));
-    let posts = Load::start(addr, 20, 20, true, dir.path().join("posts.json"));
-    let mut pids = vec![first];
-    for _ in 0..2 {
-        thread::sleep(Duration::from_secs(5));
+impl Installed {
+    /// Starts it with the arguments `args` gives for the run's directory (where sockets may go).
+    fn start(args: impl FnOnce(&Path) -> Vec<String>) -> Installed {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("anteroom");
         install(&exe);
-        let old = *pids.last().unwrap();
+        let log = dir.path().join("anteroom.log");
+        let child = spawn_installed(
+            Command::new(&exe)
+                .args(args(dir.path()))
+                .env("ANTEROOM_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        let first = child.id();
+        Installed {
+            dir,
+            exe,
+            log,
+            child,
+            pids: vec![first],
+            reaper: Reaper(vec![first]),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn serving(&self) -> u32 {
+        *self.pids.last().unwrap()
+    }
+
+    /// Installs the binary again and sends SIGUSR2 to the serving process; returns that (old) pid.
+    fn begin_upgrade(&self) -> u32 {
+        install(&self.exe);
+        let old = self.serving();
         signal(old, 12);
+        old
+    }
+
+    /// Waits until `old` has exited; the new process's pid, which serves from now on.
+    fn finish_upgrade(&mut self, old: u32) -> u32 {
         wait_until("the old process to exit", Duration::from_secs(30), || {
             !alive(old)
         });
-        let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
-        assert!(!pids.contains(&new), "{}", log_text());
-        pids.push(new);
-        reaper.0.push(new);
+        let log = self.log_text();
+        let new = last_new_pid(&log).unwrap_or_else(|| panic!("{log}"));
+        assert!(!self.pids.contains(&new), "{log}");
+        self.pids.push(new);
+        self.reaper.0.push(new);
+        new
     }
-    // The first process, replaced, exited as after a signal.
-    assert!(child.wait().unwrap().success());
+
+    fn upgrade(&mut self) -> u32 {
+        let old = self.begin_upgrade();
+        self.finish_upgrade(old)
+    }
+
+    /// Whether the first process, replaced, exited as after a signal.
+    fn first_exited_well(&mut self) -> bool {
+        self.child.wait().unwrap().success()
+    }
+
+    /// Stops the serving process (SIGTERM) and waits for it.
+    fn stop(&self) {
+        let last = self.serving();
+        signal(last, 15);
+        wait_until("the last process to stop", Duration::from_secs(30), || {
+            !alive(last)
+        });
+    }
+}
+
+#[test]
+fn upgrades_under_load_lose_no_request() {
+    require("oha");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut a = Installed::start(|_| {
+        let args = [
+            "--listen",
+            &addr.to_string(),
+            "--admin",
+            "off",
+            "--workers",
+            "4",
+        ];
+        (args.iter().chain(&["--max-queue", "10000"]))
+            .map(|s| s.to_string())
+            .collect()
+    });
+    wait_until("anteroom to serve", Duration::from_secs(20), || {
+        get(addr, "/").is_ok_and(|r| r.status == 200)
+    });
+    assert_eq!(serving_pid(addr), a.serving());
+
+    let gets = Load::start(addr, 30, 20, false, a.path("gets.json"));
+    let posts = Load::start(addr, 20, 20, true, a.path("posts.json"));
+    for _ in 0..2 {
+        thread::sleep(Duration::from_secs(5));
+        a.upgrade();
+    }
+    assert!(a.first_exited_well());
     let (get_ok, get_bad, get_detail) = gets.finish();
     let (post_ok, post_bad, post_detail) = posts.finish();
     eprintln!(
-        "UPGRADE-RESULT upgrades=2 get_ok={get_ok} get_failed={get_bad} post_ok={post_ok} post_failed={post_bad} pids={pids:?}"
+        "UPGRADE-RESULT upgrades=2 get_ok={get_ok} get_failed={get_bad} post_ok={post_ok} post_failed={post_bad} pids={:?}",
+        a.pids
     );
-    assert_eq!(get_bad, 0, "GETs: {get_detail}\n{}", log_text());
-    assert_eq!(post_bad, 0, "POSTs: {post_detail}\n{}", log_text());
+    assert_eq!(get_bad, 0, "GETs: {get_detail}\n{}", a.log_text());
+    assert_eq!(post_bad, 0, "POSTs: {post_detail}\n{}", a.log_text());
     assert!(
         get_ok > 1000 && post_ok > 1000,
         "{get_detail} {post_detail}"
     );
-    let last = *pids.last().unwrap();
-    assert_eq!(serving_pid(addr), last);
-    assert!(log_text().contains("upgrade: the new process is ready"));
-    signal(last, 15);
-    wait_until("the last process to stop", Duration::from_secs(30), || {
-        !alive(last)
-    });
+    assert_eq!(serving_pid(addr), a.serving());
+    assert!(a.log_text().contains("upgrade: the new process is ready"));
+    a.stop();
 }
 
 #[test]
@@ -610,24 +683,25 @@ fn a_socket_activated_upgrade_reports_the_new_main_pid() {
 #[test]
 fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
     require("oha");
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("anteroom");
-    install(&exe);
-    let log = dir.path().join("anteroom.log");
-    let sock = dir.path().join("fcgi.sock");
-    let mut child = spawn_installed(
-        Command::new(&exe)
-            .args(["--listen-fastcgi", &format!("unix:{}", sock.display())])
-            .args(["--admin", "off", "--workers", "4", "--max-queue", "10000"])
-            .env("ANTEROOM_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    let first = child.id();
-    let mut reaper = Reaper(vec![first]);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut a = Installed::start(|dir| {
+        let sock = format!("unix:{}", dir.join("fcgi.sock").display());
+        let args = [
+            "--listen-fastcgi",
+            &sock,
+            "--admin",
+            "off",
+            "--workers",
+            "4",
+        ];
+        (args.iter().chain(&["--max-queue", "10000"]))
+            .map(|s| s.to_string())
+            .collect()
+    });
     let nginx = common::Nginx::start_with(
-        &format!("upstream ant {{ server unix:{}; keepalive 32; }}", sock.display()),
+        &format!(
+            "upstream ant {{ server unix:{}; keepalive 32; }}",
+            a.path("fcgi.sock").display()
+        ),
         "  location / {\n include /etc/nginx/fastcgi_params;\n fastcgi_keep_conn on;\n fastcgi_pass ant;\n  }",
     );
     let addr = nginx.addr();
@@ -636,36 +710,25 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
         Duration::from_secs(20),
         || get(addr, "/").is_ok_and(|r| r.status == 200),
     );
-    let gets = Load::start(addr, 30, 12, false, dir.path().join("gets.json"));
-    let posts = Load::start(addr, 10, 12, true, dir.path().join("posts.json"));
-    let mut pids = vec![first];
+    let gets = Load::start(addr, 30, 12, false, a.path("gets.json"));
+    let posts = Load::start(addr, 10, 12, true, a.path("posts.json"));
     let mut handover = Duration::ZERO;
     for round in 1..=3 {
         thread::sleep(Duration::from_secs(3));
-        install(&exe);
-        let old = *pids.last().unwrap();
         let signalled = Instant::now();
-        signal(old, 12);
-        wait_until("the old process to exit", Duration::from_secs(30), || {
-            !alive(old)
-        });
+        a.upgrade();
         // While the load still runs: the old process must not wait for nginx's connections to fall
         // silent, which under load they never do.
         handover = handover.max(signalled.elapsed());
-        let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
-        assert!(!pids.contains(&new), "{}", log_text());
-        pids.push(new);
-        reaper.0.push(new);
         // nginx's kept-alive connections went to the new process, not closed.
         wait_until(
             "the new process to say what it adopted",
             Duration::from_secs(5),
-            || log_text().matches("adopted=").count() == round,
+            || a.log_text().matches("adopted=").count() == round,
         );
     }
-    assert!(!log_text().contains("adopted=0 "), "{}", log_text());
-    assert!(child.wait().unwrap().success());
-    let new = *pids.last().unwrap();
+    assert!(!a.log_text().contains("adopted=0 "), "{}", a.log_text());
+    assert!(a.first_exited_well());
     let (get_ok, get_bad, get_detail) = gets.finish();
     let (post_ok, post_bad, post_detail) = posts.finish();
     eprintln!(
@@ -675,7 +738,7 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
         handover < Duration::from_secs(6),
         "the old process took {handover:?} to hand over"
     );
-    let (log, nginx_log) = (log_text(), nginx.error_log());
+    let (log, nginx_log) = (a.log_text(), nginx.error_log());
     let failed = (get_bad, post_bad);
     assert_eq!(
         failed,
@@ -683,10 +746,7 @@ fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
         "GETs: {get_detail}\nPOSTs: {post_detail}\n{log}\nnginx: {nginx_log}"
     );
     assert!(get_ok > 500 && post_ok > 100, "{get_detail} {post_detail}");
-    signal(new, 15);
-    wait_until("the new process to stop", Duration::from_secs(30), || {
-        !alive(new)
-    });
+    a.stop();
 }
 
 /// One request on a kept-alive HTTP connection; the pid of the worker that answered.
@@ -779,24 +839,15 @@ fn fcgi_answer(s: &mut std::os::unix::net::UnixStream) -> (String, u32) {
 #[test]
 fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
     const MANY: usize = 1000;
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("anteroom");
-    install(&exe);
-    let log = dir.path().join("anteroom.log");
-    let sock = dir.path().join("fcgi.sock");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = spawn_installed(
-        Command::new(&exe)
-            .args(["--listen", &addr.to_string()])
-            .args(["--listen-fastcgi", &format!("unix:{}", sock.display())])
-            .args(["--admin", "off", "--workers", "2"])
-            .env("ANTEROOM_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    let first = child.id();
-    let mut reaper = Reaper(vec![first]);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut a = Installed::start(|dir| {
+        let sock = format!("unix:{}", dir.join("fcgi.sock").display());
+        let args = ["--listen", &addr.to_string(), "--listen-fastcgi", &sock];
+        (args.iter().chain(&["--admin", "off", "--workers", "2"]))
+            .map(|s| s.to_string())
+            .collect()
+    });
+    let (first, sock) = (a.serving(), a.path("fcgi.sock"));
     wait_until("anteroom to serve", Duration::from_secs(20), || {
         get(addr, "/").is_ok_and(|r| r.status == 200)
     });
@@ -834,8 +885,7 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
         .unwrap();
     fcgi_send(&mut fbusy, "GET", "/sleep?ms=2500");
     thread::sleep(Duration::from_millis(300));
-    install(&exe);
-    signal(first, 12);
+    let old = a.begin_upgrade();
     let (r, worker) = http_answer(&mut busy);
     assert_eq!(r.status, 200);
     assert!(old_workers.contains(&worker), "answered by the old process");
@@ -846,12 +896,9 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
     );
     let (_, worker) = fcgi_answer(&mut fbusy);
     assert!(old_workers.contains(&worker), "answered by the old process");
-    wait_until("the old process to exit", Duration::from_secs(30), || {
-        !alive(first)
-    });
-    assert!(child.wait().unwrap().success());
-    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
-    reaper.0.push(new);
+    let new = a.finish_upgrade(old);
+    assert!(a.first_exited_well());
+    let log_text = || a.log_text();
     for (name, s) in [("idle", &mut idle), ("busy", &mut busy)] {
         for method in ["POST", "GET"] {
             let (r, worker) = http_call(s, method, "/sleep?ms=1");
@@ -889,39 +936,22 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
         "the new process says how many it took:\n{}",
         log_text()
     );
-    signal(new, 15);
-    wait_until("the new process to stop", Duration::from_secs(30), || {
-        !alive(new)
-    });
+    a.stop();
 }
 
 /// With `--proxy-protocol`, the client a connection's PROXY header named goes with the connection to the new
 /// process, which does not wait for a header again: the next request on it still comes from that client.
 #[test]
 fn an_upgrade_hands_over_proxied_connections_with_their_client() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("anteroom");
-    install(&exe);
-    let log = dir.path().join("anteroom.log");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = spawn_installed(
-        Command::new(&exe)
-            .args(["--listen", &addr.to_string(), "--proxy-protocol"])
-            .args([
-                "--trusted-proxy",
-                "127.0.0.1",
-                "--admin",
-                "off",
-                "--workers",
-                "1",
-            ])
-            .env("ANTEROOM_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    let first = child.id();
-    let mut reaper = Reaper(vec![first]);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut a = Installed::start(|_| {
+        let args = ["--listen", &addr.to_string(), "--proxy-protocol"];
+        (args
+            .iter()
+            .chain(&["--trusted-proxy", "127.0.0.1", "--admin", "off"]))
+        .map(|s| s.to_string())
+        .collect()
+    });
     let proxied = || -> std::io::Result<std::net::TcpStream> {
         let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -940,14 +970,9 @@ fn an_upgrade_hands_over_proxied_connections_with_their_client() {
     let mut s = proxied().unwrap();
     let r = env(&mut s).unwrap();
     assert!(r.text().contains("REMOTE_ADDR=203.0.113.7"), "{}", r.text());
-    install(&exe);
-    signal(first, 12);
-    wait_until("the old process to exit", Duration::from_secs(30), || {
-        !alive(first)
-    });
-    assert!(child.wait().unwrap().success());
-    let new = last_new_pid(&log_text()).unwrap_or_else(|| panic!("{}", log_text()));
-    reaper.0.push(new);
+    let new = a.upgrade();
+    assert!(a.first_exited_well());
+    let log_text = || a.log_text();
     let r = env(&mut s).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
@@ -963,8 +988,5 @@ fn an_upgrade_hands_over_proxied_connections_with_their_client() {
         || log_text().contains("adopted="),
     );
     assert!(log_text().contains("adopted=1"), "{}", log_text());
-    signal(new, 15);
-    wait_until("the new process to stop", Duration::from_secs(30), || {
-        !alive(new)
-    });
+    a.stop();
 }
