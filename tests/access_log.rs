@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use anteroom::fastcgi::{self as fcgi, BeginRequest};
 use bytes::BytesMut;
 use common::*;
 
@@ -203,48 +202,6 @@ fn streamed_and_bodiless_responses_log_the_bytes_sent() {
     }
 }
 
-/// One request on a raw FastCGI connection, with a request id.
-fn fcgi_begin(id: u16, path: &str, rid: &str, out: &mut BytesMut) {
-    BeginRequest {
-        role: fcgi::RESPONDER,
-        flags: fcgi::KEEP_CONN,
-    }
-    .encode(id, out);
-    let mut pairs = Vec::new();
-    for (k, v) in [
-        ("REQUEST_METHOD", "GET"),
-        ("REQUEST_URI", path),
-        ("SERVER_PROTOCOL", "HTTP/1.1"),
-        ("HTTP_X_REQUEST_ID", rid),
-    ] {
-        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
-    }
-    fcgi::encode_stream(fcgi::PARAMS, id, &pairs, out);
-    fcgi::encode_stream_end(fcgi::PARAMS, id, out);
-    fcgi::encode_stream_end(fcgi::STDIN, id, out);
-}
-
-/// The STDOUT and STDERR of request `id`, read until its END_REQUEST.
-fn fcgi_answer(s: &mut UnixStream, id: u16) -> (Vec<u8>, String) {
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        while let Some(r) = fcgi::decode_record(&mut buf).unwrap() {
-            assert_eq!(r.request_id, id);
-            match r.kind {
-                fcgi::STDOUT => stdout.extend_from_slice(&r.content),
-                fcgi::STDERR => stderr.extend_from_slice(&r.content),
-                fcgi::END_REQUEST => return (stdout, String::from_utf8_lossy(&stderr).into()),
-                _ => {}
-            }
-        }
-        let n = read_some(s, &mut chunk).unwrap();
-        assert!(n > 0, "the connection ended before END_REQUEST");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[test]
 fn the_fastcgi_front_logs_a_body_cut_short_by_the_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -254,7 +211,14 @@ fn the_fastcgi_front_logs_a_body_cut_short_by_the_worker() {
     let mut s = UnixStream::connect(Path::new(&fsock)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut out = BytesMut::new();
-    fcgi_begin(1, "/die", "fcgi-die-1", &mut out);
+    fcgi_request(
+        1,
+        "GET",
+        "/die",
+        &[("HTTP_X_REQUEST_ID", "fcgi-die-1")],
+        b"",
+        &mut out,
+    );
     s.write_all(&out).unwrap();
     let (stdout, stderr) = fcgi_answer(&mut s, 1);
     let (head, body) = head_and_body(&stdout);
@@ -272,7 +236,14 @@ fn the_fastcgi_front_logs_a_body_cut_short_by_the_worker() {
         a.try_get("/ready").is_ok_and(|r| r.status == 200)
     });
     let mut out = BytesMut::new();
-    fcgi_begin(2, "/big?n=70000", "fcgi-whole-1", &mut out);
+    fcgi_request(
+        2,
+        "GET",
+        "/big?n=70000",
+        &[("HTTP_X_REQUEST_ID", "fcgi-whole-1")],
+        b"",
+        &mut out,
+    );
     s.write_all(&out).unwrap();
     let (stdout, _) = fcgi_answer(&mut s, 2);
     assert_eq!(head_and_body(&stdout).1, 70_000);

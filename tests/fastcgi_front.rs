@@ -301,28 +301,6 @@ fn params_parity_with_php_fpm() {
     );
 }
 
-/// One multiplexed request on a raw connection.
-fn begin(id: u16, path: &str, out: &mut BytesMut) {
-    BeginRequest {
-        role: fcgi::RESPONDER,
-        flags: fcgi::KEEP_CONN,
-    }
-    .encode(id, out);
-    let mut pairs = Vec::new();
-    for (k, v) in [
-        ("REQUEST_METHOD", "GET"),
-        ("PATH_INFO", path.split('?').next().unwrap()),
-        ("QUERY_STRING", path.split_once('?').map_or("", |x| x.1)),
-        ("REQUEST_URI", path),
-        ("SERVER_PROTOCOL", "HTTP/1.1"),
-    ] {
-        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
-    }
-    fcgi::encode_stream(fcgi::PARAMS, id, &pairs, out);
-    fcgi::encode_stream_end(fcgi::PARAMS, id, out);
-    fcgi::encode_stream_end(fcgi::STDIN, id, out);
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -378,7 +356,14 @@ fn multiplexed_requests_with_aborts_and_hangups_leak_nothing() {
                 let mut out = BytesMut::new();
                 let mut aborted = std::collections::HashSet::new();
                 for id in 1..=BATCH {
-                    begin(id, &format!("/sleep?ms={}", rng.u32(0..3)), &mut out);
+                    fcgi_request(
+                        id,
+                        "GET",
+                        &format!("/sleep?ms={}", rng.u32(0..3)),
+                        &[],
+                        b"",
+                        &mut out,
+                    );
                     // A fifth of them are aborted right after they were sent.
                     if rng.u8(0..5) == 0 {
                         fcgi::encode_record(fcgi::ABORT_REQUEST, id, &[], &mut out);
@@ -544,7 +529,7 @@ fn malformed_input_closes_only_that_connection() {
         let _ = s.read_to_end(&mut rest);
     }
     let mut out = BytesMut::new();
-    begin(1, "/env", &mut out);
+    fcgi_request(1, "GET", "/env", &[], b"", &mut out);
     good.write_all(&out).unwrap();
     let mut got = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -633,7 +618,7 @@ fn requests_beyond_the_per_connection_bound_are_overloaded() {
     // Each request takes 10 ms at the one worker, so all 300 arrive long before 256 of them can finish: with
     // `ms=0` a quick machine finished them as fast as they came and never reached the bound.
     for id in 1..=300 {
-        begin(id, "/sleep?ms=10", &mut out);
+        fcgi_request(id, "GET", "/sleep?ms=10", &[], b"", &mut out);
     }
     s.write_all(&out).unwrap();
     let (mut complete, mut overloaded) = (0, 0);

@@ -887,26 +887,8 @@ fn dirs_named(base: &Path, prefix: &str) -> usize {
 
 /// One FastCGI request (GET `path`) on a raw connection.
 fn fcgi_get(id: u16, path: &str) -> Vec<u8> {
-    use anteroom::fastcgi as fcgi;
     let mut out = bytes::BytesMut::new();
-    fcgi::BeginRequest {
-        role: fcgi::RESPONDER,
-        flags: fcgi::KEEP_CONN,
-    }
-    .encode(id, &mut out);
-    let mut pairs = Vec::new();
-    for (k, v) in [
-        ("REQUEST_METHOD", "GET"),
-        ("PATH_INFO", path.split('?').next().unwrap()),
-        ("QUERY_STRING", path.split_once('?').map_or("", |x| x.1)),
-        ("REQUEST_URI", path),
-        ("SERVER_PROTOCOL", "HTTP/1.1"),
-    ] {
-        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
-    }
-    fcgi::encode_stream(fcgi::PARAMS, id, &pairs, &mut out);
-    fcgi::encode_stream_end(fcgi::PARAMS, id, &mut out);
-    fcgi::encode_stream_end(fcgi::STDIN, id, &mut out);
+    common::fcgi_request(id, "GET", path, &[], b"", &mut out);
     out.to_vec()
 }
 

@@ -774,57 +774,20 @@ fn last_number(text: &str) -> u32 {
         .unwrap_or_else(|| panic!("no worker pid in {text:?}"))
 }
 
-/// Sends one FastCGI request (KEEP_CONN) on `s`.
+/// Sends one FastCGI request on `s` (a POST carries a body).
 fn fcgi_send(s: &mut std::os::unix::net::UnixStream, method: &str, path: &str) {
-    use anteroom::fastcgi as fcgi;
     let body: &[u8] = if method == "POST" { b"posted" } else { b"" };
     let mut out = bytes::BytesMut::new();
-    fcgi::BeginRequest {
-        role: fcgi::RESPONDER,
-        flags: fcgi::KEEP_CONN,
-    }
-    .encode(1, &mut out);
-    let mut pairs = Vec::new();
-    let len = body.len().to_string();
-    for (k, v) in [
-        ("REQUEST_METHOD", method),
-        ("PATH_INFO", path.split('?').next().unwrap()),
-        ("QUERY_STRING", path.split_once('?').map_or("", |x| x.1)),
-        ("REQUEST_URI", path),
-        ("SERVER_PROTOCOL", "HTTP/1.1"),
-        ("CONTENT_LENGTH", &len),
-    ] {
-        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
-    }
-    fcgi::encode_stream(fcgi::PARAMS, 1, &pairs, &mut out);
-    fcgi::encode_stream_end(fcgi::PARAMS, 1, &mut out);
-    if !body.is_empty() {
-        fcgi::encode_stream(fcgi::STDIN, 1, body, &mut out);
-    }
-    fcgi::encode_stream_end(fcgi::STDIN, 1, &mut out);
+    common::fcgi_request(1, method, path, &[], body, &mut out);
     s.write_all(&out).unwrap();
 }
 
-/// Reads one FastCGI answer up to its END_REQUEST: its STDOUT, and the pid of the worker that answered.
+/// Reads one FastCGI answer: its STDOUT, and the pid of the worker that answered.
 fn fcgi_answer(s: &mut std::os::unix::net::UnixStream) -> (String, u32) {
-    use anteroom::fastcgi as fcgi;
-    let (mut buf, mut chunk, mut stdout) = (bytes::BytesMut::new(), [0u8; 4096], Vec::new());
-    loop {
-        while let Some(rec) = fcgi::decode_record(&mut buf).unwrap() {
-            match rec.kind {
-                fcgi::STDOUT => stdout.extend_from_slice(&rec.content),
-                fcgi::END_REQUEST => {
-                    let text = String::from_utf8_lossy(&stdout).into_owned();
-                    let worker = last_number(&text);
-                    return (text, worker);
-                }
-                _ => {}
-            }
-        }
-        let n = common::read_some(s, &mut chunk).unwrap_or_else(|e| panic!("no answer: {e}"));
-        assert!(n > 0, "the connection was closed");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let (stdout, _) = common::fcgi_answer(s, 1);
+    let text = String::from_utf8_lossy(&stdout).into_owned();
+    let worker = last_number(&text);
+    (text, worker)
 }
 
 /// Kept-alive connections go with the listening sockets at an upgrade. A client that sends its next request

@@ -497,3 +497,67 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// One FastCGI request (KEEP_CONN, id `id`) as nginx sends it, appended to `out`: `method` and `path`
+/// (PATH_INFO, QUERY_STRING, REQUEST_URI), `params` besides, and `body` on STDIN with its CONTENT_LENGTH.
+pub fn fcgi_request(
+    id: u16,
+    method: &str,
+    path: &str,
+    params: &[(&str, &str)],
+    body: &[u8],
+    out: &mut bytes::BytesMut,
+) {
+    use anteroom::fastcgi as fcgi;
+    fcgi::BeginRequest {
+        role: fcgi::RESPONDER,
+        flags: fcgi::KEEP_CONN,
+    }
+    .encode(id, out);
+    let len = body.len().to_string();
+    let length = [("CONTENT_LENGTH", len.as_str())];
+    let mut pairs = Vec::new();
+    let fixed = [
+        ("REQUEST_METHOD", method),
+        ("PATH_INFO", path.split('?').next().unwrap_or(path)),
+        ("QUERY_STRING", path.split_once('?').map_or("", |x| x.1)),
+        ("REQUEST_URI", path),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+    ];
+    let length = if body.is_empty() {
+        &[][..]
+    } else {
+        &length[..]
+    };
+    for (k, v) in fixed.iter().chain(length).chain(params) {
+        fcgi::encode_pair(k.as_bytes(), v.as_bytes(), &mut pairs).unwrap();
+    }
+    fcgi::encode_stream(fcgi::PARAMS, id, &pairs, out);
+    fcgi::encode_stream_end(fcgi::PARAMS, id, out);
+    if !body.is_empty() {
+        fcgi::encode_stream(fcgi::STDIN, id, body, out);
+    }
+    fcgi::encode_stream_end(fcgi::STDIN, id, out);
+}
+
+/// The STDOUT and STDERR of request `id`, read from `s` until its END_REQUEST.
+pub fn fcgi_answer(s: &mut impl Read, id: u16) -> (Vec<u8>, String) {
+    use anteroom::fastcgi as fcgi;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut buf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        while let Some(r) = fcgi::decode_record(&mut buf).unwrap() {
+            assert_eq!(r.request_id, id);
+            match r.kind {
+                fcgi::STDOUT => stdout.extend_from_slice(&r.content),
+                fcgi::STDERR => stderr.extend_from_slice(&r.content),
+                fcgi::END_REQUEST => return (stdout, String::from_utf8_lossy(&stderr).into()),
+                _ => {}
+            }
+        }
+        let n = read_some(s, &mut chunk).unwrap_or_else(|e| panic!("no END_REQUEST: {e}"));
+        assert!(n > 0, "the connection ended before END_REQUEST");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
