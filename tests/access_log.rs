@@ -66,15 +66,8 @@ fn status_bytes_end(line: &str) -> (u16, u64, Option<String>) {
 
 /// The head and body bytes of what a client read until the end of the connection.
 fn head_and_body(all: &[u8]) -> (String, usize) {
-    let end = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(all)))
-        + 4;
-    (
-        String::from_utf8_lossy(&all[..end]).into_owned(),
-        all.len() - end,
-    )
+    let (head, body) = split_head(all);
+    (head, body.len())
 }
 
 fn send_get(a: &Anteroom, path: &str, id: &str) -> TcpStream {

@@ -49,18 +49,6 @@ fn everything(a: &Anteroom, method: &str, path: &str) -> Vec<u8> {
     all
 }
 
-fn split_head(all: &[u8]) -> (String, &[u8]) {
-    let end = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(all)))
-        + 4;
-    (
-        String::from_utf8_lossy(&all[..end]).into_owned(),
-        &all[end..],
-    )
-}
-
 /// The status of the access-log line for `path`, once it is written.
 fn logged_status(a: &Anteroom, path: &str) -> String {
     let needle = format!(" {path} HTTP/1.1\" ");

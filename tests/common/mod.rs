@@ -561,3 +561,16 @@ pub fn fcgi_answer(s: &mut impl Read, id: u16) -> (Vec<u8>, String) {
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// The head (as text, through its blank line) and the body bytes of a whole raw response.
+pub fn split_head(all: &[u8]) -> (String, &[u8]) {
+    let end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(all)))
+        + 4;
+    (
+        String::from_utf8_lossy(&all[..end]).into_owned(),
+        &all[end..],
+    )
+}
