@@ -256,10 +256,10 @@ impl PeerConn {
                             self.running.remove(&id);
                         }
                     }
-                    // Also when anteroom is stopping or handing its listeners over: FastCGI has no
-                    // `Connection: close`, so the connection closes once it has nothing in flight, and the
-                    // peer's next request goes to a new connection, to the process that stays (nginx retries a
-                    // request that finds its kept-alive upstream connection closed on another one).
+                    // Also when anteroom is stopping (an upgrade hands the connection over instead, below):
+                    // FastCGI has no `Connection: close`, so the connection closes once it has nothing in
+                    // flight, and the peer's next request goes to a new connection (nginx retries a request
+                    // that finds its kept-alive upstream connection closed on another one).
                     let closing = self.closing || self.entry.closes_after_response();
                     if closing && lock(&self.active).is_empty() && self.receiving.is_empty() {
                         return Ok(Ended::Closed);
@@ -589,8 +589,8 @@ async fn run_request(front: Arc<Admission>, req: Admitted, to: Answer) -> u16 {
         outcome.delivered();
         return to.id;
     };
-    // Stopping or handing the listeners over, and this was the connection's only request: it closes with
-    // this answer. FastCGI has no `Connection: close`, so the close itself is the signal, and it must
+    // Stopping (not an upgrade, which hands the connection over), and this was the connection's only
+    // request: it closes with this answer. FastCGI has no `Connection: close`, so the close itself is the signal, and it must
     // follow END_REQUEST at once: nginx drops a kept-alive connection whose end has arrived by the time it
     // has read the answer, but reuses one that still looks open, and a POST sent on it as it closes gets a
     // 502 (nginx retries only idempotent requests).
