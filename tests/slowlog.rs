@@ -104,7 +104,7 @@ fn with_py_spy_the_event_names_the_function_the_worker_is_in() {
         "--slowlog-command",
         "py-spy dump --pid {pid}",
     ]);
-    let client = get_with_id(a.addr, "/sleepy?s=3", "spy-1");
+    let client = get_with_id(a.addr, "/sleepy?s=6", "spy-1");
     let event = wait_for_event(&a, Duration::from_secs(15));
     assert_eq!(client.join().unwrap().status, 200);
     for needle in [
@@ -235,7 +235,8 @@ fn the_php_recipe_names_the_php_function() {
             &script,
         ],
         &["php-cgi"],
-        "/?s=2.5",
+        // Long enough for gdb to attach on a loaded machine (at 2.5 s it once found the request done).
+        "/?s=6",
     );
     for needle in [
         "recipe-1",
@@ -260,7 +261,8 @@ fn the_perl_recipe_names_the_perl_function() {
             "gdb -p {pid} -batch -x examples/slowlog/perl-backtrace.gdb 2>&1",
         ],
         &["perl", "tests/fixtures/slow_fcgi.pl"],
-        "/?s=2.5",
+        // Long enough for gdb to attach on a loaded machine (at 2.5 s it once found the request done).
+        "/?s=6",
     );
     for needle in ["recipe-1", "main::sleepy_known_function", "slow_fcgi.pl"] {
         assert!(event.contains(needle), "{needle} missing from: {event}");
