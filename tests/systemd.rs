@@ -328,15 +328,18 @@ struct Installed {
 }
 
 impl Installed {
-    /// Starts it with the arguments `args` gives for the run's directory (where sockets may go).
-    fn start(args: impl FnOnce(&Path) -> Vec<String>) -> Installed {
+    /// Starts it with `args`, where `{dir}` stands for the run's directory (where sockets may go).
+    fn start(args: &[&str]) -> Installed {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("anteroom");
         install(&exe);
         let log = dir.path().join("anteroom.log");
         let child = spawn_installed(
             Command::new(&exe)
-                .args(args(dir.path()))
+                .args(
+                    args.iter()
+                        .map(|a| a.replace("{dir}", &dir.path().to_string_lossy())),
+                )
                 .env("ANTEROOM_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap()),
@@ -409,19 +412,17 @@ impl Installed {
 fn upgrades_under_load_lose_no_request() {
     require("oha");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut a = Installed::start(|_| {
-        let args = [
-            "--listen",
-            &addr.to_string(),
-            "--admin",
-            "off",
-            "--workers",
-            "4",
-        ];
-        (args.iter().chain(&["--max-queue", "10000"]))
-            .map(|s| s.to_string())
-            .collect()
-    });
+    let listen = addr.to_string();
+    let mut a = Installed::start(&[
+        "--listen",
+        &listen,
+        "--admin",
+        "off",
+        "--workers",
+        "4",
+        "--max-queue",
+        "10000",
+    ]);
     wait_until("anteroom to serve", Duration::from_secs(20), || {
         get(addr, "/").is_ok_and(|r| r.status == 200)
     });
@@ -683,20 +684,16 @@ fn a_socket_activated_upgrade_reports_the_new_main_pid() {
 #[test]
 fn an_upgrade_behind_nginx_fastcgi_pass_loses_no_request() {
     require("oha");
-    let mut a = Installed::start(|dir| {
-        let sock = format!("unix:{}", dir.join("fcgi.sock").display());
-        let args = [
-            "--listen-fastcgi",
-            &sock,
-            "--admin",
-            "off",
-            "--workers",
-            "4",
-        ];
-        (args.iter().chain(&["--max-queue", "10000"]))
-            .map(|s| s.to_string())
-            .collect()
-    });
+    let mut a = Installed::start(&[
+        "--listen-fastcgi",
+        "unix:{dir}/fcgi.sock",
+        "--admin",
+        "off",
+        "--workers",
+        "4",
+        "--max-queue",
+        "10000",
+    ]);
     let nginx = common::Nginx::start_with(
         &format!(
             "upstream ant {{ server unix:{}; keepalive 32; }}",
@@ -803,13 +800,17 @@ fn fcgi_answer(s: &mut std::os::unix::net::UnixStream) -> (String, u32) {
 fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
     const MANY: usize = 1000;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut a = Installed::start(|dir| {
-        let sock = format!("unix:{}", dir.join("fcgi.sock").display());
-        let args = ["--listen", &addr.to_string(), "--listen-fastcgi", &sock];
-        (args.iter().chain(&["--admin", "off", "--workers", "2"]))
-            .map(|s| s.to_string())
-            .collect()
-    });
+    let listen = addr.to_string();
+    let mut a = Installed::start(&[
+        "--listen",
+        &listen,
+        "--listen-fastcgi",
+        "unix:{dir}/fcgi.sock",
+        "--admin",
+        "off",
+        "--workers",
+        "2",
+    ]);
     let (first, sock) = (a.serving(), a.path("fcgi.sock"));
     wait_until("anteroom to serve", Duration::from_secs(20), || {
         get(addr, "/").is_ok_and(|r| r.status == 200)
@@ -907,14 +908,16 @@ fn an_upgrade_hands_kept_alive_connections_to_the_new_process() {
 #[test]
 fn an_upgrade_hands_over_proxied_connections_with_their_client() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut a = Installed::start(|_| {
-        let args = ["--listen", &addr.to_string(), "--proxy-protocol"];
-        (args
-            .iter()
-            .chain(&["--trusted-proxy", "127.0.0.1", "--admin", "off"]))
-        .map(|s| s.to_string())
-        .collect()
-    });
+    let listen = addr.to_string();
+    let mut a = Installed::start(&[
+        "--listen",
+        &listen,
+        "--proxy-protocol",
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--admin",
+        "off",
+    ]);
     let proxied = || -> std::io::Result<std::net::TcpStream> {
         let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
